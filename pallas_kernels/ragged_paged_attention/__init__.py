@@ -1,0 +1,3 @@
+from .reference import ragged_paged_attention_reference, token_layout, write_kv
+
+__all__ = ["ragged_paged_attention_reference", "token_layout", "write_kv"]
