@@ -85,6 +85,7 @@ class ModelRunnerOutput:
     top_logprobs: Optional[np.ndarray] = None
     # Rank of the sampled token (1 = most likely), [num_sampled] int32.
     sampled_ranks: Optional[np.ndarray] = None
-    # Prompt logprobs by req_id: (token_logprobs [n], top_ids [n, k], top_logprobs [n, k], ranks [n])
-    # for the prompt positions computed this step (position p holds logprob of prompt[p+1]).
+    # Prompt logprobs by req_id: (first_position, token_logprobs [n], top_ids [n, k],
+    # top_logprobs [n, k], ranks [n]) for the n prompt positions computed this step, starting at
+    # first_position; position p holds the logprob of prompt[p + 1].
     prompt_logprobs: dict[str, tuple] = field(default_factory=dict)

@@ -1,0 +1,338 @@
+"""LLMEngine: add_request / abort_request / step — the loop schedule -> run -> update -> detokenize.
+
+Synchronous and single-threaded by design; the async front end (async_engine.py) drives it from
+one background thread.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import numpy as np
+
+from jaxserve.config import EngineConfig, engine_config_from_kwargs
+from jaxserve.core.request import Request
+from jaxserve.core.scheduler import Scheduler
+from jaxserve.engine.detokenizer import IncrementalDetokenizer, decode_token
+from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxserve")
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    kv_cache_usage: float  # 0..1 of usable blocks
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which found
+    num_preemptions_total: int
+    num_compilations: int  # jit cache entries; constant after warm-up
+    num_steps: int
+
+
+@dataclass
+class _Seq:
+    index: int
+    detok: IncrementalDetokenizer
+    num_logprobs: int  # top-k alternatives per token (SamplingParams.logprobs or 0)
+    token_ids: list = field(default_factory=list)
+    logprobs: Optional[list] = None
+    cumulative_logprob: float = 0.0
+    finish_reason: Optional[str] = None
+    stop_reason: object = None
+
+
+@dataclass
+class _ReqState:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list
+    params: SamplingParams
+    seqs: list
+    metrics: RequestMetrics
+    prompt_logprobs: Optional[list] = None
+    num_cached_tokens: int = 0
+    finished: bool = False
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from jaxserve.runner import kv_cache as kvc
+
+        kvc.configure_xla_memory(config.cache.gpu_memory_utilization)
+        import jax
+        import jax.numpy as jnp
+
+        from jaxserve.models.loader import load_model
+        from jaxserve.runner.model_runner import ModelRunner
+
+        if config.compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+        self.config = config
+        mc = config.model
+        platform = jax.devices()[0].platform
+        dtype_name = mc.dtype if mc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+        self.dtype = jnp.dtype(dtype_name)
+        t0 = time.perf_counter()
+        self.model = load_model(mc, self.dtype)
+        arch = self.model.arch
+        limit = arch.max_position_embeddings
+        if mc.max_model_len is not None and mc.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len={mc.max_model_len} is larger than the model supports "
+                f"(max_position_embeddings={limit}); pass max_model_len <= {limit}")
+        self.max_model_len = mc.max_model_len or limit
+        sc = config.scheduler
+        if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"with chunked prefill off, max_num_batched_tokens ({sc.max_num_batched_tokens}) must be "
+                f">= max_model_len ({self.max_model_len}); raise it, lower max_model_len, or enable "
+                f"chunked prefill")
+        self.tokenizer = self.model.tokenizer
+        self.model_name = mc.served_model_name or self.model.name
+        self.eos_token_ids = frozenset(self.model.eos_token_ids)
+        logger.info("loaded %s (%s, %d layers) in %.1f s", self.model_name, dtype_name, arch.num_layers,
+                    time.perf_counter() - t0)
+        self.runner = ModelRunner(config, self.model, max_model_len=self.max_model_len, dtype=self.dtype)
+        self.scheduler = Scheduler(sc, config.cache, num_device_blocks=self.runner.num_blocks,
+                                   num_host_blocks=self.runner.num_host_blocks,
+                                   block_size=config.cache.block_size, max_model_len=self.max_model_len)
+        if config.warmup:
+            self.runner.warmup()
+        self._rng = np.random.default_rng(mc.seed)
+        self._requests: dict[str, _ReqState] = {}
+        self._seq_owner: dict[str, tuple[str, int]] = {}
+        self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._num_steps = 0
+        self.trace: Optional[list] = None  # set to [] to record per-step scheduler stats
+
+    @classmethod
+    def from_engine_args(cls, **kwargs) -> "LLMEngine":
+        return cls(engine_config_from_kwargs(**kwargs))
+
+    # ---- requests ---------------------------------------------------------------------------
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True,
+                            chat_template: Optional[str] = None) -> list[int]:
+        from jaxserve.tokenizer import apply_chat_template
+
+        template = chat_template or self.config.model.chat_template or self.model.chat_template
+        return apply_chat_template(self.tokenizer, messages, template,
+                                   add_generation_prompt=add_generation_prompt)
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty; give at least one token")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens but max_model_len is {self.max_model_len}: at most "
+                f"{self.max_model_len - 1} prompt tokens leave room for one generated token")
+        vocab = self.model.arch.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
+        for k in (params.logprobs, params.prompt_logprobs):
+            if k is not None and k > self.config.max_logprobs:
+                raise ValueError(f"logprobs={k} exceeds the engine's max_logprobs={self.config.max_logprobs}")
+        if params.logit_bias and any(not 0 <= t < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        from jaxserve.runner.sampling_inputs import MAX_BIAS_ENTRIES
+
+        n_bias = len(set(params.logit_bias or {}) | set(params.stop_token_ids) | set(self.eos_token_ids))
+        if n_bias > MAX_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_BIAS_ENTRIES} logit_bias entries plus stop token ids, got {n_bias}")
+
+    def add_request(self, request_id: str, prompt: Union[str, list[int], None], params: SamplingParams, *,
+                    prompt_token_ids: Optional[list[int]] = None, priority: int = 0,
+                    arrival_time: Optional[float] = None) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, (list, tuple)):
+            prompt_token_ids, prompt = list(prompt), None
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("give a prompt or prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        self._validate(prompt_token_ids, params)
+        if params.max_tokens is None:
+            params = params.clone(max_tokens=self.max_model_len - len(prompt_token_ids))
+        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+        arrival = arrival_time if arrival_time is not None else time.time()
+        prio = priority if priority else params.priority
+        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, arrival, seed, prio)
+        self.scheduler.add_request(req)  # raises ValueError when it can never be served
+        seqs = []
+        for i in range(params.n):
+            det = IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
+                spaces_between_special_tokens=params.spaces_between_special_tokens, stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output)
+            seqs.append(_Seq(i, det, params.logprobs or 0, logprobs=[] if params.logprobs is not None else None))
+            self._seq_owner[request_id if params.n == 1 else f"{request_id}-{i}"] = (request_id, i)
+        st = _ReqState(request_id, prompt, prompt_token_ids, params, seqs, RequestMetrics(arrival_time=arrival))
+        if params.prompt_logprobs is not None:
+            st.prompt_logprobs = [None] * len(prompt_token_ids)
+        self._requests[request_id] = st
+        self._prompt_tokens_total += len(prompt_token_ids)
+
+    def abort_request(self, request_ids: Union[str, list[str]]) -> None:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for rid in request_ids:
+            st = self._requests.get(rid)
+            if st is None:
+                continue
+            self.scheduler.abort_request(rid)
+            for s in st.seqs:
+                if s.finish_reason is None:
+                    s.finish_reason = "abort"
+            st.finished = True
+            st.metrics.finished_time = time.time()
+            self._pending.append(self._make_output(st))
+            self._forget(st)
+
+    def _forget(self, st: _ReqState) -> None:
+        self._requests.pop(st.request_id, None)
+        for i in range(len(st.seqs)):
+            self._seq_owner.pop(st.request_id if len(st.seqs) == 1 else f"{st.request_id}-{i}", None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._pending)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        so = self.scheduler.schedule()
+        for sr in so.scheduled:  # the runner needs the prompt for prompt logprobs
+            st_ = sr.sampling
+            if st_.prompt_logprobs >= 0 and not st_.prompt_token_ids:
+                owner = self._owner(sr.req_id)
+                if owner is not None:
+                    st_.prompt_token_ids = self._requests[owner[0]].prompt_token_ids
+        if so.is_empty and not (so.swap_in or so.swap_out or so.copy_blocks):
+            return outputs
+        ro = self.runner.execute(so)
+        self._num_steps += 1
+        now = time.time()
+        for sr in so.scheduled:
+            owner = self._owner(sr.req_id)
+            if owner is not None and self._requests[owner[0]].metrics.first_scheduled_time is None:
+                self._requests[owner[0]].metrics.first_scheduled_time = now
+        rows = {rid: i for i, rid in enumerate(ro.req_ids)}
+        self._take_prompt_logprobs(ro)
+        changed: dict[str, _ReqState] = {}
+        updates = list(self.scheduler.update_from_output(so, ro))
+        while updates:
+            u = updates.pop(0)
+            st = self._requests.get(u.request_id)
+            if st is None:
+                continue
+            seq = st.seqs[u.index]
+            st.num_cached_tokens = max(st.num_cached_tokens, u.num_cached_tokens)
+            changed[st.request_id] = st
+            if u.new_token_ids:
+                if st.metrics.first_token_time is None:
+                    st.metrics.first_token_time = now
+                st.metrics.last_token_time = now
+                self._generation_tokens_total += len(u.new_token_ids)
+                seq.token_ids.extend(u.new_token_ids)
+                self._append_logprobs(seq, ro, rows.get(u.seq_id))
+                stop = seq.detok.add_tokens(u.new_token_ids, final=u.finish_reason is not None)
+                if stop is not None and u.finish_reason is None:
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                    updates.extend(self.scheduler.finish_sequence(u.seq_id, stop))
+                    continue
+            if u.finish_reason is not None and seq.finish_reason is None:
+                seq.finish_reason, seq.stop_reason = u.finish_reason, u.stop_reason
+                if u.finish_reason != "stop" or not isinstance(u.stop_reason, str):
+                    seq.detok.add_tokens([], final=True)
+        for st in changed.values():
+            if all(s.finish_reason is not None for s in st.seqs):
+                st.finished = True
+                st.metrics.finished_time = now
+            outputs.append(self._make_output(st))
+            if st.finished:
+                self._forget(st)
+        if self.trace is not None:
+            rec = dict(step=self._num_steps, time=now, num_tokens=so.total_num_tokens,
+                       num_seqs=len(so.scheduled))
+            rec.update(self.scheduler.step_stats())
+            self.trace.append(rec)
+        return outputs
+
+    def _owner(self, seq_id: str):
+        o = self._seq_owner.get(seq_id)
+        if o is None and seq_id in self._requests:
+            return (seq_id, 0)
+        return o
+
+    def _append_logprobs(self, seq: _Seq, ro, row: Optional[int]) -> None:
+        if row is None or ro.sampled_logprobs is None:
+            return
+        lp = float(ro.sampled_logprobs[row])
+        seq.cumulative_logprob += lp
+        if seq.logprobs is None:
+            return
+        tok = int(ro.sampled_token_ids[row])
+        k = seq.num_logprobs
+        d = {}
+        for j in range(k):
+            t = int(ro.top_token_ids[row, j])
+            d[t] = Logprob(float(ro.top_logprobs[row, j]), j + 1, decode_token(self.tokenizer, t))
+        d[tok] = Logprob(lp, int(ro.sampled_ranks[row]), decode_token(self.tokenizer, tok))
+        seq.logprobs.append(d)
+
+    def _take_prompt_logprobs(self, ro) -> None:
+        for seq_id, (start, lp, top_ids, top_lps, ranks) in ro.prompt_logprobs.items():
+            owner = self._owner(seq_id)
+            if owner is None:
+                continue
+            st = self._requests[owner[0]]
+            if st.prompt_logprobs is None:
+                continue
+            k = st.params.prompt_logprobs or 0
+            for j in range(len(lp)):
+                p = start + j + 1  # logprob of prompt[p]
+                if p >= len(st.prompt_token_ids) or st.prompt_logprobs[p] is not None:
+                    continue
+                tok = st.prompt_token_ids[p]
+                d = {int(top_ids[j, i]): Logprob(float(top_lps[j, i]), i + 1,
+                                                 decode_token(self.tokenizer, int(top_ids[j, i])))
+                     for i in range(k)}
+                d[tok] = Logprob(float(lp[j]), int(ranks[j]), decode_token(self.tokenizer, tok))
+                st.prompt_logprobs[p] = d
+
+    def _make_output(self, st: _ReqState) -> RequestOutput:
+        outs = []
+        for s in st.seqs:
+            fin = s.finish_reason is not None
+            outs.append(CompletionOutput(
+                index=s.index, text=s.detok.visible_text(fin), token_ids=list(s.token_ids),
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason))
+        return RequestOutput(request_id=st.request_id, prompt=st.prompt,
+                             prompt_token_ids=st.prompt_token_ids, outputs=outs, finished=st.finished,
+                             prompt_logprobs=list(st.prompt_logprobs) if st.prompt_logprobs is not None else None,
+                             num_cached_tokens=st.num_cached_tokens, metrics=st.metrics)
+
+    # ---- stats ------------------------------------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, num_swapped=s.num_swapped,
+            kv_cache_usage=s.kv_usage(), prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
+            num_preemptions_total=s.num_preemptions, num_compilations=self.runner.num_compilations(),
+            num_steps=self._num_steps)

@@ -1,0 +1,49 @@
+"""CLI flags generated from the config dataclasses: every field is one flag (``max_num_seqs`` ->
+``--max-num-seqs``), so flags and config can never drift apart."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, EngineConfig)
+_SKIP = {"model", "cache", "scheduler", "parallel"}  # EngineConfig's sub-configs
+
+
+def _arg_type(tp):
+    tp = tp if not isinstance(tp, str) else eval(tp, {"Optional": typing.Optional})  # noqa: S307
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    return base
+
+
+def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool = False) -> None:
+    g = parser.add_argument_group("engine")
+    for cls in _SECTIONS:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if cls is EngineConfig and f.name in _SKIP:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else None
+            tp = _arg_type(hints[f.name])
+            if tp is bool:
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"(default: {default})")
+            else:
+                g.add_argument(flag, type=tp, default=None, help=f"(default: {default})")
+
+
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """Only the flags the user gave, so the config's own defaults apply to the rest."""
+    out = {}
+    for cls in _SECTIONS:
+        for f in dataclasses.fields(cls):
+            if cls is EngineConfig and f.name in _SKIP:
+                continue
+            v = getattr(args, f.name, None)
+            if v is not None:
+                out[f.name] = v
+    return out

@@ -1,0 +1,153 @@
+"""The offline API: LLM(...).generate(...) / .chat(...), as vLLM users know it."""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Optional, Sequence, Union
+
+from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxserve")
+
+PromptType = Union[str, list[int], dict]
+
+
+class LLM:
+    """An engine for offline batch generation.
+
+    LLM()                                  # the embedded default model (SmolLM2-135M-Instruct)
+    LLM("path/to/hf_dir" | "model.gguf" | "org/name in the local HF cache", dtype="bfloat16", ...)
+    Keyword arguments are the engine's flat config names (max_model_len, max_num_seqs,
+    block_size, gpu_memory_utilization, enable_prefix_caching, seed, ...).
+    """
+
+    def __init__(self, model: Optional[str] = None, **kwargs: Any):
+        from jaxserve.engine.llm_engine import LLMEngine
+
+        _setup_logging()
+        self.llm_engine = LLMEngine.from_engine_args(model=model, **kwargs)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    # ---- generation -------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType], None] = None,
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        *,
+        prompt_token_ids: Optional[list[list[int]]] = None,
+        use_tqdm: bool = True,
+        priority: Optional[list[int]] = None,
+    ) -> list[RequestOutput]:
+        """Generate for one prompt or a batch. A prompt is a string, a list of token ids, or a
+        dict with "prompt" or "prompt_token_ids". Results come back in input order; a request
+        that cannot be served (e.g. a prompt over max_model_len) comes back with `error` set and
+        finish_reason "error" while the others complete."""
+        items = _normalize_prompts(prompts, prompt_token_ids)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(items)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(items):
+                raise ValueError(f"got {len(params_list)} SamplingParams for {len(items)} prompts")
+        if priority is not None and len(priority) != len(items):
+            raise ValueError(f"got {len(priority)} priorities for {len(items)} prompts")
+        return self._run(items, params_list, priority, use_tqdm)
+
+    def chat(
+        self,
+        messages: Union[list[dict], list[list[dict]]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        *,
+        chat_template: Optional[str] = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (a list of {"role", "content"}) or
+        a list of conversations, then generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [{"prompt_token_ids": self.llm_engine.apply_chat_template(
+            c, add_generation_prompt=add_generation_prompt, chat_template=chat_template)} for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, items, params_list, priority, use_tqdm) -> list[RequestOutput]:
+        eng = self.llm_engine
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for i, (item, params) in enumerate(zip(items, params_list)):
+            rid = str(next(self._counter))
+            order.append(rid)
+            text, ids = item
+            try:
+                eng.add_request(rid, text, params, prompt_token_ids=ids,
+                                priority=priority[i] if priority else 0)
+            except ValueError as e:
+                logger.warning("request %d failed: %s", i, e)
+                results[rid] = RequestOutput(
+                    request_id=rid, prompt=text, prompt_token_ids=list(ids or []),
+                    outputs=[CompletionOutput(index=0, text="", token_ids=[], finish_reason="error")],
+                    finished=True, error=str(e))
+        pbar = None
+        if use_tqdm and len(order) > 1:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True)
+            pbar.update(len(results))
+        try:
+            while eng.has_unfinished_requests():
+                for out in eng.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        if pbar is not None:
+                            pbar.update(1)
+        except BaseException:
+            eng.abort_request([r for r in order if r not in results])
+            raise
+        finally:
+            if pbar is not None:
+                pbar.close()
+        return [results[r] for r in order]
+
+    def get_stats(self):
+        return self.llm_engine.get_stats()
+
+
+def _normalize_prompts(prompts, prompt_token_ids) -> list[tuple[Optional[str], Optional[list[int]]]]:
+    if prompt_token_ids is not None:
+        return [(None, list(p)) for p in prompt_token_ids]
+    if prompts is None:
+        raise ValueError("give prompts (strings, token-id lists or dicts) or prompt_token_ids")
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                             and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append((p, None))
+        elif isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                out.append((p.get("prompt"), list(p["prompt_token_ids"])))
+            elif "prompt" in p:
+                out.append((p["prompt"], None))
+            else:
+                raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {list(p)}")
+        elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+            out.append((None, list(p)))
+        else:
+            raise ValueError(f"unsupported prompt type {type(p).__name__}")
+    return out
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("jaxserve")
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(levelname)s %(asctime)s jaxserve: %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False

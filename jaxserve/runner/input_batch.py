@@ -1,0 +1,102 @@
+"""Host-side staging: one SchedulerOutput -> padded numpy arrays for one compiled bucket.
+
+Pure numpy (no jax): the runner turns these into device arrays. Every step is padded to a
+(token bucket, sequence bucket) pair chosen at start-up, so serving never compiles.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from jaxserve.core.sched_output import SchedulerOutput
+
+
+def geometric_buckets(start: int, limit: int, factor: int) -> tuple[int, ...]:
+    """start, start*factor, ... capped by limit; limit itself is always the last bucket."""
+    out = []
+    b = start
+    while b < limit:
+        out.append(b)
+        b *= factor
+    out.append(limit)
+    return tuple(sorted(set(out)))
+
+
+def pick_bucket(buckets: tuple[int, ...], n: int) -> int:
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"{n} exceeds the largest compiled bucket {buckets[-1]}")
+    return buckets[i]
+
+
+@dataclass
+class StepInputs:
+    token_ids: np.ndarray  # [T] int32 (padding 0)
+    positions: np.ndarray  # [T] int32 (padding 0)
+    slot_mapping: np.ndarray  # [T] int32 (padding -> slots of the null block)
+    block_tables: np.ndarray  # [S, MB] int32 (padding 0 = null block)
+    seq_lens: np.ndarray  # [S] int32 (padding 0)
+    query_start_loc: np.ndarray  # [S + 1] int32
+    logits_indices: np.ndarray  # [S] int32 last token of each sequence's chunk (padding 0)
+    num_tokens: int  # real tokens
+    num_seqs: int  # real sequences
+    # Rows (indices into the scheduled list) that sample a token this step.
+    sample_rows: list[int]
+
+
+def prepare_inputs(
+    sched: SchedulerOutput,
+    *,
+    block_size: int,
+    max_blocks_per_seq: int,
+    token_buckets: tuple[int, ...],
+    seq_rows: Callable[[int], int],
+) -> StepInputs:
+    """seq_rows(T) is the sequence bucket compiled with token bucket T (>= T's sequences, since
+    every scheduled sequence has at least one token and at most max_num_seqs are scheduled)."""
+    num_seqs = len(sched.scheduled)
+    num_tokens = sched.total_num_tokens
+    T = pick_bucket(token_buckets, num_tokens)
+    S = seq_rows(T)
+    if S < num_seqs:
+        raise ValueError(f"{num_seqs} sequences exceed the {S} rows compiled for {T} tokens")
+
+    token_ids = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    # Padding tokens write into the null block; spread over its slots (harmless duplicates).
+    slot_mapping = (np.arange(T, dtype=np.int32) % block_size).astype(np.int32)
+    block_tables = np.zeros((S, max_blocks_per_seq), np.int32)
+    seq_lens = np.zeros(S, np.int32)
+    qsl = np.zeros(S + 1, np.int32)
+    logits_indices = np.zeros(S, np.int32)
+    sample_rows = []
+
+    off = 0
+    for i, sr in enumerate(sched.scheduled):
+        n = len(sr.token_ids)
+        start = sr.num_computed_tokens
+        end = start + n
+        nblk = -(-end // block_size)
+        if nblk > max_blocks_per_seq or nblk > len(sr.block_ids):
+            raise ValueError(
+                f"sequence {sr.req_id} needs {nblk} blocks, has {len(sr.block_ids)}, "
+                f"table width {max_blocks_per_seq}")
+        blocks = np.asarray(sr.block_ids[:nblk], np.int32)
+        block_tables[i, :nblk] = blocks
+        pos = np.arange(start, end, dtype=np.int32)
+        token_ids[off:off + n] = sr.token_ids
+        positions[off:off + n] = pos
+        slot_mapping[off:off + n] = blocks[pos // block_size] * block_size + pos % block_size
+        seq_lens[i] = end
+        off += n
+        qsl[i + 1] = off
+        logits_indices[i] = off - 1
+        if sr.sample:
+            sample_rows.append(i)
+    qsl[num_seqs + 1:] = off
+    assert off == num_tokens, (off, num_tokens)
+    return StepInputs(token_ids, positions, slot_mapping, block_tables, seq_lens, qsl,
+                      logits_indices, num_tokens, num_seqs, sample_rows)

@@ -1,0 +1,123 @@
+"""KV-cache sizing and block-level copies (copy-on-write, swap to host and back).
+
+Layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K at 0, V at 1); block 0
+is the null block. All copy functions take the cache list donated and return the new one.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GIB = 1 << 30
+
+
+class KVCacheTooSmallError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: jnp.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        return (self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim
+                * jnp.dtype(self.dtype).itemsize)
+
+
+def host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * GIB
+
+
+def num_blocks_for_cpu(spec: KVCacheSpec, cpu_kv_cache_gib: float) -> int:
+    """CPU rule: cpu_kv_cache_gib of host memory, but never more than a quarter of what is free."""
+    budget = min(cpu_kv_cache_gib * GIB, host_available_bytes() // 4)
+    return int(budget // spec.bytes_per_block)
+
+
+def configure_xla_memory(utilization: float) -> None:
+    """Let XLA's allocator have utilization x device memory. Only effective before the first
+    device use; num_blocks_for_accelerator reads what is in effect either way."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{utilization:.4f}")
+
+
+def num_blocks_for_accelerator(spec: KVCacheSpec, device, utilization: float,
+                               activation_bytes: int) -> int:
+    """What is left of utilization x device memory after the weights (already resident) and the
+    peak activations of the largest compiled step."""
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    in_use = stats.get("bytes_in_use", 0)
+    if limit is None:
+        raise RuntimeError(f"cannot read the memory size of {device}; set num_gpu_blocks_override")
+    # The allocator's limit is (mem fraction in effect) x device memory; aim for utilization x it,
+    # but never past what the allocator allows.
+    frac = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    cap = min(limit, int(limit / frac * utilization))
+    free = cap - in_use - activation_bytes - 256 * (1 << 20)
+    return max(int(free // spec.bytes_per_block), 0)
+
+
+def check_fits(num_blocks: int, spec: KVCacheSpec, max_model_len: int, where: str) -> None:
+    usable_tokens = (num_blocks - 1) * spec.block_size
+    if usable_tokens < max_model_len:
+        raise KVCacheTooSmallError(
+            f"the KV cache holds {max(usable_tokens, 0)} tokens ({num_blocks} blocks of "
+            f"{spec.block_size}, {spec.bytes_per_block * num_blocks / GIB:.2f} GiB on {where}) but one "
+            f"sequence of max_model_len={max_model_len} needs {max_model_len}. Lower max_model_len, or "
+            f"give the cache more memory (gpu_memory_utilization on GPU, cpu_kv_cache_gib on CPU, "
+            f"or num_gpu_blocks_override).")
+
+
+def allocate(spec: KVCacheSpec, num_blocks: int, sharding=None) -> list:
+    shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    make = functools.partial(jnp.zeros, shape, spec.dtype)
+    if sharding is not None:
+        make = jax.jit(make, out_shardings=sharding)
+    return [make() for _ in range(spec.num_layers)]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def copy_blocks(kv_caches, src, dst):
+    """kv_caches: list of [2, NB, BS, H, D]; src, dst [K] int32 (padding pairs (0, 0))."""
+    return [kv.at[:, dst].set(kv[:, src]) for kv in kv_caches]
+
+
+@jax.jit
+def gather_blocks(kv_caches, ids):
+    """-> [L, 2, K, BS, H, D]: the blocks `ids` [K] of every layer (for swap-out)."""
+    return jnp.stack([kv[:, ids] for kv in kv_caches])
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def scatter_blocks(kv_caches, ids, data):
+    """Write data [L, 2, K, BS, H, D] into blocks `ids` [K] (swap-in)."""
+    return [kv.at[:, ids].set(data[i].astype(kv.dtype)) for i, kv in enumerate(kv_caches)]
+
+
+def pad_pairs(pairs, buckets) -> tuple[np.ndarray, np.ndarray]:
+    n = len(pairs)
+    k = next((b for b in buckets if b >= n), None)
+    if k is None:
+        k = n
+    src = np.zeros(k, np.int32)
+    dst = np.zeros(k, np.int32)
+    if n:
+        src[:n], dst[:n] = zip(*pairs)
+    return src, dst

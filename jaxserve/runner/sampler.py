@@ -1,0 +1,134 @@
+"""On-device sampling: logits processors, greedy / random sampling, logprobs.
+
+Two compiled variants per sequence bucket (with or without penalties, whose token histories are
+[S, max_model_len] wide); greedy-vs-random is a runtime branch and logprobs are always computed
+(top-k with k = max_logprobs), so the variant count stays small and the runner compiles all of
+them at warm-up. Only sampled token ids and their logprobs go back to the host.
+
+Reproducibility: row i draws with key fold_in(PRNGKey(seed_i), counter_i), where counter_i is the
+number of tokens that sequence has generated, so a seeded request samples the same tokens
+whichever batch it lands in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -jnp.inf
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingTensors:
+    temperature: jax.Array  # [S] f32 (0 -> greedy)
+    top_k: jax.Array  # [S] int32 (0 -> off)
+    top_p: jax.Array  # [S] f32 (1 -> off)
+    min_p: jax.Array  # [S] f32 (0 -> off)
+    seeds: jax.Array  # [S] uint32
+    counters: jax.Array  # [S] int32 tokens generated so far by the row's sequence
+    # logit_bias entries and banned tokens (bias -inf), fixed width W = MAX_BIAS_ENTRIES.
+    bias_ids: jax.Array  # [S, W] int32 (-1 padding)
+    bias_vals: jax.Array  # [S, W] f32
+    # Penalties (all-neutral rows when a request uses none).
+    presence: jax.Array  # [S] f32
+    frequency: jax.Array  # [S] f32
+    repetition: jax.Array  # [S] f32
+    prompt_ids: jax.Array  # [S, L] int32 prompt token ids (-1 padding); [S, 0] when no penalties
+    output_ids: jax.Array  # [S, L] int32 generated token ids (-1 padding); [S, 0] when no penalties
+
+
+def _scatter_rows(shape, ids, vals):
+    """Dense [S, V] array with vals[s, j] added at column ids[s, j] (ids == -1 dropped)."""
+    s, v = shape
+    rows = jnp.broadcast_to(jnp.arange(s)[:, None], ids.shape)
+    cols = jnp.where(ids >= 0, ids, v)  # out of range -> dropped
+    return jnp.zeros(shape, vals.dtype).at[rows, cols].add(vals, mode="drop")
+
+
+def _apply_penalties(logits, t: SamplingTensors):
+    shape = logits.shape
+    out_counts = _scatter_rows(shape, t.output_ids, jnp.ones(t.output_ids.shape, jnp.float32))
+    prompt_seen = _scatter_rows(shape, t.prompt_ids, jnp.ones(t.prompt_ids.shape, jnp.float32)) > 0
+    seen = prompt_seen | (out_counts > 0)
+    rep = t.repetition[:, None]
+    # Repetition penalty (as in HF / vLLM): divide positive logits, multiply negative ones.
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - t.frequency[:, None] * out_counts
+    logits = logits - t.presence[:, None] * (out_counts > 0).astype(jnp.float32)
+    return logits
+
+
+def _process(logits, t: SamplingTensors, penalties: bool):
+    logits = logits.astype(jnp.float32)
+    if penalties:
+        logits = _apply_penalties(logits, t)
+    return logits + _scatter_rows(logits.shape, t.bias_ids, t.bias_vals)
+
+
+def _random_sample(logits, t: SamplingTensors):
+    """Temperature, top-k, top-p, min-p, then a Gumbel-max draw per row."""
+    s, v = logits.shape
+    temp = jnp.where(t.temperature > 0, t.temperature, 1.0)
+    scaled = logits / temp[:, None]
+    sorted_desc = jnp.sort(scaled, axis=-1)[:, ::-1]  # [S, V]
+    # top-k: threshold at the k-th largest value.
+    k = jnp.where(t.top_k > 0, jnp.minimum(t.top_k, v), v)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # [S, 1]
+    keep = scaled >= kth
+    # top-p over the sorted distribution: keep the smallest prefix whose mass reaches top_p.
+    probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
+    cum = jnp.cumsum(probs_sorted, axis=-1)
+    # Number kept = first index where cumulative mass >= top_p, plus one.
+    n_keep = jnp.sum(cum - probs_sorted < t.top_p[:, None], axis=-1)  # [S]
+    n_keep = jnp.where(t.top_p >= 1.0, v, jnp.maximum(n_keep, 1))
+    pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
+    keep &= scaled >= pth
+    # min-p: drop tokens whose probability is below min_p * max probability.
+    probs = jax.nn.softmax(scaled, axis=-1)
+    keep &= probs >= t.min_p[:, None] * probs.max(-1, keepdims=True)
+    masked = jnp.where(keep, scaled, _NEG_INF)
+    keys = jax.vmap(lambda sd, c: jax.random.fold_in(jax.random.PRNGKey(sd), c))(t.seeds, t.counters)
+    g = jax.vmap(lambda key: jax.random.gumbel(key, (v,), jnp.float32))(keys)
+    return jnp.argmax(masked + g, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("penalties", "num_logprobs"))
+def sample(logits, t: SamplingTensors, *, penalties: bool, num_logprobs: int):
+    """logits [S, V] -> (tokens [S] int32, logprob [S] f32, rank [S] int32,
+    top_ids [S, K] int32, top_lps [S, K] f32), K = num_logprobs (0: empty)."""
+    raw = logits.astype(jnp.float32)
+    processed = _process(raw, t, penalties)
+    greedy_tok = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    any_random = jnp.any(t.temperature > 0)
+    # The sort behind top-k/top-p only runs when some row samples randomly.
+    tokens = jax.lax.cond(
+        any_random,
+        lambda: jnp.where(t.temperature > 0, _random_sample(processed, t), greedy_tok),
+        lambda: greedy_tok)
+    s = logits.shape[0]
+    # Logprobs are those of the model's raw distribution (vLLM's default "raw_logprobs").
+    lps = jax.nn.log_softmax(raw, axis=-1)
+    tok_lp = jnp.take_along_axis(lps, tokens[:, None], axis=-1)[:, 0]
+    rank = jnp.sum(lps > tok_lp[:, None], axis=-1).astype(jnp.int32) + 1
+    if num_logprobs > 0:
+        top_lps, top_ids = jax.lax.top_k(lps, num_logprobs)
+    else:
+        top_lps, top_ids = jnp.zeros((s, 0), jnp.float32), jnp.zeros((s, 0), jnp.int32)
+    return tokens, tok_lp, rank, top_ids.astype(jnp.int32), top_lps
+
+
+@functools.partial(jax.jit, static_argnames=("num_logprobs",))
+def token_logprobs(logits, targets, *, num_logprobs: int):
+    """Prompt logprobs: logits [P, V], targets [P] -> (lp [P], rank [P], top_ids [P, K], top_lps [P, K])."""
+    lps = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    lp = jnp.take_along_axis(lps, targets[:, None], axis=-1)[:, 0]
+    rank = jnp.sum(lps > lp[:, None], axis=-1).astype(jnp.int32) + 1
+    if num_logprobs > 0:
+        top_lps, top_ids = jax.lax.top_k(lps, num_logprobs)
+    else:
+        p = logits.shape[0]
+        top_lps, top_ids = jnp.zeros((p, 0), jnp.float32), jnp.zeros((p, 0), jnp.int32)
+    return lp, rank, top_ids.astype(jnp.int32), top_lps
