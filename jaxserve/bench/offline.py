@@ -1,0 +1,80 @@
+"""Offline benchmarks on the LLM API: throughput (many requests) and latency (batch-N decode)."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from jaxserve.bench.datasets import make_requests
+from jaxserve.sampling_params import SamplingParams
+
+
+def _build_llm(engine_kwargs: dict):
+    from jaxserve.llm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(**engine_kwargs)
+    return llm, time.perf_counter() - t0
+
+
+def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input_len: int, output_len: int,
+                   seed: int = 0, range_ratio: float = 0.0) -> dict:
+    llm, startup_s = _build_llm(engine_kwargs)
+    eng = llm.llm_engine
+    reqs = make_requests(dataset, num_prompts, input_len, output_len, eng.model.arch.vocab_size,
+                         eng.max_model_len, seed, range_ratio)
+    params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.output_len, ignore_eos=True, seed=i)
+              for i, r in enumerate(reqs)]
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    compiles0 = eng.runner.num_compilations()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    n_in = sum(len(r.prompt_token_ids) for r in reqs)
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    return dict(kind="throughput", dataset=dataset, num_prompts=num_prompts, input_len=input_len,
+                output_len=output_len, elapsed_s=dt, requests_per_s=num_prompts / dt,
+                total_tokens_per_s=(n_in + n_out) / dt, output_tokens_per_s=n_out / dt,
+                prompt_tokens=n_in, output_tokens=n_out, startup_s=startup_s,
+                compilations_during_run=eng.runner.num_compilations() - compiles0,
+                num_steps=eng.get_stats().num_steps)
+
+
+def run_latency(engine_kwargs: dict, *, batch_size: int, input_len: int, output_len: int,
+                num_iters: int = 3) -> dict:
+    """Batch-N: time to first token (prefill of the batch) and decode tokens/s per sequence."""
+    llm, startup_s = _build_llm(engine_kwargs)
+    eng = llm.llm_engine
+    vocab = eng.model.arch.vocab_size
+    rng = np.random.default_rng(0)
+    ttfts, decode_rates, e2e = [], [], []
+    for it in range(num_iters + 1):  # first iteration warms caches and is dropped
+        for i in range(batch_size):
+            ids = rng.integers(min(1000, vocab // 2), vocab, input_len).tolist()
+            eng.add_request(f"lat-{it}-{i}", ids, SamplingParams(temperature=0, max_tokens=output_len,
+                                                                  ignore_eos=True))
+        t0 = time.perf_counter()
+        first = None
+        while eng.has_unfinished_requests():
+            outs = eng.step()
+            if first is None and any(o.outputs[0].token_ids for o in outs):
+                first = time.perf_counter()
+        t1 = time.perf_counter()
+        if it == 0:
+            continue
+        ttfts.append(first - t0)
+        e2e.append(t1 - t0)
+        decode_rates.append((output_len - 1) / (t1 - first) if output_len > 1 else float("nan"))
+    return dict(kind="latency", batch_size=batch_size, input_len=input_len, output_len=output_len,
+                ttft_s=float(np.median(ttfts)), e2e_s=float(np.median(e2e)),
+                decode_tokens_per_s_per_seq=float(np.median(decode_rates)),
+                decode_tokens_per_s=float(np.median(decode_rates)) * batch_size, startup_s=startup_s)
+
+
+def print_result(res: dict, as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps(res))
+        return
+    for k, v in res.items():
+        print(f"{k:>32}: {v:.4g}" if isinstance(v, float) else f"{k:>32}: {v}")
