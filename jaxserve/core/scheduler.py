@@ -1,0 +1,351 @@
+"""Continuous batching over one unified ragged batch.
+
+Every step: running sequences first (a decode takes 1 token, an unfinished prefill a chunk),
+then swapped-out sequences come back, then waiting ones are admitted in policy order, all within
+the token budget (max_num_batched_tokens) and max_num_seqs. When blocks run out, the
+lowest-ranked running sequence is preempted (recompute: free and re-queue; swap: copy its blocks
+to host slots). Pure Python; see docs/ARCHITECTURE.md for the block states and the step.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+from jaxserve.config import CacheConfig, SchedulerConfig
+from jaxserve.core.kv_cache_manager import KVCacheManager
+from jaxserve.core.request import Request, RequestStatus, Sequence, SeqUpdate
+from jaxserve.core.sched_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, *,
+                 num_device_blocks: int, num_host_blocks: int, block_size: int, max_model_len: int):
+        self.cfg = scheduler_config
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(num_device_blocks, block_size, cache_config.enable_prefix_caching)
+        self.priority = scheduler_config.scheduling_policy == "priority"
+        self.swap_mode = scheduler_config.preemption_mode == "swap" and num_host_blocks > 0
+        self.host_free: list[int] = list(range(num_host_blocks - 1, -1, -1))  # pop() gives slot 0 first
+        self._host_release: list[int] = []  # host slots freed this step, reusable next step
+        self.requests: dict[str, Request] = {}
+        self.seqs: dict[str, Sequence] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.swapped: deque[Sequence] = deque()
+        self._finished_ids: list[str] = []
+        self.num_preemptions = 0
+        self._step_preempted: list[str] = []
+        self._step_hits = 0
+        self._step_swaps = (0, 0)
+
+    # ---- admission --------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        n = len(req.prompt_token_ids)
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens but max_model_len is {self.max_model_len}")
+        need = -(-(n + 1) // self.block_size)
+        if need > self.kv.pool.num_usable:
+            raise ValueError(f"the prompt needs {need} KV blocks but the whole cache has "
+                             f"{self.kv.pool.num_usable}; give the cache more memory or shorten the prompt")
+        if not self.cfg.enable_chunked_prefill and n > self.cfg.max_num_batched_tokens:
+            raise ValueError(f"the prompt has {n} tokens, more than max_num_batched_tokens="
+                             f"{self.cfg.max_num_batched_tokens}, and chunked prefill is off")
+        self.requests[req.request_id] = req
+        for s in req.seqs:
+            self.seqs[s.seq_id] = s
+            self._enqueue(s)
+
+    def _rank(self, s: Sequence):
+        """Smaller = served first (and preempted last)."""
+        r = s.request
+        return (r.priority, r.arrival_time, r.request_id, s.index) if self.priority else \
+            (r.arrival_time, r.request_id, s.index)
+
+    def _enqueue(self, s: Sequence, front: bool = False) -> None:
+        if self.priority:
+            self.waiting.append(s)
+            self.waiting = deque(sorted(self.waiting, key=self._rank))
+        elif front:
+            self.waiting.appendleft(s)
+        else:
+            self.waiting.append(s)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        self.host_free.extend(self._host_release)
+        self._host_release = []
+        budget = self.cfg.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        swap_out: list[tuple[int, int]] = []
+        swap_in: list[tuple[int, int]] = []
+        self._step_preempted = []
+        self._step_hits = 0
+        done: set[str] = set()
+        preempted = False
+
+        self.running.sort(key=self._rank)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = self._chunk(seq, budget)
+            while not self.kv.allocate(seq, num_new):
+                victim = self._pick_victim(exclude=done | {seq.seq_id})
+                preempted = True
+                if victim is None:  # nothing else to take from: this one yields
+                    self._preempt(seq, swap_out)
+                    break
+                self._preempt(victim, swap_out)
+            else:
+                scheduled.append((seq, num_new))
+                done.add(seq.seq_id)
+                budget -= num_new
+                i += 1
+                continue
+            # seq itself was preempted: it left self.running, index i now points at the next one
+
+        # Swapped sequences come back before new work is admitted.
+        while self.swapped and not preempted and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.swapped[0]
+            if len(seq.host_blocks) > self.kv.pool.num_free:
+                break
+            self.swapped.popleft()
+            dev = self.kv.pool.allocate(len(seq.host_blocks))
+            swap_in.extend(zip(seq.host_blocks, dev))
+            self._host_release.extend(seq.host_blocks)
+            seq.host_blocks = []
+            seq.block_ids = dev
+            seq.status = RequestStatus.RUNNING
+            self.running.append(seq)
+            num_new = self._chunk(seq, budget)
+            if not self.kv.allocate(seq, num_new):
+                continue  # holds its blocks; computes next step
+            scheduled.append((seq, num_new))
+            done.add(seq.seq_id)
+            budget -= num_new
+
+        # Admit waiting sequences.
+        skipped = []
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            if not self._sibling_ready(seq):
+                skipped.append(self.waiting.popleft())
+                continue
+            if preempted and not self.priority:
+                break
+            computed = self.kv.get_computed_blocks(seq) if seq.num_computed_tokens == 0 else []
+            cached_tokens = len(computed) * self.block_size
+            remaining = seq.num_tokens - cached_tokens
+            if not self.cfg.enable_chunked_prefill and remaining > budget:
+                break
+            num_new = min(remaining, budget, self._threshold())
+            if not self.kv.can_allocate(seq, num_new, computed):
+                if self.priority and self._make_room_for(seq, num_new, computed, done, swap_out):
+                    preempted = True
+                else:
+                    break
+            self.waiting.popleft()
+            first_admission = seq.status == RequestStatus.WAITING
+            self.kv.allocate(seq, num_new, computed)
+            if first_admission:
+                seq.num_cached_tokens = cached_tokens
+                self.kv.record_query(seq.num_prompt_tokens, cached_tokens)
+                self._step_hits += cached_tokens
+            seq.status = RequestStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            done.add(seq.seq_id)
+            budget -= num_new
+        for s in reversed(skipped):
+            self.waiting.appendleft(s)
+        if self.priority:
+            self.waiting = deque(sorted(self.waiting, key=self._rank))
+
+        out = SchedulerOutput(
+            scheduled=[self._scheduled_request(s, n) for s, n in scheduled],
+            total_num_tokens=sum(n for _, n in scheduled),
+            swap_out=swap_out, swap_in=swap_in, finished_req_ids=self._finished_ids)
+        self._finished_ids = []
+        self._step_swaps = (len(swap_out), len(swap_in))
+        return out
+
+    def _threshold(self) -> int:
+        t = self.cfg.long_prefill_token_threshold
+        return t if t > 0 else 1 << 30
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        if remaining > 1:  # prefill (or recompute) still in progress
+            return min(remaining, budget, self._threshold())
+        return min(remaining, budget)
+
+    def _sibling_ready(self, seq: Sequence) -> bool:
+        """Samples 1..n-1 wait until sample 0 has its prompt's full blocks in the prefix cache, then
+        share them (reference counts) instead of computing the prompt n times."""
+        if seq.index == 0 or not self.kv.enable_caching or seq.status != RequestStatus.WAITING:
+            return True
+        first = seq.request.seqs[0]
+        full = (seq.num_prompt_tokens - 1) // self.block_size * self.block_size
+        return first.status.finished or first.num_computed_tokens >= full
+
+    def _scheduled_request(self, seq: Sequence, num_new: int) -> ScheduledRequest:
+        start = seq.num_computed_tokens
+        return ScheduledRequest(
+            req_id=seq.seq_id, token_ids=seq.token_ids[start:start + num_new], num_computed_tokens=start,
+            block_ids=list(seq.block_ids), sample=start + num_new == seq.num_tokens,
+            sampling=seq.refresh_sampling())
+
+    # ---- preemption -------------------------------------------------------------------------
+    def _pick_victim(self, exclude: set) -> Optional[Sequence]:
+        cands = [s for s in self.running if s.seq_id not in exclude]
+        return max(cands, key=self._rank) if cands else None
+
+    def _make_room_for(self, seq, num_new, computed, done, swap_out) -> bool:
+        """Priority policy: preempt running sequences ranked below `seq` until it fits."""
+        while not self.kv.can_allocate(seq, num_new, computed):
+            victim = self._pick_victim(exclude=done)
+            if victim is None or self._rank(victim) <= self._rank(seq):
+                return False
+            self._preempt(victim, swap_out)
+        return True
+
+    def _preempt(self, seq: Sequence, swap_out: list) -> None:
+        self.running.remove(seq)
+        self.num_preemptions += 1
+        seq.num_preemptions += 1
+        self._step_preempted.append(seq.seq_id)
+        if self.swap_mode and len(self.host_free) >= len(seq.block_ids) and seq.block_ids:
+            slots = [self.host_free.pop() for _ in seq.block_ids]
+            swap_out.extend(zip(seq.block_ids, slots))
+            seq.host_blocks = slots
+            self.kv.free(seq)
+            seq.status = RequestStatus.SWAPPED
+            self.swapped.append(seq)
+            return
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = RequestStatus.PREEMPTED
+        self._enqueue(seq, front=True)
+
+    # ---- results ----------------------------------------------------------------------------
+    def update_from_output(self, so: SchedulerOutput, out: ModelRunnerOutput) -> list[SeqUpdate]:
+        sampled = {rid: int(t) for rid, t in zip(out.req_ids, out.sampled_token_ids)}
+        updates = []
+        for sr in so.scheduled:
+            seq = self.seqs.get(sr.req_id)
+            if seq is None or seq.status != RequestStatus.RUNNING:
+                continue  # aborted meanwhile
+            seq.num_computed_tokens += len(sr.token_ids)
+            self.kv.cache_computed(seq)
+            if not sr.sample:
+                continue
+            tok = sampled[sr.req_id]
+            seq.token_ids.append(tok)
+            reason = self._check_stop(seq, tok)
+            if reason is not None:
+                self._finish(seq, reason)
+            updates.append(self._update(seq, [tok]))
+        return updates
+
+    def _check_stop(self, seq: Sequence, tok: int) -> Optional[RequestStatus]:
+        p = seq.request.params
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and tok in seq.request.eos_token_ids:
+                seq.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if tok in p.stop_token_ids:
+                seq.stop_reason = tok
+                return RequestStatus.FINISHED_STOPPED
+        if p.max_tokens is not None and n_out >= p.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if seq.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _update(self, seq: Sequence, new: list[int]) -> SeqUpdate:
+        fin = seq.status.value if seq.status.finished else None
+        return SeqUpdate(seq.request.request_id, seq.index, seq.seq_id, new, fin,
+                         seq.stop_reason if fin else None, seq.num_cached_tokens,
+                         seq.request.finished)
+
+    def _finish(self, seq: Sequence, status: RequestStatus) -> None:
+        if seq.status.finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.swapped:
+            self.swapped.remove(seq)
+            self._host_release.extend(seq.host_blocks)
+            seq.host_blocks = []
+        self.kv.free(seq)
+        seq.status = status
+        self._finished_ids.append(seq.seq_id)
+        req = seq.request
+        if req.finished:
+            self.requests.pop(req.request_id, None)
+            for s in req.seqs:
+                self.seqs.pop(s.seq_id, None)
+
+    def finish_sequence(self, seq_id: str, stop_reason: str) -> list[SeqUpdate]:
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            return []
+        seq.stop_reason = stop_reason
+        self._finish(seq, RequestStatus.FINISHED_STOPPED)
+        return [self._update(seq, [])]
+
+    def abort_request(self, request_id: str) -> list[SeqUpdate]:
+        req = self.requests.get(request_id)
+        if req is None:
+            return []
+        ups = []
+        for s in req.seqs:
+            if not s.status.finished:
+                self._finish(s, RequestStatus.FINISHED_ABORTED)
+                ups.append(self._update(s, []))
+        return ups
+
+    # ---- introspection ----------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_swapped(self) -> int:
+        return len(self.swapped)
+
+    def kv_usage(self) -> float:
+        return self.kv.usage()
+
+    @property
+    def prefix_queries(self) -> int:
+        return self.kv.prefix_queries
+
+    @property
+    def prefix_hits(self) -> int:
+        return self.kv.prefix_hits
+
+    def step_stats(self) -> dict:
+        def state(s: Sequence) -> str:
+            if s.status == RequestStatus.RUNNING:
+                return "prefilling" if s.num_computed_tokens < s.num_prompt_tokens else "decoding"
+            return s.status.value
+        pool = self.kv.pool
+        return dict(blocks_in_use=pool.num_usable - pool.num_free, blocks_total=pool.num_usable,
+                    cached_free_blocks=pool.num_cached_free(), num_running=len(self.running),
+                    num_waiting=len(self.waiting), num_swapped=len(self.swapped),
+                    prefix_hit_tokens=self._step_hits, preempted=list(self._step_preempted),
+                    swap_out=self._step_swaps[0], swap_in=self._step_swaps[1],
+                    seq_states={sid: state(s) for sid, s in self.seqs.items()})
