@@ -44,12 +44,17 @@ def hf():
 
 
 def _hf_greedy(hf, ids, n):
+    """Greedy continuation with the HF model's own KV cache, ignoring EOS (like ignore_eos=True)."""
     import torch
 
+    out_ids = []
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                          pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = hf(torch.tensor([ids]), use_cache=True)
+        for _ in range(n):
+            nxt = int(out.logits[0, -1].argmax())
+            out_ids.append(nxt)
+            out = hf(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    return out_ids
 
 
 def test_greedy_matches_hf_and_batch_equals_alone(llm, hf):
