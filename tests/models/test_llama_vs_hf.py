@@ -1,0 +1,139 @@
+"""The Llama family on tiny random HF checkpoints (written with save_pretrained, single and
+sharded safetensors) against HF transformers' own forward, float32."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxserve.config import ModelConfig
+from jaxserve.models import llama
+from jaxserve.models.attention import AttentionMetadata
+from jaxserve.models.loader import build_params, load_model
+from jaxserve.models.rope import rope_inv_freq
+
+BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0)
+
+CASES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama_linear": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama_dynamic": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "llama_yarn": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+}
+
+
+def _save(tmp_path, case, shard=False):
+    import transformers
+
+    cfg_cls, model_cls, extra = CASES[case]
+    cfg = getattr(transformers, cfg_cls)(**BASE, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():  # make biases / norms non-trivial so they are really tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    d = tmp_path / case
+    model.save_pretrained(d, safe_serialization=True, max_shard_size="60KB" if shard else "10GB")
+    return model, str(d)
+
+
+def _run(params, arch, ids):
+    T = len(ids)
+    bs, nb = 16, 8
+    kv = [jnp.zeros((2, nb, bs, arch.num_kv_heads, arch.head_dim), jnp.float32) for _ in range(arch.num_layers)]
+    blocks = [3, 1, 5, 2, 7]  # shuffled block table
+    slots = np.array([blocks[p // bs] * bs + p % bs for p in range(T)], np.int32)
+    md = AttentionMetadata(slot_mapping=jnp.asarray(slots),
+                           block_tables=jnp.asarray([blocks + [0] * 3], jnp.int32),
+                           seq_lens=jnp.asarray([T], jnp.int32), query_start_loc=jnp.asarray([0, T], jnp.int32))
+    h, _ = llama.forward(params, arch, jnp.asarray(ids, jnp.int32), jnp.arange(T, dtype=jnp.int32), kv, md,
+                         attn_backend="reference")
+    return np.asarray(llama.compute_logits(params, arch, h))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_hf(tmp_path, case):
+    model, d = _save(tmp_path, case, shard=case == "llama")
+    if case == "llama":
+        assert os.path.isfile(os.path.join(d, "model.safetensors.index.json"))  # really sharded
+    from jaxserve.models.loader import _iter_safetensors, _safetensors_files
+
+    with open(os.path.join(d, "config.json")) as f:
+        arch = llama.LlamaConfig.from_hf_config(json.load(f))
+    params = build_params(arch, _iter_safetensors(_safetensors_files(d)), jnp.float32)
+    ids = list(np.random.default_rng(1).integers(0, 256, 70))
+    got = _run(params, arch, ids)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel < 1e-4, rel
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_runs(tmp_path, dtype):
+    model, d = _save(tmp_path, "qwen2")
+    with open(os.path.join(d, "config.json")) as f:
+        arch = llama.LlamaConfig.from_hf_config(json.load(f))
+    from jaxserve.models.loader import _iter_safetensors, _safetensors_files
+
+    params = build_params(arch, _iter_safetensors(_safetensors_files(d)), dtype)
+    got = _run(params, arch, list(range(40)))
+    with torch.no_grad():
+        ref = model(torch.tensor([list(range(40))])).logits[0].numpy()
+    assert np.isfinite(got).all()
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 5e-2
+
+
+@pytest.mark.parametrize("case", ["llama_linear", "llama3", "llama_yarn"])
+def test_rope_inv_freq_matches_transformers(case):
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg_cls, _, extra = CASES[case]
+    cfg = getattr(transformers, cfg_cls)(**BASE, **extra)
+    rs = extra["rope_scaling"]
+    inv_ref, att_ref = ROPE_INIT_FUNCTIONS[rs["rope_type"]](cfg, "cpu")
+    inv, att = rope_inv_freq(10000.0, 16, rs, 256, 256)
+    np.testing.assert_allclose(inv, inv_ref.numpy(), rtol=1e-5)
+    assert abs(att - att_ref) < 1e-6
+
+
+def test_hf_cache_repo_id_offline(tmp_path, monkeypatch):
+    _, d = _save(tmp_path, "llama")
+    snap = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / "abc123"
+    snap.parent.mkdir(parents=True)
+    os.rename(d, snap)
+    (tmp_path / "hub" / "models--acme--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-llama" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    from jaxserve.models.loader import resolve
+
+    assert resolve(ModelConfig(model="acme/tiny-llama")) == ("hf_dir", str(snap))
+
+
+def test_unknown_repo_id_names_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="Hugging Face cache"):
+        load_model(ModelConfig(model="acme/does-not-exist"), jnp.float32)
+
+
+def test_gguf_unpermute_inverts_llama_cpp_permute():
+    from jaxserve.models.gguf_reader import unpermute_qk
+
+    n_head, d, e = 3, 8, 5
+    w = np.random.default_rng(0).standard_normal((n_head * d, e))
+    # llama.cpp's convert permutation
+    permuted = w.reshape(n_head, 2, d // 2, e).swapaxes(1, 2).reshape(w.shape)
+    np.testing.assert_array_equal(unpermute_qk(permuted, n_head), w)
