@@ -59,8 +59,8 @@ class CacheConfig:
     cache_dtype: str = "auto"  # "auto" -> the model dtype
 
     def __post_init__(self):
-        _check(self.block_size in (8, 16, 32, 64, 128),
-               f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        _check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0 and self.block_size <= 256,
+               f"block_size must be a power of two in [1, 256] (16 by default), got {self.block_size}")
         _check(0.0 < self.gpu_memory_utilization <= 1.0,
                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _check(self.cpu_kv_cache_gib > 0, "cpu_kv_cache_gib must be positive")

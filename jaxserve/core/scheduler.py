@@ -20,6 +20,10 @@ from jaxserve.core.sched_output import ModelRunnerOutput, ScheduledRequest, Sche
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, *,
                  num_device_blocks: int, num_host_blocks: int, block_size: int, max_model_len: int):
+        if (num_device_blocks - 1) * block_size < max_model_len:
+            # Otherwise a lone sequence could outgrow the cache and preempt itself forever.
+            raise ValueError(f"the KV cache ({num_device_blocks - 1} blocks x {block_size}) must hold one "
+                             f"sequence of max_model_len={max_model_len}")
         self.cfg = scheduler_config
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -86,8 +90,12 @@ class Scheduler:
         done: set[str] = set()
         preempted = False
 
+        if self.priority:  # waiting work that outranks running work goes first, preempting if needed
+            budget, preempted = self._admit(budget, preempted, scheduled, done, swap_out, outranking_only=True)
         self.running.sort(key=self._rank)
         i = 0
+        while i < len(self.running) and self.running[i].seq_id in done:
+            i += 1
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = self._chunk(seq, budget)
@@ -127,17 +135,31 @@ class Scheduler:
             budget -= num_new
 
         # Admit waiting sequences.
+        budget, preempted = self._admit(budget, preempted, scheduled, done, swap_out, outranking_only=False)
+        out = SchedulerOutput(
+            scheduled=[self._scheduled_request(s, n) for s, n in scheduled],
+            total_num_tokens=sum(n for _, n in scheduled),
+            swap_out=swap_out, swap_in=swap_in, finished_req_ids=self._finished_ids)
+        self._finished_ids = []
+        self._step_swaps = (len(swap_out), len(swap_in))
+        return out
+
+    def _admit(self, budget, preempted, scheduled, done, swap_out, outranking_only: bool):
         skipped = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
             if not self._sibling_ready(seq):
                 skipped.append(self.waiting.popleft())
                 continue
-            if preempted and not self.priority:
+            if outranking_only:
+                others = [r for r in self.running if r.seq_id not in done]
+                if not others or self._rank(seq) >= self._rank(max(others, key=self._rank)):
+                    break
+            elif preempted and not self.priority:
                 break
             computed = self.kv.get_computed_blocks(seq) if seq.num_computed_tokens == 0 else []
             cached_tokens = len(computed) * self.block_size
-            remaining = seq.num_tokens - cached_tokens
+            remaining = seq.num_tokens - seq.num_computed_tokens - cached_tokens
             if not self.cfg.enable_chunked_prefill and remaining > budget:
                 break
             num_new = min(remaining, budget, self._threshold())
@@ -158,18 +180,11 @@ class Scheduler:
             scheduled.append((seq, num_new))
             done.add(seq.seq_id)
             budget -= num_new
-        for s in reversed(skipped):
-            self.waiting.appendleft(s)
+        for s_ in reversed(skipped):
+            self.waiting.appendleft(s_)
         if self.priority:
             self.waiting = deque(sorted(self.waiting, key=self._rank))
-
-        out = SchedulerOutput(
-            scheduled=[self._scheduled_request(s, n) for s, n in scheduled],
-            total_num_tokens=sum(n for _, n in scheduled),
-            swap_out=swap_out, swap_in=swap_in, finished_req_ids=self._finished_ids)
-        self._finished_ids = []
-        self._step_swaps = (len(swap_out), len(swap_in))
-        return out
+        return budget, preempted
 
     def _threshold(self) -> int:
         t = self.cfg.long_prefill_token_threshold

@@ -1,0 +1,200 @@
+"""Exact block ids, eviction order, budgets and stop conditions of the core (no jax)."""
+from hypothesis import given, settings, strategies as st
+
+from jaxserve.core.request import Request, RequestStatus
+from jaxserve.sampling_params import SamplingParams
+from tests.core.helpers import EOS, check_invariants, make_sched, req, step
+
+
+def test_blocks_allocated_on_demand_and_freed_exact_ids():
+    s = make_sched(num_blocks=8, block_size=4)
+    s.add_request(req("a", range(1, 7), max_tokens=3))  # 6 prompt tokens -> 2 blocks
+    so, _ = step(s)
+    assert so.scheduled[0].block_ids == [1, 2] and so.scheduled[0].sample
+    assert so.scheduled[0].token_ids == [1, 2, 3, 4, 5, 6]
+    step(s)  # token 7 -> still 2 blocks
+    so, ups = step(s)  # token 8: position 7 fits block 2; after it, 8 tokens
+    assert so.scheduled[0].block_ids == [1, 2]
+    assert ups[0].finish_reason == "length"
+    assert s.kv.pool.num_free == 7 and s.kv_usage() == 0.0
+    check_invariants(s)
+
+
+def test_prefix_cache_hit_and_lru_eviction_order():
+    s = make_sched(num_blocks=6, block_size=4)  # 5 usable
+    prompt = list(range(1, 10))  # 9 tokens: 2 full blocks + 1
+    s.add_request(req("a", prompt, max_tokens=1))
+    so, _ = step(s)
+    assert so.scheduled[0].block_ids == [1, 2, 3]
+    assert s.kv.pool.cached and len(s.kv.pool.cached) == 2  # blocks 1, 2 full and cached
+    # freed in reverse: the partial block 3 (no hash) is reused first, then 2, then 1 (LRU tail)
+    assert list(s.kv.pool.free)[:1] == [3]
+    s.add_request(req("b", prompt + [50, 51, 52], max_tokens=1, t=1.0))
+    so, ups = step(s)
+    sr = so.scheduled[0]
+    assert sr.num_computed_tokens == 8 and sr.token_ids == [9, 50, 51, 52]
+    assert sr.block_ids[:2] == [1, 2]
+    assert ups[0].num_cached_tokens == 8
+    assert s.prefix_hits == 8 and s.prefix_queries == 9 + 12
+    check_invariants(s)
+
+
+def test_always_computes_last_prompt_token():
+    s = make_sched(num_blocks=8, block_size=4)
+    p = list(range(1, 9))  # exactly 2 full blocks
+    s.add_request(req("a", p, max_tokens=1))
+    step(s)
+    s.add_request(req("b", p, max_tokens=1, t=1.0))
+    so, _ = step(s)
+    assert so.scheduled[0].num_computed_tokens == 4 and so.scheduled[0].token_ids == [5, 6, 7, 8]
+
+
+def test_chunked_prefill_respects_budget_and_threshold():
+    s = make_sched(num_blocks=32, block_size=4, max_num_batched_tokens=8, long_prefill_token_threshold=5)
+    s.add_request(req("a", range(1, 13), max_tokens=2))
+    s.add_request(req("b", range(20, 23), max_tokens=2, t=1.0))
+    so, _ = step(s)
+    assert [(r.req_id, len(r.token_ids)) for r in so.scheduled] == [("a", 5), ("b", 3)]
+    so, _ = step(s)  # b decodes (1), a continues with 5
+    assert sorted((r.req_id, len(r.token_ids)) for r in so.scheduled) == [("a", 5), ("b", 1)]
+
+
+def test_max_num_seqs():
+    s = make_sched(num_blocks=32, block_size=4, max_num_seqs=2)
+    for i in range(3):
+        s.add_request(req(f"r{i}", [1, 2], t=float(i)))
+    so, _ = step(s)
+    assert [r.req_id for r in so.scheduled] == ["r0", "r1"]
+
+
+def test_stop_conditions_and_min_tokens_ban():
+    s = make_sched()
+    s.add_request(req("a", [1, 2], ignore_eos=False, min_tokens=2, max_tokens=10, stop_token_ids=[77]))
+    so, ups = step(s, lambda *_: EOS)
+    assert so.scheduled[0].sampling.banned_token_ids == [EOS, 77]
+    assert ups[0].finish_reason is None  # EOS below min_tokens does not stop (sampler bans it anyway)
+    so, ups = step(s, lambda *_: 5)
+    assert so.scheduled[0].sampling.banned_token_ids == [EOS, 77]
+    so, ups = step(s, lambda *_: 77)
+    assert so.scheduled[0].sampling.banned_token_ids is None
+    assert ups[0].finish_reason == "stop" and ups[0].stop_reason == 77 and ups[0].request_finished
+
+
+def test_recompute_preemption_victim_is_latest_and_output_continues():
+    s = make_sched(num_blocks=5, block_size=2, max_model_len=8, enable_prefix_caching=False)  # 4 usable
+    s.add_request(req("old", [1, 2, 3], t=0.0, max_tokens=6))
+    s.add_request(req("new", [4, 5, 6], t=1.0, max_tokens=6))
+    step(s)  # each holds 2 blocks: all 4 in use
+    step(s)  # position 3 still fits
+    so, _ = step(s)  # position 4 needs a 3rd block each: "new" (latest arrival) is preempted
+    assert [r.req_id for r in so.scheduled] == ["old"]
+    assert s.num_preemptions == 1 and s.seqs["new"].status == RequestStatus.PREEMPTED
+    assert s.waiting[0].seq_id == "new" and s.seqs["new"].num_computed_tokens == 0
+    toks_before = list(s.seqs["new"].token_ids)
+    for _ in range(20):
+        if not s.has_unfinished_requests():
+            break
+        step(s)
+        check_invariants(s)
+    assert not s.has_unfinished_requests()
+    assert s.kv.pool.num_free == 4
+
+
+def test_swap_preemption_pairs():
+    s = make_sched(num_blocks=5, block_size=2, max_model_len=8, host_blocks=4, preemption_mode="swap",
+                   enable_prefix_caching=False)
+    s.add_request(req("old", [1, 2, 3], t=0.0, max_tokens=6))
+    s.add_request(req("new", [4, 5, 6], t=1.0, max_tokens=6))
+    so, _ = step(s)
+    new_blocks = so.scheduled[1].block_ids
+    step(s)
+    so, _ = step(s)
+    assert so.swap_out == list(zip(new_blocks, [0, 1]))
+    assert s.seqs["new"].status == RequestStatus.SWAPPED
+    while s.seqs.get("new") is not None and s.seqs["new"].status == RequestStatus.SWAPPED:
+        so, _ = step(s)
+    assert [h for h, _ in so.swap_in] == [0, 1]
+    check_invariants(s)
+
+
+def test_priority_policy_preempts_lower_priority():
+    s = make_sched(num_blocks=5, block_size=2, max_model_len=8, scheduling_policy="priority",
+                   enable_prefix_caching=False)
+    s.add_request(Request("low", [1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True), {EOS}, 0.0, 1, priority=5))
+    step(s)
+    step(s)  # low holds 3 blocks
+    s.add_request(Request("high", [4, 5, 6], SamplingParams(max_tokens=2, ignore_eos=True), {EOS}, 1.0, 1, priority=0))
+    so, _ = step(s)
+    assert "high" in [r.req_id for r in so.scheduled]
+    assert s.seqs["low"].status == RequestStatus.PREEMPTED
+
+
+def test_n_samples_share_prompt_blocks():
+    s = make_sched(num_blocks=16, block_size=4)
+    s.add_request(req("r", range(1, 11), n=3, max_tokens=4))  # 10 tokens: 2 full blocks
+    so, _ = step(s)
+    assert [r.req_id for r in so.scheduled] == ["r-0"]
+    so, _ = step(s)
+    shared = s.seqs["r-0"].block_ids[:2]
+    for i in (1, 2):
+        assert s.seqs[f"r-{i}"].block_ids[:2] == shared
+    assert all(s.kv.pool.ref_cnt[b] == 3 for b in shared)
+    check_invariants(s)
+
+
+def test_abort_frees_at_once_and_reports():
+    s = make_sched()
+    s.add_request(req("a", range(1, 9), max_tokens=10))
+    step(s)
+    ups = s.abort_request("a")
+    assert ups[0].finish_reason == "abort" and s.kv_usage() == 0.0
+    assert "a" in s.schedule().finished_req_ids
+
+
+def test_add_request_rejects_what_never_fits():
+    s = make_sched(num_blocks=4, block_size=4, max_model_len=12)
+    import pytest
+
+    with pytest.raises(ValueError, match="max_model_len"):
+        s.add_request(req("a", range(12)))
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        make_sched(num_blocks=4, block_size=4, max_model_len=12, max_num_batched_tokens=4,
+                   enable_chunked_prefill=False).add_request(req("b", range(6)))
+    assert not s.has_unfinished_requests()
+
+
+ops = st.lists(st.tuples(st.sampled_from(["add", "step", "step", "step", "abort"]),
+                         st.integers(1, 20), st.integers(1, 6), st.integers(1, 3)), min_size=5, max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=ops, caching=st.booleans(), mode=st.sampled_from(["recompute", "swap"]),
+       policy=st.sampled_from(["fcfs", "priority"]), shared=st.booleans())
+def test_random_mixes_keep_invariants_and_finish(ops, caching, mode, policy, shared):
+    s = make_sched(num_blocks=12, block_size=2, max_model_len=22, host_blocks=6, preemption_mode=mode,
+                   scheduling_policy=policy, enable_prefix_caching=caching, max_num_batched_tokens=8,
+                   max_num_seqs=4)
+    n_req = 0
+    for op, plen, mt, n in ops:
+        if op == "add":
+            prompt = ([7, 8, 9, 10] if shared else []) + list(range(1, plen))
+            r = Request(f"q{n_req}", prompt[:20] or [1], SamplingParams(max_tokens=mt, n=n, ignore_eos=True),
+                        {EOS}, float(n_req), 1, priority=plen % 3)
+            n_req += 1
+            try:
+                s.add_request(r)
+            except ValueError:
+                pass
+        elif op == "abort" and s.requests:
+            s.abort_request(sorted(s.requests)[plen % len(s.requests)])
+        else:
+            step(s)
+        check_invariants(s)
+    for _ in range(500):
+        if not s.has_unfinished_requests():
+            break
+        step(s)
+        check_invariants(s)
+    assert not s.has_unfinished_requests(), "a request starved"
+    assert s.kv.pool.num_free == s.kv.pool.num_usable
+    assert len(s.host_free) + len(s._host_release) == 6
