@@ -13,6 +13,7 @@ Params (weights stored [in, out] so activations multiply on the left):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -214,24 +215,36 @@ def hf_to_params_name(name: str) -> Optional[tuple]:
     return ("layers", i, key), tr
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "ones"))
+def _dummy_tensor(key, *, shape, dtype, ones):
+    if ones:
+        return jnp.ones(shape, dtype)
+    return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+
+
 def init_dummy_params(cfg: LlamaConfig, dtype, seed: int = 0, shardings=None) -> dict:
     """Random weights built on the device, tensor by tensor (for benchmarks without a checkpoint).
-    Scaled like a trained model's (std 0.02, unit norms) so activations stay finite."""
+    Scaled like a trained model's (std 0.02, unit norms) so activations stay finite. One compiled
+    generator per distinct shape (layers share them), placed with `shardings` when given."""
     shapes = param_shapes(cfg)
-    leaves, tree = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    shard_leaves = (jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: hasattr(x, "addressable_devices"))
-                    if shardings is not None else [None] * len(leaves))
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    flat, tree = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)
+    shard_leaves = ([_lookup_path(shardings, path) for path, _ in flat] if shardings is not None
+                    else [None] * len(flat))
     out = []
-    for idx, (path, shape, sh) in enumerate(zip(paths, leaves, shard_leaves)):
-        name = str(path[-1])
-        if "norm" in name:
-            make = lambda shape=shape: jnp.ones(shape, dtype)  # noqa: E731
-        else:
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), idx)
-            make = lambda shape=shape, key=key: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)  # noqa: E731
-        out.append(jax.jit(make, out_shardings=sh)() if sh is not None else jax.jit(make)())
+    for idx, ((path, shape), sh) in enumerate(zip(flat, shard_leaves)):
+        ones = "norm" in str(path[-1])
+        x = _dummy_tensor(jax.random.fold_in(jax.random.PRNGKey(seed), idx), shape=shape,
+                          dtype=jnp.dtype(dtype), ones=ones)
+        out.append(jax.device_put(x, sh) if sh is not None else x)
     return jax.tree_util.tree_unflatten(tree, out)
+
+
+def _lookup_path(tree, path):
+    node = tree
+    for k in path:
+        node = node[k.key if hasattr(k, "key") else k.idx]
+    return node
 
 
 def num_params(cfg: LlamaConfig) -> int:

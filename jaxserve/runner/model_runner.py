@@ -9,6 +9,7 @@ never compiles. The KV cache is donated into every call and never copied.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import time
 from typing import Optional
@@ -28,12 +29,17 @@ from jaxserve.runner.sampling_inputs import pack_sampling
 logger = logging.getLogger("jaxserve")
 
 _PAIR_BUCKETS = (8, 64, 512, 4096)
+# Prompt logprobs are computed this many positions at a time ([rows, vocab] float32 temporaries).
+_PROMPT_LOGPROB_ROWS = 256
 
 
 def resolve_attention_backend(requested: str, platform: str) -> str:
+    """"auto": the Pallas kernel on GPU when it is available, else the jnp reference."""
     if requested != "auto":
         return requested
-    return "pallas" if platform == "gpu" else "reference"
+    if platform == "gpu" and importlib.util.find_spec("pallas_kernels.ragged_paged_attention.kernel"):
+        return "pallas"
+    return "reference"
 
 
 class ModelRunner:
@@ -99,9 +105,16 @@ class ModelRunner:
         args = self._dummy_args(T, tiny)
         try:
             compiled = jax.jit(self._step_fn).lower(*args).compile()
-            return int(compiled.memory_analysis().temp_size_in_bytes)
+            step = int(compiled.memory_analysis().temp_size_in_bytes)
         except Exception:  # memory analysis is best effort
-            return 2 * kvc.GIB
+            step = 2 * kvc.GIB
+        # The sampler and prompt logprobs hold a few [rows, vocab] float32 arrays (sort, softmax);
+        # GEMM autotuning at warm-up wants scratch too: keep max(2 GiB, 4%) free for it.
+        rows = max(self.seq_bucket(T), _PROMPT_LOGPROB_ROWS)
+        sampler = 8 * rows * self.arch.vocab_size * 4
+        stats = self.device.memory_stats() or {}
+        slack = max(2 * kvc.GIB, int(0.04 * stats.get("bytes_limit", 0)))
+        return step + sampler + slack
 
     # ---- the jitted step --------------------------------------------------------------------
     def _step_fn(self, params, kv_caches, token_ids, positions, md, logits_indices):
@@ -139,8 +152,8 @@ class ModelRunner:
                     sb.arrays["output_ids"] = np.full((S, self.max_model_len), -1, np.int32)
                 out = sample(logits, SamplingTensors(**sb.arrays), penalties=penalties,
                              num_logprobs=self.max_logprobs)
-            lg = self._logits(self.params, hidden, jnp.zeros(T, jnp.int32))
-            out2 = token_logprobs(lg, jnp.zeros(T, jnp.int32), num_logprobs=self.max_logprobs)
+            lg = self._logits(self.params, hidden, jnp.zeros(_PROMPT_LOGPROB_ROWS, jnp.int32))
+            out2 = token_logprobs(lg, jnp.zeros(_PROMPT_LOGPROB_ROWS, jnp.int32), num_logprobs=self.max_logprobs)
             jax.block_until_ready((out, out2))
         for k in _PAIR_BUCKETS[:2]:
             z = jnp.zeros(k, jnp.int32)
@@ -238,14 +251,18 @@ class ModelRunner:
             return
         idx = np.concatenate([j[2] for j in jobs]).astype(np.int32)
         tgt = np.concatenate([j[3] for j in jobs]).astype(np.int32)
-        P = pick_bucket(self.token_buckets, len(idx))
-        idx_p = np.zeros(P, np.int32)
-        tgt_p = np.zeros(P, np.int32)
-        idx_p[:len(idx)] = idx
-        tgt_p[:len(tgt)] = tgt
-        lg = self._logits(self.params, hidden, jnp.asarray(idx_p))
-        lp, rank, top_ids, top_lps = (np.asarray(a) for a in token_logprobs(
-            lg, jnp.asarray(tgt_p), num_logprobs=self.max_logprobs))
+        R = _PROMPT_LOGPROB_ROWS
+        parts = []
+        for c in range(0, len(idx), R):
+            idx_p = np.zeros(R, np.int32)
+            tgt_p = np.zeros(R, np.int32)
+            n = min(R, len(idx) - c)
+            idx_p[:n] = idx[c:c + n]
+            tgt_p[:n] = tgt[c:c + n]
+            lg = self._logits(self.params, hidden, jnp.asarray(idx_p))
+            parts.append([np.asarray(a)[:n] for a in token_logprobs(
+                lg, jnp.asarray(tgt_p), num_logprobs=self.max_logprobs)])
+        lp, rank, top_ids, top_lps = (np.concatenate([p[i] for p in parts]) for i in range(4))
         off = 0
         for req_id, start, flat, _ in jobs:
             n = len(flat)
