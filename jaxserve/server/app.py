@@ -44,7 +44,7 @@ def create_app(llm: AsyncLLM, cfg: ServerConfig) -> Litestar:
         return llm.engine
 
     # ---- completions ------------------------------------------------------------------------
-    @post("/v1/completions", summary="Create a completion")
+    @post("/v1/completions", status_code=200, summary="Create a completion")
     async def completions(request: Request, data: CompletionRequest) -> Any:
         _auth(request, cfg)
         engine_or_503()
@@ -136,7 +136,7 @@ def create_app(llm: AsyncLLM, cfg: ServerConfig) -> Litestar:
                 "usage": usage(n_prompt, n_out)}
 
     # ---- chat -------------------------------------------------------------------------------
-    @post("/v1/chat/completions", summary="Create a chat completion")
+    @post("/v1/chat/completions", status_code=200, summary="Create a chat completion")
     async def chat(request: Request, data: ChatCompletionRequest) -> Any:
         _auth(request, cfg)
         engine_or_503()
@@ -220,7 +220,7 @@ def create_app(llm: AsyncLLM, cfg: ServerConfig) -> Litestar:
                                             "owned_by": "jaxserve", "root": m, "max_model_len": cfg.max_model_len}
                                            for m in cfg.model_names]}
 
-    @post("/tokenize", summary="Tokenize a prompt or chat messages")
+    @post("/tokenize", status_code=200, summary="Tokenize a prompt or chat messages")
     async def tokenize(request: Request, data: TokenizeRequest) -> dict:
         _auth(request, cfg)
         eng = engine_or_503()
@@ -234,7 +234,7 @@ def create_app(llm: AsyncLLM, cfg: ServerConfig) -> Litestar:
                                                             add_generation_prompt=data.add_generation_prompt))
         return {"tokens": list(ids), "count": len(ids), "max_model_len": cfg.max_model_len}
 
-    @post("/detokenize", summary="Detokenize token ids")
+    @post("/detokenize", status_code=200, summary="Detokenize token ids")
     async def detokenize(request: Request, data: DetokenizeRequest) -> dict:
         _auth(request, cfg)
         eng = engine_or_503()

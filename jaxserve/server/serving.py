@@ -28,7 +28,12 @@ class ServerConfig:
     max_logprobs: int = 20
 
 
+MAX_N = 128  # samples per request
+
+
 def sampling_params(body, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+    if not 1 <= body.n <= MAX_N:
+        raise APIError(400, f"n must be in [1, {MAX_N}], got {body.n}", "n")
     try:
         return SamplingParams(
             n=body.n, temperature=1.0 if body.temperature is None else body.temperature,

@@ -1,0 +1,210 @@
+"""A real server process on 127.0.0.1 with the default model, driven by the official openai client."""
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+API_KEY = "test-key"
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxserve.entrypoints.openai.api_server", "--port", str(port), "--max-model-len", "512",
+         "--max-num-seqs", "32", "--max-num-batched-tokens", "128", "--api-key", API_KEY, "--seed", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited:\n" + proc.stdout.read())
+        try:
+            if httpx.get(base + "/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        raise RuntimeError("server did not become ready")
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+def _metric(base, name):
+    text = httpx.get(base + "/metrics").text
+    m = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1))
+
+
+def test_models_and_completion(client, model):
+    assert model == "SmolLM2-135M-Instruct"
+    r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert r.choices[0].text.strip().startswith("Paris")
+    assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == len(r.choices[0].text) * 0 + r.usage.completion_tokens
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_joins_to_non_streamed(client, model):
+    full = client.completions.create(model=model, prompt="Once upon a time", max_tokens=24, temperature=0)
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model=model, prompt="Once upon a time", max_tokens=24, temperature=0, stream=True) if c.choices]
+    assert len(pieces) > 3 and "".join(pieces) == full.choices[0].text
+    msgs = [{"role": "user", "content": "Name three colours."}]
+    chat = client.chat.completions.create(model=model, messages=msgs, max_tokens=20, temperature=0)
+    stream = client.chat.completions.create(model=model, messages=msgs, max_tokens=20, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_n_stop_logprobs(client, model):
+    r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=1.0, n=2,
+                                  seed=3)
+    assert len(r.choices) == 2 and {c.index for c in r.choices} == {0, 1}
+    base = client.completions.create(model=model, prompt="The capital of France is", max_tokens=12, temperature=0)
+    word = base.choices[0].text.split()[1]
+    r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=12, temperature=0,
+                                  stop=[word])
+    assert r.choices[0].finish_reason == "stop" and word not in r.choices[0].text
+    r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=4, temperature=0,
+                                  logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 4 and all(len(t) >= 3 for t in lp.top_logprobs)
+    assert all(v <= 0 for v in lp.token_logprobs)
+    c = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    assert len(c.choices[0].logprobs.content) == 4
+    assert all(len(t.top_logprobs) == 2 for t in c.choices[0].logprobs.content)
+
+
+def test_errors_are_openai_shaped_and_server_keeps_serving(server, client, model):
+    h = {"Authorization": f"Bearer {API_KEY}"}
+    cases = [
+        (b"{not json", 400), (json.dumps({"prompt": "x", "max_tokens": "many"}).encode(), 400),
+        (json.dumps({"prompt": "x", "temperature": -1}).encode(), 400),
+        (json.dumps({"prompt": "x", "top_p": 0}).encode(), 400),
+        (json.dumps({"prompt": "x", "model": "nope"}).encode(), 404),
+        (json.dumps({"prompt": "hello " * 600, "max_tokens": 4}).encode(), 400),
+        (json.dumps({"prompt": [1, "a"]}).encode(), 400),
+    ]
+    for body, status in cases:
+        r = httpx.post(server + "/v1/completions", content=body, headers={**h, "content-type": "application/json"})
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and "Traceback" not in err["message"]
+    r = httpx.post(server + "/v1/completions", json={"prompt": "hello " * 600}, headers=h)
+    assert "512" in r.json()["error"]["message"]
+    assert httpx.post(server + "/v1/completions", json={"prompt": "x"}).status_code == 401
+    assert httpx.post(server + "/v1/completions", json={"prompt": "x"},
+                      headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.completions.create(model=model, prompt="Still alive?", max_tokens=2).choices
+
+
+def test_tokenize_detokenize_version_health(server):
+    h = {"Authorization": f"Bearer {API_KEY}"}
+    t = httpx.post(server + "/tokenize", json={"prompt": "Hello world"}, headers=h).json()
+    assert t["count"] == len(t["tokens"]) > 0
+    d = httpx.post(server + "/detokenize", json={"tokens": t["tokens"]}, headers=h).json()
+    assert d["prompt"] == "Hello world"
+    assert httpx.get(server + "/version").json()["version"]
+    assert httpx.get(server + "/health").status_code == 200
+    schema = httpx.get(server + "/openapi.json").json()
+    assert "/v1/completions" in schema["paths"] and "/v1/chat/completions" in schema["paths"]
+
+
+def test_64_concurrent_streams_and_disconnect_frees_blocks(server, model):
+    async def one(i, ac, cut=False):
+        body = {"model": model, "prompt": f"Story number {i}:", "max_tokens": 12, "temperature": 0.7, "seed": i,
+                "stream": True}
+        n = 0
+        async with ac.stream("POST", server + "/v1/completions", json=body,
+                             headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    n += 1
+                    if cut and n == 2:
+                        return "cut"
+                    if line == "data: [DONE]":
+                        return "done"
+        return "eof"
+
+    async def run():
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as ac:
+            cut = asyncio.create_task(one(999, ac, cut=True))
+            res = await asyncio.gather(*[one(i, ac) for i in range(64)])
+            return res, await cut
+
+    res, cut = asyncio.run(run())
+    assert res == ["done"] * 64 and cut == "cut"
+    deadline = time.time() + 30
+    while time.time() < deadline and _metric(server, "jaxserve:kv_cache_usage_perc") > 0:
+        time.sleep(0.5)
+    assert _metric(server, "jaxserve:kv_cache_usage_perc") == 0.0
+    assert _metric(server, "jaxserve:num_requests_running") == 0.0
+    assert _metric(server, "jaxserve:request_success_total") >= 64
+
+
+def test_schema_fuzz_finds_no_5xx(server):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, settings
+
+    schema = schemathesis.openapi.from_url(server + "/openapi.json")
+    failures = []
+    for op in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+        strategy = schema[op]["POST"].as_strategy()
+
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        def check(case):
+            case.headers = {**(case.headers or {}), "Authorization": f"Bearer {API_KEY}"}
+            body = case.body
+            if isinstance(body, dict):  # keep generation short on a CPU; every other field is fuzzed
+                for k in ("max_tokens", "max_completion_tokens"):
+                    if not isinstance(body.get(k), int) or body[k] > 4:
+                        body[k] = 4
+                if isinstance(body.get("n"), int) and body["n"] > 2:
+                    body["n"] = 2
+            r = httpx.request(case.method, server + case.formatted_path, json=body, headers=case.headers, timeout=60)
+            if r.status_code >= 500:
+                failures.append((op, body, r.status_code, r.text[:200]))
+
+        from hypothesis import given
+        given(strategy)(check)()
+    assert not failures, failures[:3]
