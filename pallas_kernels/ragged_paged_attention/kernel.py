@@ -1,0 +1,194 @@
+"""Ragged paged attention in Pallas (Triton lowering on NVIDIA GPUs, interpret mode on CPU).
+
+Work split: the ragged batch is cut into query tiles of BQ tokens that never cross a sequence
+boundary (a decode is one tile of one token); one program runs one (tile, KV head) pair and
+processes all G query heads of that KV head together, so each K/V block is read once per tile
+for the whole group (GQA without padding the group to 16: G is padded to the next power of two
+only, e.g. 3 -> 4). The program walks its sequence's block table with an online softmax in
+float32. The tile list is computed in the jitted wrapper from query_start_loc, so one compiled
+kernel serves every mix of prefill chunks and decodes of a bucket.
+
+Layout contract: reference.py. Not done yet (see docs/kernels.md): split-K over long contexts
+for small decode batches, several blocks per iteration, fused K/V writes.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from .reference import write_kv as _write_kv_ref
+
+_NEG = -1e30
+
+
+def _next_pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tables_ref, q_ref, kv_ref,  # inputs
+            o_ref,  # output
+            *, bq: int, gp: int, block_size: int, sm_scale: float, soft_cap: Optional[float],
+            sliding_window: Optional[int], max_blocks: int):
+    t = pl.program_id(0)
+    h = pl.program_id(1)
+    s = tile_seq_ref[t]
+    q_start = tile_start_ref[t]
+    q_end = tile_end_ref[t]
+    ctx = seq_lens_ref[s]
+    d = q_ref.shape[-1]
+    rows = q_start + jnp.arange(bq, dtype=jnp.int32)  # [BQ]
+    row_ok = rows < q_end
+    # Position of each query row in its sequence: the queries are the last (q_end - seq_start)
+    # positions of the context; q_end is the sequence's query end, so pos = ctx - (q_end - row).
+    pos = ctx - (q_end - rows)  # [BQ]
+    q = q_ref[h, pl.ds(q_start, bq), :, :]  # [BQ, Gp, D] (rows past q_end are ignored)
+    dt = q.dtype
+    # Matmuls in the input dtype with float32 accumulation; float32 inputs ask for full precision
+    # (no TF32) so the kernel matches the reference to 1e-5.
+    prec = jax.lax.Precision.HIGHEST if dt == jnp.float32 else None
+    q = (q.astype(jnp.float32) * sm_scale).astype(dt).reshape(bq * gp, d)
+    pos_m = jnp.broadcast_to(pos[:, None], (bq, gp)).reshape(bq * gp)  # [M]
+    ok_m = jnp.broadcast_to(row_ok[:, None], (bq, gp)).reshape(bq * gp)
+
+    hi = jnp.minimum(ctx, jnp.max(jnp.where(row_ok, pos, 0)) + 1)
+    n_blocks = jnp.where(q_end > q_start, (hi + block_size - 1) // block_size, 0)
+    lo_block = 0
+    if sliding_window is not None:
+        lo = jnp.maximum(jnp.min(jnp.where(row_ok, pos, ctx)) - sliding_window + 1, 0)
+        lo_block = lo // block_size
+
+    def body(j, carry):
+        m_i, l_i, acc = carry
+        blk = block_tables_ref[s, j]
+        k = kv_ref[0, blk, :, h, :]  # [BS, D]
+        v = kv_ref[1, blk, :, h, :]
+        sc = jnp.dot(q, k.T, precision=prec, preferred_element_type=jnp.float32)  # [M, BS]
+        if soft_cap is not None:
+            sc = soft_cap * jnp.tanh(sc / soft_cap)
+        kpos = j * block_size + jnp.arange(block_size, dtype=jnp.int32)
+        mask = (kpos[None, :] <= pos_m[:, None]) & (kpos[None, :] < ctx) & ok_m[:, None]
+        if sliding_window is not None:
+            mask &= kpos[None, :] > pos_m[:, None] - sliding_window
+        sc = jnp.where(mask, sc, _NEG)
+        m_new = jnp.maximum(m_i, sc.max(axis=-1))
+        p = jnp.where(mask, jnp.exp(sc - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m_i - m_new)
+        l_i = l_i * alpha + p.sum(axis=-1)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(dt), v, precision=prec, preferred_element_type=jnp.float32)
+        return m_new, l_i, acc
+
+    m0 = jnp.full((bq * gp,), _NEG, jnp.float32)
+    l0 = jnp.zeros((bq * gp,), jnp.float32)
+    a0 = jnp.zeros((bq * gp, d), jnp.float32)
+    _, l_i, acc = jax.lax.fori_loop(lo_block, n_blocks, body, (m0, l0, a0))
+    out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
+    # Masked: the rows past q_end belong to the next sequence's tile.
+    pltriton.store(o_ref.at[h, pl.ds(q_start, bq), :, :], out.reshape(bq, gp, d).astype(o_ref.dtype),
+                   mask=jnp.broadcast_to(row_ok[:, None, None], (bq, gp, d)))
+
+
+def _validate(q, kv_cache, block_tables, seq_lens, query_start_loc):
+    if q.ndim != 3:
+        raise ValueError(f"q must be [num_tokens, num_heads, head_dim], got shape {q.shape}")
+    if kv_cache.ndim != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim], got {kv_cache.shape}")
+    T, hq, d = q.shape
+    _, _, bs, hkv, dk = kv_cache.shape
+    if dk != d:
+        raise ValueError(f"head_dim mismatch: q has {d}, kv_cache has {dk}")
+    if d not in (64, 128, 256) and d % 16:
+        raise ValueError(f"head_dim {d} is not supported (64, 128, 256 or a multiple of 16)")
+    if hq % hkv:
+        raise ValueError(f"num_heads {hq} is not a multiple of num_kv_heads {hkv}")
+    if bs & (bs - 1) or bs < 8:
+        raise ValueError(f"block_size must be a power of two >= 8, got {bs}")
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"dtype mismatch: q is {q.dtype}, kv_cache is {kv_cache.dtype}")
+    if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {q.dtype}")
+    S = seq_lens.shape[0]
+    if block_tables.ndim != 2 or block_tables.shape[0] != S:
+        raise ValueError(f"block_tables must be [num_seqs={S}, max_blocks], got {block_tables.shape}")
+    if query_start_loc.shape != (S + 1,):
+        raise ValueError(f"query_start_loc must be [num_seqs + 1 = {S + 1}], got {query_start_loc.shape}")
+    for name, a in (("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+        if a.dtype != jnp.int32:
+            raise ValueError(f"{name} must be int32, got {a.dtype}")
+
+
+def choose_query_tile(num_tokens: int, num_seqs: int, group: int) -> int:
+    """Decode-heavy buckets (about one token per sequence) use the smallest tile that still gives
+    the matrix units 16 rows; prefill-heavy ones use 64-row tiles."""
+    gp = _next_pow2(group)
+    rows = 16 if num_tokens <= 2 * num_seqs else 64
+    return max(1, rows // gp)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret", "bq",
+                                             "num_warps", "num_stages"))
+def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, *, sm_scale: float,
+                           soft_cap: Optional[float] = None, sliding_window: Optional[int] = None,
+                           interpret: Optional[bool] = None, bq: Optional[int] = None, num_warps: int = 4,
+                           num_stages: int = 2):
+    """q [T, Hq, D]; kv_cache [2, NB, BS, Hkv, D] -> [T, Hq, D]; semantics of reference.py."""
+    _validate(q, kv_cache, block_tables, seq_lens, query_start_loc)
+    if interpret is None:
+        interpret = jax.devices()[0].platform != "gpu"
+    T, hq, d = q.shape
+    _, _, bs, hkv, _ = kv_cache.shape
+    S = seq_lens.shape[0]
+    g = hq // hkv
+    gp = _next_pow2(g)
+    bq = bq or choose_query_tile(T, S, g)
+
+    # Tile list: each sequence's queries cut into tiles of bq rows.
+    q_len = query_start_loc[1:] - query_start_loc[:-1]  # [S]
+    n_tiles = (q_len + bq - 1) // bq
+    cum = jnp.cumsum(n_tiles)
+    first = cum - n_tiles
+    NT = -(-T // bq) + S  # static upper bound on the number of tiles
+    tid = jnp.arange(NT, dtype=jnp.int32)
+    tile_seq = jnp.clip(jnp.searchsorted(cum, tid, side="right"), 0, S - 1).astype(jnp.int32)
+    live = tid < cum[-1]
+    tile_start = query_start_loc[tile_seq] + (tid - first[tile_seq]) * bq
+    tile_end = jnp.where(live, query_start_loc[tile_seq + 1], tile_start).astype(jnp.int32)
+    tile_start = tile_start.astype(jnp.int32)
+
+    # [T, Hq, D] -> [Hkv, T + bq, Gp, D] (group padded to a power of two; bq rows of slack so a
+    # tile's row window never leaves the array).
+    qh = q.reshape(T, hkv, g, d).transpose(1, 0, 2, 3)
+    qh = jnp.pad(qh, ((0, 0), (0, bq), (0, gp - g), (0, 0)))
+
+    kernel = functools.partial(_kernel, bq=bq, gp=gp, block_size=bs, sm_scale=sm_scale, soft_cap=soft_cap,
+                               sliding_window=sliding_window, max_blocks=block_tables.shape[1])
+    full = lambda shape: pl.BlockSpec(shape, lambda t, h: (0,) * len(shape))  # noqa: E731
+    kwargs = {}
+    if not interpret:
+        kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    out = pl.pallas_call(
+        kernel,
+        grid=(NT, hkv),
+        in_specs=[full((NT,)), full((NT,)), full((NT,)), full((S,)), full(block_tables.shape), full(qh.shape),
+                  full(kv_cache.shape)],
+        out_specs=full(qh.shape),
+        out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
+        interpret=interpret,
+        name="ragged_paged_attention",
+        **kwargs,
+    )(tile_seq, tile_start, tile_end, seq_lens, block_tables, qh, kv_cache)
+    out = out[:, :T, :g, :].transpose(1, 0, 2, 3).reshape(T, hq, d)
+    valid = jnp.arange(T) < query_start_loc[-1]
+    return jnp.where(valid[:, None, None], out, jnp.zeros((), q.dtype))
+
+
+def write_kv(kv_cache, k, v, slot_mapping):
+    """Scatter this step's K/V into their slots (XLA's scatter; in place when the cache is donated)."""
+    return _write_kv_ref(kv_cache, k, v, slot_mapping)

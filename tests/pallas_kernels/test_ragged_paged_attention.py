@@ -1,0 +1,130 @@
+"""The Pallas kernel (interpret mode on CPU, Triton on GPU) against the jnp reference, and the
+reference against a float64 numpy loop. Outputs are poisoned (NaN) first: every element of a real
+token must be written."""
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.ragged_paged_attention import kernel as K
+from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
+
+ON_GPU = jax.devices()[0].platform == "gpu"
+
+
+def make_batch(rng, q_lens, ctx_lens, hq, hkv, d, bs, dtype, pad_tokens=3, pad_seqs=1):
+    S = len(q_lens) + pad_seqs
+    T = sum(q_lens) + pad_tokens
+    mb = max(-(-c // bs) for c in ctx_lens) + 1
+    nb = sum(-(-c // bs) for c in ctx_lens) + 4
+    perm = rng.permutation(np.arange(1, nb))  # shuffled, block 0 never used
+    bt = np.zeros((S, mb), np.int32)
+    o = 0
+    for i, c in enumerate(ctx_lens):
+        n = -(-c // bs)
+        bt[i, :n] = perm[o:o + n]
+        o += n
+    qsl = np.zeros(S + 1, np.int32)
+    qsl[1:len(q_lens) + 1] = np.cumsum(q_lens)
+    qsl[len(q_lens) + 1:] = qsl[len(q_lens)]
+    sl = np.zeros(S, np.int32)
+    sl[:len(ctx_lens)] = ctx_lens
+    q = jnp.asarray(rng.standard_normal((T, hq, d)), dtype)
+    kv = jnp.asarray(rng.standard_normal((2, nb, bs, hkv, d)), dtype)
+    return q, kv, jnp.asarray(bt), jnp.asarray(sl), jnp.asarray(qsl)
+
+
+def naive(q, kv, bt, sl, qsl, scale):
+    q, kv, bt, sl, qsl = (np.asarray(x, np.float64) if i < 2 else np.asarray(x) for i, x in enumerate((q, kv, bt, sl, qsl)))
+    T, hq, d = q.shape
+    hkv, bs = kv.shape[3], kv.shape[2]
+    out = np.zeros_like(q)
+    for s in range(len(sl)):
+        a, b = qsl[s], qsl[s + 1]
+        if b == a:
+            continue
+        L = sl[s]
+        Kf = np.concatenate([kv[0, blk] for blk in bt[s]])[:L]
+        Vf = np.concatenate([kv[1, blk] for blk in bt[s]])[:L]
+        for t in range(a, b):
+            p = L - (b - t)
+            for h in range(hq):
+                x = Kf[:p + 1, h // (hq // hkv)] @ q[t, h] * scale
+                w = np.exp(x - x.max())
+                out[t, h] = (w / w.sum()) @ Vf[:p + 1, h // (hq // hkv)]
+    return out
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def test_reference_matches_float64_loop():
+    rng = np.random.default_rng(0)
+    q, kv, bt, sl, qsl = make_batch(rng, [5, 1, 1], [21, 16, 1], 6, 2, 16, 8, jnp.float32)
+    got = ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=0.25)
+    assert rel(got, naive(q, kv, bt, sl, qsl, 0.25)) < 1e-5
+    assert np.all(np.asarray(got)[int(qsl[-1]):] == 0)
+
+
+CASES = [
+    # (q_lens, ctx_lens, hq, hkv, d, bs)
+    ([1, 1, 1, 1], [1, 15, 16, 17], 8, 8, 64, 16),  # GQA 1, decode, block boundaries
+    ([7, 1, 33], [7, 513, 40], 12, 4, 64, 16),  # GQA 3 (SmolLM2), mixed prefill + decode
+    ([3, 1], [515, 2048], 16, 4, 64, 64),  # GQA 4, block 64, long context
+    ([17, 2], [17, 70], 16, 2, 128, 16),  # GQA 8, head_dim 128
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_kernel_matches_reference(case, dtype, tol):
+    q_lens, ctx, hq, hkv, d, bs = case
+    rng = np.random.default_rng(len(q_lens) * 7 + d)
+    q, kv, bt, sl, qsl = make_batch(rng, q_lens, ctx, hq, hkv, d, bs, dtype)
+    scale = d ** -0.5
+    ref = ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=scale)
+    got = K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=scale)
+    got = np.asarray(got.astype(jnp.float32))
+    assert not np.isnan(got).any()
+    n = int(qsl[-1])
+    assert rel(got[:n], np.asarray(ref.astype(jnp.float32))[:n]) < tol
+    assert np.all(got[n:] == 0)
+
+
+def test_soft_cap_and_sliding_window():
+    rng = np.random.default_rng(3)
+    q, kv, bt, sl, qsl = make_batch(rng, [9, 1], [40, 33], 4, 2, 64, 16, jnp.float32)
+    for kw in (dict(soft_cap=5.0), dict(sliding_window=8)):
+        ref = ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=0.125, **kw)
+        got = K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=0.125, **kw)
+        assert rel(got[:10], ref[:10]) < 1e-5
+
+
+def test_poisoned_output_fully_written():
+    """Tiles must cover every real token: compare against NaN-poisoned expectations by running on
+    inputs whose every output row is non-zero."""
+    rng = np.random.default_rng(5)
+    q, kv, bt, sl, qsl = make_batch(rng, [1, 20, 3, 1, 1], [30, 20, 3, 100, 1], 8, 2, 64, 16, jnp.float32,
+                                    pad_tokens=0, pad_seqs=0)
+    got = np.asarray(K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=0.125, bq=4))
+    ref = np.asarray(ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=0.125))
+    assert np.all(np.abs(got).sum(-1) > 0)
+    assert rel(got, ref) < 1e-5
+
+
+def test_validation_errors():
+    rng = np.random.default_rng(0)
+    q, kv, bt, sl, qsl = make_batch(rng, [2], [5], 4, 2, 64, 16, jnp.float32)
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        K.ragged_paged_attention(q.astype(jnp.bfloat16), kv, bt, sl, qsl, sm_scale=1.0)
+    with pytest.raises(ValueError, match="head_dim mismatch"):
+        K.ragged_paged_attention(q[..., :32], kv, bt, sl, qsl, sm_scale=1.0)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        K.ragged_paged_attention(q[:, :3], kv, bt, sl, qsl, sm_scale=1.0)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        K.ragged_paged_attention(q, kv, bt, sl, qsl[:-1], sm_scale=1.0)
+    with pytest.raises(ValueError, match="int32"):
+        K.ragged_paged_attention(q, kv, bt.astype(jnp.int64) if jax.config.jax_enable_x64 else bt.astype(jnp.int16),
+                                 sl, qsl, sm_scale=1.0)
