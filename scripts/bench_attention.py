@@ -1,0 +1,103 @@
+"""Time ragged paged attention on the GPU, in one run: the Pallas kernel, JAX's own
+jax.experimental.pallas.ops.gpu.paged_attention (decode only; head-major layout, no 1/sqrt(d)
+scaling, so q is pre-scaled) and the XLA reference, for Llama-3-8B heads (32 q / 8 kv / 128).
+Also checks the kernel against the reference on every shape. Prints JSON lines and a table with
+achieved bytes/s (decode, vs the measured copy bandwidth) and FLOP/s (prefill, vs bf16 matmul)."""
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.ragged_paged_attention import kernel as K
+from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+
+
+def timeit(f, args_list, iters=20):
+    for a in args_list:
+        jax.block_until_ready(f(*a))
+    ts = []
+    for i in range(iters):
+        a = args_list[i % len(args_list)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*a))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def batch(rng, q_lens, ctx, dtype=jnp.bfloat16):
+    S = len(q_lens)
+    nblk = [-(-c // BS) for c in ctx]
+    nb = sum(nblk) + 1
+    mb = max(nblk)
+    perm = rng.permutation(np.arange(1, nb))
+    bt = np.zeros((S, mb), np.int32)
+    o = 0
+    for i, n in enumerate(nblk):
+        bt[i, :n] = perm[o:o + n]
+        o += n
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    T = int(qsl[-1])
+    key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+    q = jax.random.normal(key, (T, HQ, D), dtype)
+    kv = jax.random.normal(jax.random.fold_in(key, 1), (2, nb, BS, HKV, D), dtype)
+    return q, kv, jnp.asarray(bt), jnp.asarray(np.asarray(ctx, np.int32)), jnp.asarray(qsl)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
+
+    rng = np.random.default_rng(0)
+    scale = D ** -0.5
+    kern = jax.jit(lambda q, kv, bt, sl, qsl: K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=scale))
+    ref = jax.jit(lambda q, kv, bt, sl, qsl: ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=scale))
+    rows = []
+    decode = [(b, c) for b in (1, 32, 128, 256) for c in (512, 2048, 8192, 32768) if b * c <= 256 * 8192]
+    if args.quick:
+        decode = [(1, 2048), (32, 2048), (128, 2048)]
+    for b, c in decode:
+        sets = [batch(rng, [1] * b, [c] * b) for _ in range(2)]
+        q, kv, bt, sl, qsl = sets[0]
+        err = float(jnp.linalg.norm((kern(*sets[0]) - ref(*sets[0])).astype(jnp.float32)) /
+                    jnp.linalg.norm(ref(*sets[0]).astype(jnp.float32)))
+        t_k = timeit(kern, sets)
+        t_r = timeit(ref, sets)
+        # JAX's kernel: head-major pages [Hkv, pages, page, D], q [B, Hq, D] pre-scaled.
+        jsets = []
+        for q, kv, bt, sl, qsl in sets:
+            kp = kv[0].transpose(2, 0, 1, 3)
+            vp = kv[1].transpose(2, 0, 1, 3)
+            jsets.append(((q * scale).astype(q.dtype), kp, vp, bt, sl))
+        jf = jax.jit(lambda q, kp, vp, bt, sl: jax_pa.paged_attention(q, kp, vp, bt, sl, pages_per_compute_block=8,
+                                                                       k_splits=16 if c >= 8192 else 4))
+        try:
+            t_j = timeit(jf, jsets)
+        except Exception as e:  # report, don't stop the run
+            print("jax paged_attention failed:", str(e)[:200])
+            t_j = float("nan")
+        nbytes = b * c * HKV * D * 2 * 2 + 2 * b * HQ * D * 2
+        rows.append(dict(kind="decode", batch=b, ctx=c, rel_err=err, kernel_ms=t_k * 1e3, jax_pa_ms=t_j * 1e3,
+                         xla_ref_ms=t_r * 1e3, kernel_bytes_per_s=nbytes / t_k))
+        print(json.dumps(rows[-1]), flush=True)
+    prefill = [512, 2048, 4096, 8192] if not args.quick else [512, 2048]
+    for n in prefill:
+        sets = [batch(rng, [n], [n]) for _ in range(2)]
+        err = float(jnp.linalg.norm((kern(*sets[0]) - ref(*sets[0])).astype(jnp.float32)) /
+                    jnp.linalg.norm(ref(*sets[0]).astype(jnp.float32)))
+        t_k = timeit(kern, sets, iters=10)
+        t_r = timeit(ref, sets, iters=5)
+        flops = 4 * HQ * D * n * (n + 1) / 2  # causal: QK^T and PV over the lower triangle
+        rows.append(dict(kind="prefill", chunk=n, rel_err=err, kernel_ms=t_k * 1e3, xla_ref_ms=t_r * 1e3,
+                         kernel_flops=flops / t_k))
+        print(json.dumps(rows[-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
