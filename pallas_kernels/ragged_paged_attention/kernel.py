@@ -33,12 +33,31 @@ def _next_pow2(n: int) -> int:
     return p
 
 
+def _split_tf32(x):
+    """x = hi + lo with hi exactly representable in TF32 (10 mantissa bits)."""
+    hi = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFE000),
+                                      jnp.float32)
+    return hi, x - hi
+
+
+def _dot(a, b, exact_f32: bool):
+    """a @ b with float32 accumulation. For float32 inputs the GPU's matrix units round operands
+    to TF32; three TF32 products (hi*hi + hi*lo + lo*hi) recover float32 accuracy."""
+    if not exact_f32:
+        return jnp.dot(a, b, preferred_element_type=jnp.float32)
+    ah, al = _split_tf32(a)
+    bh, bl = _split_tf32(b)
+    f = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+    return f(ah, bh) + (f(ah, bl) + f(al, bh))
+
+
 def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tables_ref, q_ref, kv_ref,  # inputs
-            o_ref,  # output
-            *, bq: int, gp: int, block_size: int, sm_scale: float, soft_cap: Optional[float],
-            sliding_window: Optional[int], max_blocks: int):
+            o_ref, *ml_refs,  # outputs: o, and with split-K also the softmax max and sum per row
+            bq: int, gp: int, block_size: int, sm_scale: float, soft_cap: Optional[float],
+            sliding_window: Optional[int], max_blocks: int, ks: int):
     t = pl.program_id(0)
     h = pl.program_id(1)
+    split = pl.program_id(2)
     s = tile_seq_ref[t]
     q_start = tile_start_ref[t]
     q_end = tile_end_ref[t]
@@ -51,9 +70,9 @@ def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tabl
     pos = ctx - (q_end - rows)  # [BQ]
     q = q_ref[h, pl.ds(q_start, bq), :, :]  # [BQ, Gp, D] (rows past q_end are ignored)
     dt = q.dtype
-    # Matmuls in the input dtype with float32 accumulation; float32 inputs ask for full precision
-    # (no TF32) so the kernel matches the reference to 1e-5.
-    prec = jax.lax.Precision.HIGHEST if dt == jnp.float32 else None
+    # Matmuls in the input dtype with float32 accumulation; float32 inputs get full precision
+    # (3xTF32) so the kernel matches the reference to 1e-5.
+    exact = dt == jnp.float32
     q = (q.astype(jnp.float32) * sm_scale).astype(dt).reshape(bq * gp, d)
     pos_m = jnp.broadcast_to(pos[:, None], (bq, gp)).reshape(bq * gp)  # [M]
     ok_m = jnp.broadcast_to(row_ok[:, None], (bq, gp)).reshape(bq * gp)
@@ -70,7 +89,7 @@ def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tabl
         blk = block_tables_ref[s, j]
         k = kv_ref[0, blk, :, h, :]  # [BS, D]
         v = kv_ref[1, blk, :, h, :]
-        sc = jnp.dot(q, k.T, precision=prec, preferred_element_type=jnp.float32)  # [M, BS]
+        sc = _dot(q, k.T, exact)  # [M, BS]
         if soft_cap is not None:
             sc = soft_cap * jnp.tanh(sc / soft_cap)
         kpos = j * block_size + jnp.arange(block_size, dtype=jnp.int32)
@@ -82,17 +101,31 @@ def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tabl
         p = jnp.where(mask, jnp.exp(sc - m_new[:, None]), 0.0)
         alpha = jnp.exp(m_i - m_new)
         l_i = l_i * alpha + p.sum(axis=-1)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(dt), v, precision=prec, preferred_element_type=jnp.float32)
+        acc = acc * alpha[:, None] + _dot(p.astype(dt), v, exact)
         return m_new, l_i, acc
 
     m0 = jnp.full((bq * gp,), _NEG, jnp.float32)
     l0 = jnp.zeros((bq * gp,), jnp.float32)
     a0 = jnp.zeros((bq * gp, d), jnp.float32)
-    _, l_i, acc = jax.lax.fori_loop(lo_block, n_blocks, body, (m0, l0, a0))
+    if ks > 1:  # split-K: this program takes one contiguous share of the sequence's blocks
+        chunk = (n_blocks - lo_block + ks - 1) // ks
+        start = lo_block + split * chunk
+        stop = jnp.minimum(start + chunk, n_blocks)
+    else:
+        start, stop = lo_block, n_blocks
+    m_i, l_i, acc = jax.lax.fori_loop(start, jnp.maximum(start, stop), body, (m0, l0, a0))
     out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
     # Masked: the rows past q_end belong to the next sequence's tile.
-    pltriton.store(o_ref.at[h, pl.ds(q_start, bq), :, :], out.reshape(bq, gp, d).astype(o_ref.dtype),
-                   mask=jnp.broadcast_to(row_ok[:, None, None], (bq, gp, d)))
+    row_mask = jnp.broadcast_to(row_ok[:, None, None], (bq, gp, d))
+    if ks > 1:
+        m_ref, l_ref = ml_refs
+        pltriton.store(o_ref.at[split, h, pl.ds(q_start, bq), :, :], out.reshape(bq, gp, d), mask=row_mask)
+        mask2 = jnp.broadcast_to(row_ok[:, None], (bq, gp))
+        pltriton.store(m_ref.at[split, h, pl.ds(q_start, bq), :], m_i.reshape(bq, gp), mask=mask2)
+        pltriton.store(l_ref.at[split, h, pl.ds(q_start, bq), :], l_i.reshape(bq, gp), mask=mask2)
+    else:
+        pltriton.store(o_ref.at[h, pl.ds(q_start, bq), :, :], out.reshape(bq, gp, d).astype(o_ref.dtype),
+                       mask=row_mask)
 
 
 def _validate(q, kv_cache, block_tables, seq_lens, query_start_loc):
@@ -124,6 +157,14 @@ def _validate(q, kv_cache, block_tables, seq_lens, query_start_loc):
             raise ValueError(f"{name} must be int32, got {a.dtype}")
 
 
+def choose_kv_splits(num_tiles: int, num_kv_heads: int, num_tokens: int, num_seqs: int) -> int:
+    """Split-K for decode-heavy buckets with few programs: aim for two waves on ~132 SMs."""
+    if num_tokens > 2 * num_seqs:
+        return 1
+    programs = num_tiles * num_kv_heads
+    return int(min(16, max(1, -(-264 // programs))))
+
+
 def choose_query_tile(num_tokens: int, num_seqs: int, group: int) -> int:
     """Decode-heavy buckets (about one token per sequence) use the smallest tile that still gives
     the matrix units 16 rows; prefill-heavy ones use 64-row tiles."""
@@ -133,10 +174,11 @@ def choose_query_tile(num_tokens: int, num_seqs: int, group: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret", "bq",
-                                             "num_warps", "num_stages"))
+                                             "kv_splits", "num_warps", "num_stages"))
 def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, *, sm_scale: float,
                            soft_cap: Optional[float] = None, sliding_window: Optional[int] = None,
-                           interpret: Optional[bool] = None, bq: Optional[int] = None, num_warps: int = 4,
+                           interpret: Optional[bool] = None, bq: Optional[int] = None,
+                           kv_splits: Optional[int] = None, num_warps: int = 4,
                            num_stages: int = 2):
     """q [T, Hq, D]; kv_cache [2, NB, BS, Hkv, D] -> [T, Hq, D]; semantics of reference.py."""
     _validate(q, kv_cache, block_tables, seq_lens, query_start_loc)
@@ -167,23 +209,40 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     qh = q.reshape(T, hkv, g, d).transpose(1, 0, 2, 3)
     qh = jnp.pad(qh, ((0, 0), (0, bq), (0, gp - g), (0, 0)))
 
+    ks = kv_splits or choose_kv_splits(NT, hkv, T, S)
     kernel = functools.partial(_kernel, bq=bq, gp=gp, block_size=bs, sm_scale=sm_scale, soft_cap=soft_cap,
-                               sliding_window=sliding_window, max_blocks=block_tables.shape[1])
-    full = lambda shape: pl.BlockSpec(shape, lambda t, h: (0,) * len(shape))  # noqa: E731
+                               sliding_window=sliding_window, max_blocks=block_tables.shape[1], ks=ks)
+    full = lambda shape: pl.BlockSpec(shape, lambda t, h, p: (0,) * len(shape))  # noqa: E731
     kwargs = {}
     if not interpret:
         kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    out = pl.pallas_call(
+    if ks > 1:
+        part = (ks,) + qh.shape
+        out_shape = [jax.ShapeDtypeStruct(part, jnp.float32), jax.ShapeDtypeStruct(part[:-1], jnp.float32),
+                     jax.ShapeDtypeStruct(part[:-1], jnp.float32)]
+        out_specs = [full(part), full(part[:-1]), full(part[:-1])]
+    else:
+        out_shape, out_specs = jax.ShapeDtypeStruct(qh.shape, q.dtype), full(qh.shape)
+    res = pl.pallas_call(
         kernel,
-        grid=(NT, hkv),
+        grid=(NT, hkv, ks),
         in_specs=[full((NT,)), full((NT,)), full((NT,)), full((S,)), full(block_tables.shape), full(qh.shape),
                   full(kv_cache.shape)],
-        out_specs=full(qh.shape),
-        out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=interpret,
         name="ragged_paged_attention",
         **kwargs,
     )(tile_seq, tile_start, tile_end, seq_lens, block_tables, qh, kv_cache)
+    if ks > 1:  # combine the splits' partial softmaxes
+        o_p, m_p, l_p = res
+        m = m_p.max(axis=0)
+        w = jnp.exp(m_p - m[None]) * l_p  # [KS, Hkv, T+bq, Gp]
+        den = w.sum(axis=0)
+        out = (o_p * w[..., None]).sum(axis=0) / jnp.where(den > 0, den, 1.0)[..., None]
+        out = out.astype(q.dtype)
+    else:
+        out = res
     out = out[:, :T, :g, :].transpose(1, 0, 2, 3).reshape(T, hq, d)
     valid = jnp.arange(T) < query_start_loc[-1]
     return jnp.where(valid[:, None, None], out, jnp.zeros((), q.dtype))

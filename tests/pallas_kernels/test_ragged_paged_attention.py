@@ -80,12 +80,21 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_kernel_matches_reference(case, dtype, tol):
+    _check_case(case, dtype, tol, None)
+
+
+@pytest.mark.parametrize("case", CASES[:3])
+def test_split_k_matches_reference(case):
+    _check_case(case, jnp.float32, 1e-5, 3)
+
+
+def _check_case(case, dtype, tol, kv_splits):
     q_lens, ctx, hq, hkv, d, bs = case
     rng = np.random.default_rng(len(q_lens) * 7 + d)
     q, kv, bt, sl, qsl = make_batch(rng, q_lens, ctx, hq, hkv, d, bs, dtype)
     scale = d ** -0.5
     ref = ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=scale)
-    got = K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=scale)
+    got = K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=scale, kv_splits=kv_splits)
     got = np.asarray(got.astype(jnp.float32))
     assert not np.isnan(got).any()
     n = int(qsl[-1])
