@@ -69,10 +69,21 @@ def _process(logits, t: SamplingTensors, penalties: bool):
 
 
 def _random_sample(logits, t: SamplingTensors):
-    """Temperature, top-k, top-p, min-p, then a Gumbel-max draw per row."""
+    """Temperature, top-k, top-p, min-p, then a Gumbel-max draw per row. The [S, V] sort behind
+    top-k/top-p runs only when some row asks for a filter."""
     s, v = logits.shape
     temp = jnp.where(t.temperature > 0, t.temperature, 1.0)
     scaled = logits / temp[:, None]
+    keys = jax.vmap(lambda sd, c: jax.random.fold_in(jax.random.PRNGKey(sd), c))(t.seeds, t.counters)
+    g = jax.vmap(lambda key: jax.random.gumbel(key, (v,), jnp.float32))(keys)
+    needs_filter = jnp.any(t.top_k > 0) | jnp.any(t.top_p < 1.0) | jnp.any(t.min_p > 0.0)
+    masked = jax.lax.cond(needs_filter, lambda: _filtered(scaled, t), lambda: scaled)
+    return jnp.argmax(masked + g, axis=-1).astype(jnp.int32)
+
+
+def _filtered(scaled, t: SamplingTensors):
+    """scaled [S, V] with the tokens outside top-k / top-p / min-p set to -inf."""
+    s, v = scaled.shape
     sorted_desc = jnp.sort(scaled, axis=-1)[:, ::-1]  # [S, V]
     # top-k: threshold at the k-th largest value.
     k = jnp.where(t.top_k > 0, jnp.minimum(t.top_k, v), v)
@@ -89,10 +100,7 @@ def _random_sample(logits, t: SamplingTensors):
     # min-p: drop tokens whose probability is below min_p * max probability.
     probs = jax.nn.softmax(scaled, axis=-1)
     keep &= probs >= t.min_p[:, None] * probs.max(-1, keepdims=True)
-    masked = jnp.where(keep, scaled, _NEG_INF)
-    keys = jax.vmap(lambda sd, c: jax.random.fold_in(jax.random.PRNGKey(sd), c))(t.seeds, t.counters)
-    g = jax.vmap(lambda key: jax.random.gumbel(key, (v,), jnp.float32))(keys)
-    return jnp.argmax(masked + g, axis=-1).astype(jnp.int32)
+    return jnp.where(keep, scaled, _NEG_INF)
 
 
 @functools.partial(jax.jit, static_argnames=("penalties", "num_logprobs"))
