@@ -1,0 +1,43 @@
+"""The CLI: generate, chat (stdin-driven), and the benchmark harness on tiny dummy weights."""
+import json
+import os
+import subprocess
+import sys
+
+from jaxserve.cli import main
+
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def test_bench_throughput_and_latency_tiny(capsys):
+    args = ["--model", "tiny", "--load-format", "dummy", "--max-model-len", "128", "--max-num-seqs", "8",
+            "--max-num-batched-tokens", "64", "--json"]
+    assert main(["bench", "throughput", "--input-len", "16", "--output-len", "8", "--num-prompts", "12"] + args) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["output_tokens"] == 12 * 8 and res["prompt_tokens"] == 12 * 16
+    assert res["compilations_during_run"] == 0
+    assert abs(res["output_tokens_per_s"] * res["elapsed_s"] - 96) < 1e-6 * 96 + 1e-3
+    assert main(["bench", "latency", "--batch-size", "2", "--input-len", "8", "--output-len", "4",
+                 "--num-iters", "1"] + args) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["batch_size"] == 2 and res["ttft_s"] > 0 and res["decode_tokens_per_s"] > 0
+
+
+def test_generate_and_chat_commands():
+    common = ["--max-model-len", "256", "--max-num-batched-tokens", "64", "--max-num-seqs", "4", "--no-warmup"]
+    out = subprocess.run([sys.executable, "-m", "jaxserve", "generate", "--prompt", "The capital of France is",
+                          "--max-tokens", "8", "--temperature", "0"] + common,
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    chat = subprocess.run([sys.executable, "-m", "jaxserve", "chat", "--max-tokens", "12", "--temperature", "0"] + common,
+                          input="What is the capital of France?\n\n", capture_output=True, text=True, env=ENV,
+                          timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert "assistant>" in chat.stdout and "Paris" in chat.stdout
+
+
+def test_generate_reports_bad_model_cleanly():
+    out = subprocess.run([sys.executable, "-m", "jaxserve", "generate", "--prompt", "x", "--model", "/no/such/dir"],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr
