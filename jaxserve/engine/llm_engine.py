@@ -80,8 +80,21 @@ class LLMEngine:
         platform = jax.devices()[0].platform
         dtype_name = mc.dtype if mc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
         self.dtype = jnp.dtype(dtype_name)
+        pc = config.parallel
+        if pc.pipeline_parallel_size > 1 or pc.data_parallel_size > 1:
+            raise ValueError("pipeline_parallel_size and data_parallel_size > 1 are not implemented yet; "
+                             "tensor_parallel_size is")
+        self.tp = None
+        load_kw = {}
+        if pc.tensor_parallel_size > 1:
+            from jaxserve.models import registry
+            from jaxserve.parallel.tensor_parallel import TensorParallel
+
+            self.tp = TensorParallel.create(pc.tensor_parallel_size)
+            load_kw = dict(arch_fn=self.tp.arch_fn, transform_fn=self.tp.transform_fn,
+                           shardings_fn=lambda arch: self.tp.param_shardings(registry.model_module(arch), arch))
         t0 = time.perf_counter()
-        self.model = load_model(mc, self.dtype)
+        self.model = load_model(mc, self.dtype, **load_kw)
         arch = self.model.arch
         limit = arch.max_position_embeddings
         if mc.max_model_len is not None and mc.max_model_len > limit:
@@ -100,7 +113,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.model.eos_token_ids)
         logger.info("loaded %s (%s, %d layers) in %.1f s", self.model_name, dtype_name, arch.num_layers,
                     time.perf_counter() - t0)
-        self.runner = ModelRunner(config, self.model, max_model_len=self.max_model_len, dtype=self.dtype)
+        self.runner = ModelRunner(config, self.model, max_model_len=self.max_model_len, dtype=self.dtype,
+                                  tp=self.tp)
         self.scheduler = Scheduler(sc, config.cache, num_device_blocks=self.runner.num_blocks,
                                    num_host_blocks=self.runner.num_host_blocks,
                                    block_size=config.cache.block_size, max_model_len=self.max_model_len)

@@ -6,6 +6,7 @@ pallas_kernels/ragged_paged_attention/reference.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -26,6 +27,15 @@ class AttentionMetadata:
     query_start_loc: jax.Array  # [S + 1] int32 cumulative query offsets
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+    """Static choice of attention implementation; with a mesh whose "model" axis is > 1 the
+    attention runs per shard of heads (shard_map), since heads never talk to each other."""
+
+    name: str  # "reference" | "pallas"
+    mesh: Optional[object] = None  # jax.sharding.Mesh with a "model" axis
+
+
 def paged_attention(
     q,  # [T, Hq, D]
     k,  # [T, Hkv, D]
@@ -33,12 +43,24 @@ def paged_attention(
     kv_cache,  # [2, NB, BS, Hkv, D]
     md: AttentionMetadata,
     *,
-    backend: str,
+    backend,  # str or AttentionBackend
     sm_scale: float,
     soft_cap: Optional[float] = None,
     sliding_window: Optional[int] = None,
 ):
     """Returns (out [T, Hq, D], new kv_cache)."""
+    if isinstance(backend, AttentionBackend):
+        mesh = backend.mesh
+        if mesh is not None and mesh.shape.get("model", 1) > 1:
+            from jax.sharding import PartitionSpec as P
+
+            heads = P(None, "model", None)
+            cache = P(None, None, None, "model", None)
+            fn = functools.partial(paged_attention, backend=backend.name, sm_scale=sm_scale, soft_cap=soft_cap,
+                                   sliding_window=sliding_window)
+            return jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads, cache, P()),
+                                 out_specs=(heads, cache), check_vma=False)(q, k, v, kv_cache, md)
+        backend = backend.name
     if backend == "reference":
         kv_cache = write_kv(kv_cache, k, v, md.slot_mapping)
         out = ragged_paged_attention_reference(

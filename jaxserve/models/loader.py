@@ -247,8 +247,11 @@ def _eos_from_dir(d: str, tokenizer) -> list[int]:
 
 
 def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = None,
-               max_model_len: Optional[int] = None, transform_fn: Optional[Callable] = None) -> LoadedModel:
-    """shardings_fn(arch) -> pytree of shardings (or None); transform_fn(arch) -> per-tensor rewrite."""
+               max_model_len: Optional[int] = None, transform_fn: Optional[Callable] = None,
+               arch_fn: Optional[Callable] = None) -> LoadedModel:
+    """shardings_fn(arch) -> pytree of shardings (or None); transform_fn(checkpoint_arch, arch) ->
+    per-tensor rewrite (path, array) -> array; arch_fn(arch) -> the arch the engine runs (e.g. with
+    KV heads replicated for tensor parallelism)."""
     from jaxserve import tokenizer as tok_mod
 
     kind, path = resolve(mc)
@@ -257,10 +260,9 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
 
         reader = gguf_reader.open_gguf(path)
         cfg = gguf_reader.hf_config(reader)
-        arch = _arch(cfg, mc, max_model_len)
+        arch, tf = _finish_arch(_arch(cfg, mc, max_model_len), arch_fn, transform_fn)
         sh = shardings_fn(arch) if shardings_fn else None
-        params = build_params(arch, gguf_reader.iter_tensors(reader, cfg), dtype, sh,
-                              transform_fn(arch) if transform_fn else None)
+        params = build_params(arch, gguf_reader.iter_tensors(reader, cfg), dtype, sh, tf)
         tokenizer = tok_mod.load_tokenizer(mc.tokenizer or path)
         eos = gguf_reader.eos_ids(reader) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         template = gguf_reader.chat_template(reader)
@@ -268,10 +270,9 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
     elif kind == "hf_dir":
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)
-        arch = _arch(cfg, mc, max_model_len)
+        arch, tf = _finish_arch(_arch(cfg, mc, max_model_len), arch_fn, transform_fn)
         sh = shardings_fn(arch) if shardings_fn else None
-        params = build_params(arch, _iter_safetensors(_safetensors_files(path)), dtype, sh,
-                              transform_fn(arch) if transform_fn else None)
+        params = build_params(arch, _iter_safetensors(_safetensors_files(path)), dtype, sh, tf)
         tokenizer = tok_mod.load_tokenizer(mc.tokenizer or path)
         eos = _eos_from_dir(path, tokenizer)
         template = getattr(tokenizer, "chat_template", None)
@@ -282,7 +283,7 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
                 cfg = json.load(f)
         else:
             cfg = dict(DUMMY_SHAPES[path], architectures=["LlamaForCausalLM"])
-        arch = _arch(cfg, mc, max_model_len)
+        arch, _ = _finish_arch(_arch(cfg, mc, max_model_len), arch_fn, None)
         module = registry.model_module(arch)
         sh = shardings_fn(arch) if shardings_fn else None
         params = module.init_dummy_params(arch, dtype, mc.seed, sh)
@@ -297,3 +298,9 @@ def _arch(cfg: dict, mc: ModelConfig, max_model_len: Optional[int]):
     module = registry.module_for_hf_config(cfg)
     arch = module.LlamaConfig.from_hf_config(cfg)
     return dataclasses.replace(arch, max_model_len=max_model_len or mc.max_model_len or arch.max_position_embeddings)
+
+
+def _finish_arch(arch, arch_fn, transform_fn):
+    final = arch_fn(arch) if arch_fn else arch
+    tf = transform_fn(arch, final) if transform_fn else None
+    return final, tf

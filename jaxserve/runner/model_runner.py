@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxserve.config import EngineConfig
 from jaxserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
-from jaxserve.models.attention import AttentionMetadata
+from jaxserve.models.attention import AttentionBackend, AttentionMetadata
 from jaxserve.runner import kv_cache as kvc
 from jaxserve.runner.input_batch import StepInputs, geometric_buckets, pick_bucket, prepare_inputs
 from jaxserve.runner.sampler import SamplingTensors, sample, token_logprobs
@@ -43,7 +43,7 @@ def resolve_attention_backend(requested: str, platform: str) -> str:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model, *, max_model_len: int, dtype):
+    def __init__(self, config: EngineConfig, model, *, max_model_len: int, dtype, tp=None):
         from jaxserve.models import registry
 
         self.config = config
@@ -54,7 +54,9 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.device = jax.devices()[0]
         self.platform = self.device.platform
-        self.backend = resolve_attention_backend(config.attention_backend, self.platform)
+        self.backend_name = resolve_attention_backend(config.attention_backend, self.platform)
+        self.tp = tp
+        self.backend = AttentionBackend(self.backend_name, tp.mesh if tp is not None else None)
         sc = config.scheduler
         self.block_size = config.cache.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
@@ -68,7 +70,7 @@ class ModelRunner:
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
         self._logits = jax.jit(self._logits_fn)
         self.num_blocks = self._size_cache()
-        self.kv_caches = kvc.allocate(self.kv_spec, self.num_blocks)
+        self.kv_caches = kvc.allocate(self.kv_spec, self.num_blocks, tp.kv_sharding() if tp is not None else None)
         self.num_host_blocks = 0
         self._host_pool: Optional[np.ndarray] = None
         if sc.preemption_mode == "swap":
