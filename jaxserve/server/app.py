@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import time
 from typing import Any, AsyncIterator
 
@@ -14,18 +15,29 @@ from jaxserve import __version__
 from jaxserve.engine.async_engine import AsyncLLM, EngineDeadError, OverloadedError
 from jaxserve.server.errors import EXCEPTION_HANDLERS, APIError, error_response
 from jaxserve.server.metrics import Metrics
+from jaxserve.server.rate_limit import TokenBucketLimiter
 from jaxserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                       TokenizeRequest)
 from jaxserve.server.serving import (SSE_DONE, Serving, ServerConfig, chat_logprobs, completion_logprobs,
                                      new_id, sampling_params, sse, usage)
 
 
-def _auth(request: Request, cfg: ServerConfig) -> None:
-    if cfg.api_key is None:
-        return
-    got = request.headers.get("authorization", "")
-    if not hmac.compare_digest(got.encode(), f"Bearer {cfg.api_key}".encode()):
-        raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)", None, "invalid_api_key")
+def _check_auth(request: Request, cfg: ServerConfig, limiter=None) -> None:
+    """API key check, then the per-key rate limit (token bucket) for /v1/* and tokenizer routes."""
+    key = None
+    if cfg.api_keys:
+        got = request.headers.get("authorization", "")
+        key = next((k for k in cfg.api_keys if hmac.compare_digest(got.encode(), f"Bearer {k}".encode())), None)
+        if key is None:
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)", None,
+                           "invalid_api_key")
+    if limiter is not None:
+        who = key or (request.client.host if request.client else "unknown")
+        wait = limiter.take(who)
+        if wait > 0:
+            raise APIError(429, f"rate limit exceeded ({cfg.rate_limit_rps:g} requests/s, burst "
+                                f"{cfg.rate_limit_burst}); retry after {wait:.2f} s", None, "rate_limit_exceeded",
+                           headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
 
 def _overloaded(e: Exception) -> APIError:
@@ -35,6 +47,9 @@ def _overloaded(e: Exception) -> APIError:
 def create_app(llm: AsyncLLM, cfg: ServerConfig) -> Litestar:
     metrics = Metrics(llm, cfg.model_names[0])
     serving = Serving(llm, cfg, metrics)
+    limiter = TokenBucketLimiter(cfg.rate_limit_rps, cfg.rate_limit_burst) if cfg.rate_limit_rps else None
+    def _auth(request, cfg):
+        _check_auth(request, cfg, limiter)
 
     def engine_or_503():
         if llm.load_error is not None:
@@ -131,7 +146,8 @@ def create_app(llm: AsyncLLM, cfg: ServerConfig) -> Litestar:
                 choices.append({"index": i * n + c.index, "text": prefix(i) + c.text,
                                 "logprobs": completion_logprobs(tok, c, len(prefix(i))) if data.logprobs is not None else None,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-        serving.log_access(rid, n_prompt, list(finals.values()), t0)
+        serving.log_access(rid, n_prompt, list(finals.values()), t0,
+                           prompt=prompts[0][0] if len(prompts) == 1 else None)
         return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
                 "usage": usage(n_prompt, n_out)}
 
@@ -268,7 +284,11 @@ def create_app(llm: AsyncLLM, cfg: ServerConfig) -> Litestar:
     async def openapi_json(request: Request) -> dict:
         return request.app.openapi_schema.to_schema()
 
+    def on_shutdown() -> None:
+        llm.start_draining()
+
     app = Litestar(
+        on_shutdown=[on_shutdown],
         route_handlers=[completions, chat, models, tokenize, detokenize, version, health, ready, prom,
                         openapi_json],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -23,9 +23,12 @@ access_log = logging.getLogger("jaxserve.access")
 class ServerConfig:
     model_names: tuple[str, ...]
     max_model_len: int
-    api_key: Optional[str] = None
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
     request_timeout: Optional[float] = None  # seconds for a whole request
     max_logprobs: int = 20
+    rate_limit_rps: Optional[float] = None  # per API key (or client address without keys)
+    rate_limit_burst: int = 20
+    log_prompts: bool = False
 
 
 MAX_N = 128  # samples per request
@@ -175,7 +178,8 @@ class Serving:
         t = self.cfg.request_timeout
         return asyncio.timeout(t) if t else _nullctx()
 
-    def log_access(self, rid: str, n_prompt: int, outs: list[RequestOutput], t0: float, status="ok") -> None:
+    def log_access(self, rid: str, n_prompt: int, outs: list[RequestOutput], t0: float, status="ok",
+                   prompt: Optional[str] = None) -> None:
         now = time.time()
         n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
         ttft = None
@@ -183,9 +187,16 @@ class Serving:
             if o.metrics and o.metrics.first_token_time:
                 ttft = o.metrics.first_token_time - t0 if ttft is None else min(ttft, o.metrics.first_token_time - t0)
         reasons = ",".join(sorted({str(c.finish_reason) for o in outs for c in o.outputs}))
+        extra = {"request_id": rid, "prompt_tokens": n_prompt, "output_tokens": n_out,
+                 "ttft_s": round(ttft, 4) if ttft is not None else None, "latency_s": round(now - t0, 4),
+                 "finish_reason": reasons or None}
+        if self.cfg.log_prompts and prompt is not None:
+            extra["prompt"] = prompt
         access_log.info("request_id=%s status=%s prompt_tokens=%d output_tokens=%d ttft_s=%s latency_s=%.3f "
-                        "finish_reason=%s", rid, status, n_prompt, n_out,
-                        f"{ttft:.3f}" if ttft is not None else "-", now - t0, reasons or "-")
+                        "finish_reason=%s%s", rid, status, n_prompt, n_out,
+                        f"{ttft:.3f}" if ttft is not None else "-", now - t0, reasons or "-",
+                        f" prompt={prompt!r}" if self.cfg.log_prompts and prompt is not None else "",
+                        extra={"fields": extra})
         if self.metrics is not None and status == "ok":
             for o in outs:
                 for c in o.outputs:
