@@ -207,13 +207,12 @@ class ModelRunner:
         inp = prepare_inputs(so, block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
                              token_buckets=self.token_buckets,
                              seq_rows=self.seq_bucket)
-        md = AttentionMetadata(slot_mapping=jnp.asarray(inp.slot_mapping),
-                               block_tables=jnp.asarray(inp.block_tables),
-                               seq_lens=jnp.asarray(inp.seq_lens),
-                               query_start_loc=jnp.asarray(inp.query_start_loc))
-        logits, hidden, self.kv_caches = self._step(
-            self.params, self.kv_caches, jnp.asarray(inp.token_ids), jnp.asarray(inp.positions), md,
-            jnp.asarray(inp.logits_indices))
+        # One batched host-to-device transfer for all step inputs.
+        tok, pos, slots, bt, sl, qsl, li = jax.device_put(
+            (inp.token_ids, inp.positions, inp.slot_mapping, inp.block_tables, inp.seq_lens,
+             inp.query_start_loc, inp.logits_indices))
+        md = AttentionMetadata(slot_mapping=slots, block_tables=bt, seq_lens=sl, query_start_loc=qsl)
+        logits, hidden, self.kv_caches = self._step(self.params, self.kv_caches, tok, pos, md, li)
         return self._sample(so, inp, logits, hidden)
 
     def _sample(self, so: SchedulerOutput, inp: StepInputs, logits, hidden) -> ModelRunnerOutput:
@@ -224,15 +223,21 @@ class ModelRunner:
             states[i] = so.scheduled[i].sampling
         sb = pack_sampling(states, S, self.max_model_len)
         toks, lp, rank, top_ids, top_lps = sample(
-            logits, SamplingTensors(**sb.arrays), penalties=sb.penalties, num_logprobs=self.max_logprobs)
+            logits, SamplingTensors(**jax.device_put(sb.arrays)), penalties=sb.penalties,
+            num_logprobs=self.max_logprobs)
         want_lp = any(states[i].logprobs >= 0 for i in rows)
+        # One device-to-host transfer: the token ids, plus logprobs only when someone asked.
+        if want_lp:
+            toks, lp, rank, top_ids, top_lps = jax.device_get((toks, lp, rank, top_ids, top_lps))
+        else:
+            toks = jax.device_get(toks)
         out = ModelRunnerOutput(req_ids=[so.scheduled[i].req_id for i in rows],
                                 sampled_token_ids=np.asarray(toks)[rows])
         if want_lp:
-            out.sampled_logprobs = np.asarray(lp)[rows]
-            out.sampled_ranks = np.asarray(rank)[rows]
-            out.top_token_ids = np.asarray(top_ids)[rows]
-            out.top_logprobs = np.asarray(top_lps)[rows]
+            out.sampled_logprobs = lp[rows]
+            out.sampled_ranks = rank[rows]
+            out.top_token_ids = top_ids[rows]
+            out.top_logprobs = top_lps[rows]
         self._prompt_logprobs(so, inp, hidden, out)
         return out
 
