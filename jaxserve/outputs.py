@@ -1,7 +1,7 @@
 """What users get back: RequestOutput / CompletionOutput, shaped like vLLM's."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 # One position's logprobs: token id -> Logprob. The sampled token is always present.

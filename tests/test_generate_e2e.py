@@ -113,7 +113,6 @@ def test_all_blocks_free_after_finish(llm):
 
 
 def test_stop_conditions(llm):
-    tok = llm.get_tokenizer()
     base = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
                         use_tqdm=False)[0].outputs[0]
     # A stop string taken from the greedy text: output ends right before it, finish_reason stop.

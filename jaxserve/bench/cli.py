@@ -1,7 +1,6 @@
 """`jaxserve bench throughput | latency | serve`."""
 from __future__ import annotations
 
-import argparse
 
 from jaxserve.engine_args import add_engine_args, engine_kwargs_from_args
 

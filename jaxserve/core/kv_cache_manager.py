@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from typing import Hashable, Optional
+from typing import Optional
 
 from jaxserve.core.block_pool import BlockPool
 from jaxserve.core.request import Sequence

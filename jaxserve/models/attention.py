@@ -10,7 +10,6 @@ import functools
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.ragged_paged_attention.reference import (
     ragged_paged_attention_reference,

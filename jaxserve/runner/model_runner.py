@@ -8,7 +8,6 @@ never compiles. The KV cache is donated into every call and never copied.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import time
@@ -22,7 +21,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from jaxserve.models.attention import AttentionBackend, AttentionMetadata
 from jaxserve.runner import kv_cache as kvc
-from jaxserve.runner.input_batch import StepInputs, geometric_buckets, pick_bucket, prepare_inputs
+from jaxserve.runner.input_batch import StepInputs, geometric_buckets, prepare_inputs
 from jaxserve.runner.sampler import SamplingTensors, sample, token_logprobs
 from jaxserve.runner.sampling_inputs import pack_sampling
 

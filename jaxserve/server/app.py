@@ -1,7 +1,6 @@
 """The Litestar app: OpenAI routes, SSE streaming, health/readiness, Prometheus metrics."""
 from __future__ import annotations
 
-import asyncio
 import hmac
 import math
 import time
@@ -84,11 +83,7 @@ def create_app(llm: AsyncLLM, cfg: ServerConfig) -> Litestar:
             return (prompts[i][0] if prompts[i][0] is not None else tok.decode(prompts[i][1])) if data.echo else ""
 
         if data.stream:
-            try:
-                gen = serving.run_all(rid, prompts, params, data.priority)
-                first = await _first(gen)
-            except (OverloadedError, EngineDeadError) as e:
-                raise _overloaded(e)
+            first, gen = await _start_stream(serving, rid, prompts, params, data.priority)
 
             async def events() -> AsyncIterator[bytes]:
                 sent_text = {}
@@ -122,12 +117,8 @@ def create_app(llm: AsyncLLM, cfg: ServerConfig) -> Litestar:
                             if out.finished:
                                 finals[i] = out
                                 n_out += sum(len(c.token_ids) for c in out.outputs)
-                except TimeoutError:
-                    yield sse({"error": {"message": "request timed out", "type": "timeout_error", "param": None,
-                                         "code": 408}})
-                except APIError as e:
-                    yield sse({"error": {"message": e.message, "type": "invalid_request_error", "param": e.param,
-                                         "code": e.status}})
+                except (TimeoutError, APIError) as e:
+                    yield _sse_error(e)
                 if data.stream_options and data.stream_options.include_usage:
                     yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                "choices": [], "usage": usage(n_prompt, n_out)})
@@ -175,11 +166,7 @@ def create_app(llm: AsyncLLM, cfg: ServerConfig) -> Litestar:
         prompts = [(None, ids)]
 
         if data.stream:
-            try:
-                gen = serving.run_all(rid, prompts, params, data.priority)
-                first = await _first(gen)
-            except (OverloadedError, EngineDeadError) as e:
-                raise _overloaded(e)
+            first, gen = await _start_stream(serving, rid, prompts, params, data.priority)
 
             async def events() -> AsyncIterator[bytes]:
                 sent_text, sent_tok = {}, {}
@@ -204,12 +191,8 @@ def create_app(llm: AsyncLLM, cfg: ServerConfig) -> Litestar:
                                 yield sse({**base, "choices": [choice]})
                             if out.finished:
                                 final = out
-                except TimeoutError:
-                    yield sse({"error": {"message": "request timed out", "type": "timeout_error", "param": None,
-                                         "code": 408}})
-                except APIError as e:
-                    yield sse({"error": {"message": e.message, "type": "invalid_request_error", "param": e.param,
-                                         "code": e.status}})
+                except (TimeoutError, APIError) as e:
+                    yield _sse_error(e)
                 if data.stream_options and data.stream_options.include_usage:
                     n_out = sum(len(c.token_ids) for c in final.outputs) if final else 0
                     yield sse({**base, "choices": [], "usage": usage(len(ids), n_out)})
@@ -298,6 +281,22 @@ def create_app(llm: AsyncLLM, cfg: ServerConfig) -> Litestar:
     app.state.metrics = metrics
     app.state.llm = llm
     return app
+
+
+async def _start_stream(serving: Serving, rid, prompts, params, priority):
+    try:
+        gen = serving.run_all(rid, prompts, params, priority)
+        return await _first(gen), gen
+    except (OverloadedError, EngineDeadError) as e:
+        raise _overloaded(e)
+
+
+def _sse_error(e: Exception) -> bytes:
+    """An error after the stream started: one SSE event in the OpenAI error shape."""
+    if isinstance(e, APIError):
+        return sse({"error": {"message": e.message, "type": "invalid_request_error", "param": e.param,
+                              "code": e.status}})
+    return sse({"error": {"message": "request timed out", "type": "timeout_error", "param": None, "code": 408}})
 
 
 async def _first(gen):

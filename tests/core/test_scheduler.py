@@ -90,7 +90,6 @@ def test_recompute_preemption_victim_is_latest_and_output_continues():
     assert [r.req_id for r in so.scheduled] == ["old"]
     assert s.num_preemptions == 1 and s.seqs["new"].status == RequestStatus.PREEMPTED
     assert s.waiting[0].seq_id == "new" and s.seqs["new"].num_computed_tokens == 0
-    toks_before = list(s.seqs["new"].token_ids)
     for _ in range(20):
         if not s.has_unfinished_requests():
             break

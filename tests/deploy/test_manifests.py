@@ -1,6 +1,5 @@
 """Deployment files validated offline: Kubernetes schemas (kubernetes-validate), CRD structure,
 hadolint on the Dockerfile, and that the dashboard and alerts use only metrics the server exports."""
-import glob
 import json
 import os
 import re
@@ -46,8 +45,7 @@ def test_probes_and_shutdown_fit_the_server():
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 600
     timeout = float(c["args"][c["args"].index("--shutdown-timeout") + 1])
     assert spec["terminationGracePeriodSeconds"] > timeout
-    from jaxserve.cli import main  # every flag in the manifest must exist
-    import argparse
+    import argparse  # every flag in the manifest must exist
     from jaxserve.server_cli import add_serve_args
     p = argparse.ArgumentParser()
     add_serve_args(p)

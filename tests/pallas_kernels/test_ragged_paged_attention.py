@@ -37,7 +37,7 @@ def make_batch(rng, q_lens, ctx_lens, hq, hkv, d, bs, dtype, pad_tokens=3, pad_s
 def naive(q, kv, bt, sl, qsl, scale):
     q, kv, bt, sl, qsl = (np.asarray(x, np.float64) if i < 2 else np.asarray(x) for i, x in enumerate((q, kv, bt, sl, qsl)))
     T, hq, d = q.shape
-    hkv, bs = kv.shape[3], kv.shape[2]
+    hkv = kv.shape[3]
     out = np.zeros_like(q)
     for s in range(len(sl)):
         a, b = qsl[s], qsl[s + 1]

@@ -1,5 +1,5 @@
 """Run by test_tensor_parallel.py in a fresh process with 4 fake CPU devices."""
-import os, sys
+import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 from jaxserve import LLM, SamplingParams

@@ -1,5 +1,4 @@
 """On-device sampler vs numpy oracles."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,51 +1,24 @@
 """A real server process on 127.0.0.1 with the default model, driven by the official openai client."""
 import asyncio
 import json
-import os
 import re
-import socket
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
+
+from tests.server.launch import start_server
 
 openai = pytest.importorskip("openai")
 
 API_KEY = "test-key"
 
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxserve.entrypoints.openai.api_server", "--port", str(port), "--max-model-len", "512",
-         "--max-num-seqs", "32", "--max-num-batched-tokens", "128", "--api-key", API_KEY, "--seed", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited:\n" + proc.stdout.read())
-        try:
-            if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not become ready")
+    proc, base = start_server(["--max-model-len", "512", "--max-num-seqs", "32", "--max-num-batched-tokens", "128",
+                               "--api-key", API_KEY, "--seed", "0"], vllm_spelling=True)
     yield base
     proc.terminate()
     try:

@@ -1,43 +1,21 @@
 """Graceful shutdown (SIGTERM finishes in-flight streams, exits 0) and per-key rate limits (429 with
 Retry-After for one key, no effect on another), on a real server process."""
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 
 import httpx
 
-
-def _port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+from tests.server.launch import start_server
 
 
 def test_rate_limit_and_graceful_shutdown():
-    port = _port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxserve", "serve", "--port", str(port), "--max-model-len", "256",
-         "--max-num-batched-tokens", "64", "--api-key", "k1,k2", "--rate-limit-rps", "0.5",
-         "--rate-limit-burst", "3", "--shutdown-timeout", "120", "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc, base = start_server(["--max-model-len", "256", "--max-num-batched-tokens", "64", "--api-key", "k1,k2",
+                               "--rate-limit-rps", "0.5", "--rate-limit-burst", "3", "--shutdown-timeout", "120",
+                               "--log-format", "json"])
     logs = []
     threading.Thread(target=lambda: logs.extend(proc.stdout), daemon=True).start()
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
         h1 = {"Authorization": "Bearer k1"}
         h2 = {"Authorization": "Bearer k2"}
         codes = [httpx.get(base + "/v1/models", headers=h1).status_code for _ in range(5)]
