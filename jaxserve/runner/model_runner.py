@@ -129,14 +129,15 @@ class ModelRunner:
         return self.module.compute_logits(params, self.arch, hidden[idx])
 
     def _dummy_args(self, T: int, kv_caches):
+        """All-padding inputs, transferred exactly as execute() transfers real ones (committed
+        device arrays), so warm-up fills the same jit cache entries that serving hits."""
         S = self.seq_bucket(T)
-        md = AttentionMetadata(
-            slot_mapping=jnp.zeros(T, jnp.int32),
-            block_tables=jnp.zeros((S, self.max_blocks_per_seq), jnp.int32),
-            seq_lens=jnp.zeros(S, jnp.int32),
-            query_start_loc=jnp.zeros(S + 1, jnp.int32))
-        return (self.params, kv_caches, jnp.zeros(T, jnp.int32), jnp.zeros(T, jnp.int32), md,
-                jnp.zeros(S, jnp.int32))
+        tok, pos, slots, bt, sl, qsl, li = jax.device_put((
+            np.zeros(T, np.int32), np.zeros(T, np.int32), np.zeros(T, np.int32),
+            np.zeros((S, self.max_blocks_per_seq), np.int32), np.zeros(S, np.int32), np.zeros(S + 1, np.int32),
+            np.zeros(S, np.int32)))
+        md = AttentionMetadata(slot_mapping=slots, block_tables=bt, seq_lens=sl, query_start_loc=qsl)
+        return (self.params, kv_caches, tok, pos, md, li)
 
     # ---- warm-up ----------------------------------------------------------------------------
     def warmup(self) -> float:
@@ -151,7 +152,7 @@ class ModelRunner:
                 if penalties:
                     sb.arrays["prompt_ids"] = np.full((S, self.max_model_len), -1, np.int32)
                     sb.arrays["output_ids"] = np.full((S, self.max_model_len), -1, np.int32)
-                out = sample(logits, SamplingTensors(**sb.arrays), penalties=penalties,
+                out = sample(logits, SamplingTensors(**jax.device_put(sb.arrays)), penalties=penalties,
                              num_logprobs=self.max_logprobs)
             lg = self._logits(self.params, hidden, jnp.zeros(_PROMPT_LOGPROB_ROWS, jnp.int32))
             out2 = token_logprobs(lg, jnp.zeros(_PROMPT_LOGPROB_ROWS, jnp.int32), num_logprobs=self.max_logprobs)
