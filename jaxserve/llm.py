@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 from jaxserve.outputs import CompletionOutput, RequestOutput
@@ -113,8 +114,71 @@ class LLM:
                 pbar.close()
         return [results[r] for r in order]
 
+    def beam_search(self, prompts, params: "BeamSearchParams", *, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search, as vLLM's LLM.beam_search: every step extends each live beam by one token
+        (its top 2 x beam_width continuations by logprob) and keeps the beam_width best by
+        cumulative logprob (with length_penalty). Each beam is a request whose prompt is the beam's
+        tokens so far, so beams share their common prefix through the prefix cache's reference
+        counts instead of recomputing it. Returns, per prompt, the beams sorted best first."""
+        from jaxserve.sampling_params import BeamSearchParams  # noqa: F401  (type of params)
+
+        eos = self.llm_engine.eos_token_ids
+        W = params.beam_width
+        step_params = SamplingParams(temperature=0, max_tokens=1, logprobs=min(2 * W, self.llm_engine.config.max_logprobs),
+                                     ignore_eos=True, detokenize=False)
+        results = []
+        for text, ids in _normalize_prompts(prompts, None):
+            if ids is None:
+                ids = self.llm_engine.tokenizer.encode(text)
+            live = [(list(ids), 0.0)]  # (tokens, cumulative logprob)
+            done: list[tuple[list[int], float]] = []
+            for _ in range(params.max_tokens):
+                outs = self._run([(None, t) for t, _ in live], [step_params] * len(live), None, use_tqdm)
+                cands = []
+                for (toks, score), out in zip(live, outs):
+                    if out.error:
+                        raise ValueError(out.error)
+                    for tid, lp in out.outputs[0].logprobs[0].items():
+                        cands.append((toks + [tid], score + lp.logprob))
+                cands.sort(key=lambda c: -c[1])
+                live = []
+                for toks, score in cands:
+                    if not params.ignore_eos and toks[-1] in eos:
+                        done.append((toks, score))
+                    else:
+                        live.append((toks, score))
+                    if len(live) == W:
+                        break
+                if not live or len(toks) >= self.llm_engine.max_model_len:
+                    break
+            pool = done + live
+
+            def rank(c):
+                n_gen = len(c[0]) - len(ids)
+                return c[1] / (max(n_gen, 1) ** params.length_penalty)
+
+            pool.sort(key=rank, reverse=True)
+            tok = self.llm_engine.tokenizer
+            results.append(BeamSearchOutput(prompt_token_ids=list(ids), sequences=[
+                BeamSequence(token_ids=t[len(ids):], cumulative_logprob=c,
+                             text=tok.decode(t[len(ids):], skip_special_tokens=True)) for t, c in pool[:W]]))
+        return results
+
     def get_stats(self):
         return self.llm_engine.get_stats()
+
+
+@dataclass
+class BeamSequence:
+    token_ids: list[int]  # generated tokens
+    cumulative_logprob: float
+    text: str
+
+
+@dataclass
+class BeamSearchOutput:
+    prompt_token_ids: list[int]
+    sequences: list[BeamSequence]  # best first
 
 
 def _normalize_prompts(prompts, prompt_token_ids) -> list[tuple[Optional[str], Optional[list[int]]]]:
