@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 from jaxserve.outputs import CompletionOutput, RequestOutput
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("jaxserve")
 
@@ -114,14 +114,12 @@ class LLM:
                 pbar.close()
         return [results[r] for r in order]
 
-    def beam_search(self, prompts, params: "BeamSearchParams", *, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts, params: BeamSearchParams, *, use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """Beam search, as vLLM's LLM.beam_search: every step extends each live beam by one token
         (its top 2 x beam_width continuations by logprob) and keeps the beam_width best by
         cumulative logprob (with length_penalty). Each beam is a request whose prompt is the beam's
         tokens so far, so beams share their common prefix through the prefix cache's reference
         counts instead of recomputing it. Returns, per prompt, the beams sorted best first."""
-        from jaxserve.sampling_params import BeamSearchParams  # noqa: F401  (type of params)
-
         eos = self.llm_engine.eos_token_ids
         W = params.beam_width
         step_params = SamplingParams(temperature=0, max_tokens=1, logprobs=min(2 * W, self.llm_engine.config.max_logprobs),
