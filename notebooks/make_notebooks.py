@@ -96,7 +96,8 @@ NOTEBOOKS = {
                  "assert pre, 'the small cache should force preemption'\n"
                  "assert sum(r['prefix_hit_tokens'] for r in trace) > 0"),
         ("md", "## Request timeline (Gantt): waiting, prefilling, decoding, preempted"),
-        ("code", "colors = {'waiting': '#bbbbbb', 'prefilling': '#1f77b4', 'decoding': '#2ca02c', 'preempted': '#d62728', 'swapped': '#ff7f0e'}\n"
+        ("code", "colors = {'waiting': '#bbbbbb', 'prefilling': '#1f77b4', 'decoding': '#2ca02c',\n"
+                 "          'preempted': '#d62728', 'swapped': '#ff7f0e'}\n"
                  "ids = sorted({sid for r in trace for sid in r['seq_states']}, key=lambda s: int(s))\n"
                  "fig, ax = plt.subplots(figsize=(9, 4))\n"
                  "for row, sid in enumerate(ids):\n"

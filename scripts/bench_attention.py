@@ -71,7 +71,7 @@ def main():
         t_r = timeit(ref, sets)
         # JAX's kernel: head-major pages [Hkv, pages, page, D], q [B, Hq, D] pre-scaled.
         jsets = []
-        for q, kv, bt, sl, qsl in sets:
+        for q, kv, bt, sl, _ in sets:
             kp = kv[0].transpose(2, 0, 1, 3)
             vp = kv[1].transpose(2, 0, 1, 3)
             jsets.append(((q * scale).astype(q.dtype), kp, vp, bt, sl))

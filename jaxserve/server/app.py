@@ -288,7 +288,7 @@ async def _start_stream(serving: Serving, rid, prompts, params, priority):
         gen = serving.run_all(rid, prompts, params, priority)
         return await _first(gen), gen
     except (OverloadedError, EngineDeadError) as e:
-        raise _overloaded(e)
+        raise _overloaded(e) from e
 
 
 def _sse_error(e: Exception) -> bytes:
@@ -323,7 +323,7 @@ async def _collect(serving: Serving, rid, prompts, params, priority) -> dict:
                 if out.finished:
                     finals[i] = out
     except (OverloadedError, EngineDeadError) as e:
-        raise _overloaded(e)
+        raise _overloaded(e) from e
     except TimeoutError:
-        raise APIError(408, f"request timed out after {serving.cfg.request_timeout} s", None, "timeout")
+        raise APIError(408, f"request timed out after {serving.cfg.request_timeout} s", None, "timeout") from None
     return finals

@@ -49,9 +49,9 @@ def sampling_params(body, max_tokens: Optional[int], logprobs: Optional[int]) ->
             skip_special_tokens=body.skip_special_tokens,
             include_stop_str_in_output=body.include_stop_str_in_output, priority=body.priority)
     except ValueError as e:
-        raise value_error(e)
+        raise value_error(e) from e
     except (TypeError, OverflowError) as e:
-        raise APIError(400, f"invalid sampling parameter: {e}")
+        raise APIError(400, f"invalid sampling parameter: {e}") from e
 
 
 class Serving:
@@ -130,9 +130,9 @@ class Serving:
             return self.engine.apply_chat_template(msgs, add_generation_prompt=body.add_generation_prompt,
                                                    chat_template=body.chat_template)
         except ValueError as e:
-            raise value_error(e)
+            raise value_error(e) from e
         except Exception as e:  # a template that fails to render is the request's fault
-            raise APIError(400, f"the chat template failed to render these messages: {e}", "messages")
+            raise APIError(400, f"the chat template failed to render these messages: {e}", "messages") from e
 
     # ---- running ----------------------------------------------------------------------------
     async def _stream_one(self, rid: str, prompt, ids, params, priority) -> AsyncIterator[RequestOutput]:
@@ -140,7 +140,7 @@ class Serving:
             async for out in self.llm.generate(prompt, params, rid, prompt_token_ids=ids, priority=priority):
                 yield out
         except ValueError as e:
-            raise value_error(e)
+            raise value_error(e) from e
 
     async def run_all(self, rid: str, prompts, params, priority) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Merge the output streams of several prompts: yields (prompt index, cumulative output)."""
