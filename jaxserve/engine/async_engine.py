@@ -11,7 +11,6 @@ import asyncio
 import collections
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
@@ -194,6 +193,3 @@ class AsyncLLM:
         with self._cv:
             self._inbox.append(("abort", request_id))
             self._cv.notify()
-
-    def submitted_at(self) -> float:
-        return time.time()
