@@ -81,12 +81,18 @@ class SchedulerConfig:
     scheduling_policy: str = "fcfs"
     preemption_mode: str = "recompute"
     max_waiting_requests: Optional[int] = None  # bounded admission queue (server overload -> 503)
+    # Multi-step decoding: when every running sequence is decoding (and nothing waits), run this
+    # many decode steps per scheduler round trip, feeding each sampled token back on the device;
+    # the host's per-step work is paid once per K tokens. Requests that need per-token host
+    # decisions (stop strings, penalties, logprobs, min_tokens) fall back to single steps.
+    num_scheduler_steps: int = 1
 
     def __post_init__(self):
         _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         _check(self.max_num_batched_tokens >= 1,
                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         _check(self.long_prefill_token_threshold >= 0, "long_prefill_token_threshold must be >= 0")
+        _check(1 <= self.num_scheduler_steps <= 64, f"num_scheduler_steps must be in [1, 64], got {self.num_scheduler_steps}")
         _check(self.scheduling_policy in _POLICIES,
                f"scheduling_policy must be one of {_POLICIES}, got {self.scheduling_policy!r}")
         _check(self.preemption_mode in _PREEMPTION,
@@ -98,10 +104,19 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    # Multi-host: every host runs the same program as one JAX process of num_processes; the mesh
+    # then spans all hosts' devices (see jaxserve/parallel/distributed.py).
+    coordinator_address: Optional[str] = None  # "host:port" of process 0
+    num_processes: int = 1
+    process_id: int = 0
 
     def __post_init__(self):
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "num_processes"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _check(0 <= self.process_id < self.num_processes,
+               f"process_id must be in [0, num_processes={self.num_processes}), got {self.process_id}")
+        _check(self.num_processes == 1 or self.coordinator_address,
+               "num_processes > 1 needs coordinator_address (host:port of process 0)")
 
     @property
     def world_size(self) -> int:

@@ -24,10 +24,11 @@ class LLM:
     """
 
     def __init__(self, model: Optional[str] = None, **kwargs: Any):
-        from jaxserve.engine.llm_engine import LLMEngine
+        from jaxserve.config import engine_config_from_kwargs
+        from jaxserve.engine.dp_engine import make_engine
 
         _setup_logging()
-        self.llm_engine = LLMEngine.from_engine_args(model=model, **kwargs)
+        self.llm_engine = make_engine(engine_config_from_kwargs(model=model, **kwargs))
         self._counter = itertools.count()
 
     def get_tokenizer(self):
@@ -86,7 +87,7 @@ class LLM:
             text, ids = item
             try:
                 eng.add_request(rid, text, params, prompt_token_ids=ids,
-                                priority=priority[i] if priority else 0)
+                                priority=priority[i] if priority else 0, stream=False)
             except ValueError as e:
                 logger.warning("request %d failed: %s", i, e)
                 results[rid] = RequestOutput(

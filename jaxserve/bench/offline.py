@@ -19,8 +19,9 @@ def _build_llm(engine_kwargs: dict):
 
 
 def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input_len: int, output_len: int,
-                   seed: int = 0, range_ratio: float = 0.0) -> dict:
-    llm, startup_s = _build_llm(engine_kwargs)
+                   seed: int = 0, range_ratio: float = 0.0, llm=None) -> dict:
+    """llm: an already built LLM (benchmark suites reuse one engine); else built from engine_kwargs."""
+    llm, startup_s = (llm, 0.0) if llm is not None else _build_llm(engine_kwargs)
     eng = llm.llm_engine
     reqs = make_requests(dataset, num_prompts, input_len, output_len, eng.model.arch.vocab_size,
                          eng.max_model_len, seed, range_ratio)
@@ -42,9 +43,9 @@ def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input
 
 
 def run_latency(engine_kwargs: dict, *, batch_size: int, input_len: int, output_len: int,
-                num_iters: int = 3) -> dict:
+                num_iters: int = 3, llm=None) -> dict:
     """Batch-N: time to first token (prefill of the batch) and decode tokens/s per sequence."""
-    llm, startup_s = _build_llm(engine_kwargs)
+    llm, startup_s = (llm, 0.0) if llm is not None else _build_llm(engine_kwargs)
     eng = llm.llm_engine
     vocab = eng.model.arch.vocab_size
     rng = np.random.default_rng(0)

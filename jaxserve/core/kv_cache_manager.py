@@ -86,14 +86,19 @@ class KVCacheManager:
         """Register the sequence's full, computed blocks in the prefix cache."""
         if not self.enable_caching:
             return
+        n = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
+        if n <= seq.num_registered_blocks:  # no block filled up since the last call
+            return
         hashes = self._update_hashes(seq)
-        n = min(seq.num_computed_tokens // self.block_size, len(hashes), len(seq.block_ids))
-        for i in range(n):
+        n = min(n, len(hashes))
+        for i in range(seq.num_registered_blocks, n):
             self.pool.cache(seq.block_ids[i], hashes[i])
+        seq.num_registered_blocks = n
 
     def free(self, seq: Sequence) -> None:
         self.pool.free_blocks(list(reversed(seq.block_ids)))
         seq.block_ids = []
+        seq.num_registered_blocks = 0
 
     def usage(self) -> float:
         return self.pool.usage()

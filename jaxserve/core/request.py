@@ -53,6 +53,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.block_hashes: list = []  # hash chain of this sequence's full blocks
+        self.num_registered_blocks = 0  # leading blocks of block_ids already offered to the prefix cache
         self.status = RequestStatus.WAITING
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (first admission)
         self.num_preemptions = 0

@@ -66,6 +66,10 @@ class SchedulerOutput:
     copy_blocks: list[tuple[int, int]] = field(default_factory=list)
     # Sequences that finished or were aborted since the last step (the runner drops their state).
     finished_req_ids: list[str] = field(default_factory=list)
+    # Multi-step decoding: every scheduled sequence is a one-token decode, and the runner runs
+    # num_steps decode steps, feeding each step's sampled token into the next on the device
+    # (blocks for num_steps new tokens are already allocated).
+    num_steps: int = 1
 
     @property
     def is_empty(self) -> bool:
@@ -77,7 +81,7 @@ class ModelRunnerOutput:
     """What comes back from the device after one step, for the sequences that sampled."""
 
     req_ids: list[str]  # sequences with sample=True, in scheduled order
-    sampled_token_ids: np.ndarray  # [num_sampled] int32
+    sampled_token_ids: np.ndarray  # [num_sampled] int32; [num_sampled, num_steps] for a multi-step
     # The sampled token's logprob, [num_sampled] float32 (None when no request asked for logprobs).
     sampled_logprobs: Optional[np.ndarray] = None
     # Top-k alternatives: [num_sampled, k] ids and logprobs (k = max requested this step), None if none.

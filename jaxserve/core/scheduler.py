@@ -89,6 +89,9 @@ class Scheduler:
         self._step_hits = 0
         done: set[str] = set()
         preempted = False
+        multi = self._schedule_multistep()
+        if multi is not None:
+            return multi
 
         if self.priority:  # waiting work that outranks running work goes first, preempting if needed
             budget, preempted = self._admit(budget, preempted, scheduled, done, swap_out, outranking_only=True)
@@ -142,6 +145,34 @@ class Scheduler:
             swap_out=swap_out, swap_in=swap_in, finished_req_ids=self._finished_ids)
         self._finished_ids = []
         self._step_swaps = (len(swap_out), len(swap_in))
+        return out
+
+    def _schedule_multistep(self) -> Optional[SchedulerOutput]:
+        """K decode steps at once, when nothing else could run (no waiting or swapped work), all
+        running sequences are one-token decodes that need no per-token host decision, and the
+        free blocks cover K more tokens each."""
+        K = self.cfg.num_scheduler_steps
+        if K <= 1 or self.waiting or self.swapped or not self.running:
+            return None
+        if len(self.running) > min(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens):
+            return None
+        for seq in self.running:
+            p = seq.request.params
+            if (seq.num_computed_tokens != seq.num_tokens - 1 or seq.num_tokens + K > self.max_model_len
+                    or p.stop or p.needs_penalties or p.logprobs is not None or p.prompt_logprobs is not None
+                    or seq.num_output_tokens < p.min_tokens):
+                return None
+        if sum(self.kv.blocks_needed(seq, K) for seq in self.running) > self.kv.pool.num_free:
+            return None
+        self.running.sort(key=self._rank)
+        for seq in self.running:
+            ok = self.kv.allocate(seq, K)
+            assert ok, seq.seq_id
+        out = SchedulerOutput(scheduled=[self._scheduled_request(s, 1) for s in self.running],
+                              total_num_tokens=len(self.running), finished_req_ids=self._finished_ids,
+                              num_steps=K)
+        self._finished_ids = []
+        self._step_swaps = (0, 0)
         return out
 
     def _admit(self, budget, preempted, scheduled, done, swap_out, outranking_only: bool):
@@ -246,6 +277,8 @@ class Scheduler:
 
     # ---- results ----------------------------------------------------------------------------
     def update_from_output(self, so: SchedulerOutput, out: ModelRunnerOutput) -> list[SeqUpdate]:
+        if so.num_steps > 1:
+            return self._update_multistep(so, out)
         sampled = {rid: int(t) for rid, t in zip(out.req_ids, out.sampled_token_ids)}
         updates = []
         for sr in so.scheduled:
@@ -262,6 +295,30 @@ class Scheduler:
             if reason is not None:
                 self._finish(seq, reason)
             updates.append(self._update(seq, [tok]))
+        return updates
+
+    def _update_multistep(self, so: SchedulerOutput, out: ModelRunnerOutput) -> list[SeqUpdate]:
+        """Each sequence takes its K tokens up to the first stop; tokens sampled after a stop
+        are dropped (the sequence is finished and its blocks freed)."""
+        rows = {rid: r for r, rid in enumerate(out.req_ids)}
+        updates = []
+        for sr in so.scheduled:
+            seq = self.seqs.get(sr.req_id)
+            if seq is None or seq.status != RequestStatus.RUNNING:
+                continue
+            new = []
+            for t in out.sampled_token_ids[rows[sr.req_id]]:
+                tok = int(t)
+                seq.num_computed_tokens += 1  # the token fed in at this sub-step is now cached
+                seq.token_ids.append(tok)
+                new.append(tok)
+                reason = self._check_stop(seq, tok)
+                if reason is not None:
+                    self._finish(seq, reason)
+                    break
+            if seq.status == RequestStatus.RUNNING:
+                self.kv.cache_computed(seq)
+            updates.append(self._update(seq, new))
         return updates
 
     def _check_stop(self, seq: Sequence, tok: int) -> Optional[RequestStatus]:

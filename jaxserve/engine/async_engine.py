@@ -89,9 +89,10 @@ class AsyncLLM:
     def _run(self) -> None:
         if self.engine is None:
             try:
-                from jaxserve.engine.llm_engine import LLMEngine
+                from jaxserve.config import engine_config_from_kwargs
+                from jaxserve.engine.dp_engine import make_engine
 
-                self.engine = LLMEngine.from_engine_args(**self._kwargs)
+                self.engine = make_engine(engine_config_from_kwargs(**self._kwargs))
             except BaseException as e:  # reported by /health and to every caller
                 logger.error("engine failed to start: %s", e)
                 self.load_error = e

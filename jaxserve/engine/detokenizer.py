@@ -16,7 +16,10 @@ _PROMPT_CONTEXT = 4  # prompt tokens used as left context (leading-space handlin
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], *, skip_special_tokens: bool = True,
                  spaces_between_special_tokens: bool = True, stop: Optional[list[str]] = None,
-                 include_stop_str_in_output: bool = False):
+                 include_stop_str_in_output: bool = False, lazy: bool = False):
+        """lazy: nobody reads the text before the end and there are no stop strings, so tokens are
+        only collected and decoded in one go when the text is asked for (saves two decodes per
+        token on the host)."""
         self.tokenizer = tokenizer
         self.skip_special = skip_special_tokens
         self.spaces_between = spaces_between_special_tokens
@@ -28,6 +31,8 @@ class IncrementalDetokenizer:
         self.stop = list(stop or [])
         self.include_stop = include_stop_str_in_output
         self._holdback = max((len(s) for s in self.stop), default=1) - 1
+        self._lazy = lazy and not self.stop
+        self._pending: list[int] = []
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special,
@@ -35,6 +40,11 @@ class IncrementalDetokenizer:
 
     def add_tokens(self, new_ids: list[int], final: bool = False) -> Optional[str]:
         """Append tokens; returns the stop string that matched (text then truncated), else None."""
+        if self._lazy:
+            self._pending.extend(new_ids)
+            if not final:
+                return None
+            new_ids, self._pending = self._pending, []
         self._ids.extend(new_ids)
         prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full = self._decode(self._ids[self._prefix_offset:])
@@ -65,6 +75,8 @@ class IncrementalDetokenizer:
 
     def visible_text(self, finished: bool) -> str:
         """What a client may see now: everything when finished, else all but the held-back tail."""
+        if self._pending:
+            self.add_tokens([], final=finished)
         if finished or self._holdback == 0:
             return self.text
         return self.text[: max(0, len(self.text) - self._holdback)]

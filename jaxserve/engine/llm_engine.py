@@ -60,13 +60,21 @@ class _ReqState:
     prompt_logprobs: Optional[list] = None
     num_cached_tokens: int = 0
     finished: bool = False
+    stream: bool = True  # report every step's progress (else only the finished request)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, devices=None):
+        """devices: the devices of this replica (default: the first tp x pp visible ones);
+        data-parallel front ends give each replica its own."""
         from jaxserve.runner import kv_cache as kvc
 
         kvc.configure_xla_memory(config.cache.gpu_memory_utilization)
+        pc = config.parallel
+        if pc.num_processes > 1:
+            from jaxserve.parallel import distributed
+
+            distributed.initialize(pc.coordinator_address, pc.num_processes, pc.process_id)
         import jax
         import jax.numpy as jnp
 
@@ -80,19 +88,23 @@ class LLMEngine:
         platform = jax.devices()[0].platform
         dtype_name = mc.dtype if mc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
         self.dtype = jnp.dtype(dtype_name)
-        pc = config.parallel
-        if pc.pipeline_parallel_size > 1 or pc.data_parallel_size > 1:
-            raise ValueError("pipeline_parallel_size and data_parallel_size > 1 are not implemented yet; "
-                             "tensor_parallel_size is")
-        self.tp = None
+        self.plan = None
         load_kw = {}
-        if pc.tensor_parallel_size > 1:
+        if pc.tensor_parallel_size > 1 or pc.pipeline_parallel_size > 1 or devices is not None or pc.num_processes > 1:
             from jaxserve.models import registry
-            from jaxserve.parallel.tensor_parallel import TensorParallel
+            from jaxserve.parallel.plan import ParallelPlan
 
-            self.tp = TensorParallel.create(pc.tensor_parallel_size)
-            load_kw = dict(arch_fn=self.tp.arch_fn, transform_fn=self.tp.transform_fn,
-                           shardings_fn=lambda arch: self.tp.param_shardings(registry.model_module(arch), arch))
+            if pc.num_processes > 1 and pc.pipeline_parallel_size > 1:
+                raise ValueError("pipeline_parallel_size > 1 across several processes is not supported; "
+                                 "split the model with tensor_parallel_size across hosts instead")
+            if pc.num_processes > 1 and pc.tensor_parallel_size * pc.pipeline_parallel_size != jax.device_count():
+                raise ValueError(
+                    f"with {pc.num_processes} processes the mesh must use all {jax.device_count()} devices: "
+                    f"tensor_parallel_size x pipeline_parallel_size is {pc.tensor_parallel_size} x "
+                    f"{pc.pipeline_parallel_size}")
+            self.plan = ParallelPlan.create(pc.tensor_parallel_size, pc.pipeline_parallel_size, devices)
+            load_kw = dict(arch_fn=self.plan.arch_fn, transform_fn=self.plan.transform_fn,
+                           shardings_fn=lambda arch: self.plan.param_shardings(registry.model_module(arch), arch))
         t0 = time.perf_counter()
         self.model = load_model(mc, self.dtype, **load_kw)
         arch = self.model.arch
@@ -114,7 +126,7 @@ class LLMEngine:
         logger.info("loaded %s (%s, %d layers) in %.1f s", self.model_name, dtype_name, arch.num_layers,
                     time.perf_counter() - t0)
         self.runner = ModelRunner(config, self.model, max_model_len=self.max_model_len, dtype=self.dtype,
-                                  tp=self.tp)
+                                  plan=self.plan)
         self.scheduler = Scheduler(sc, config.cache, num_device_blocks=self.runner.num_blocks,
                                    num_host_blocks=self.runner.num_host_blocks,
                                    block_size=config.cache.block_size, max_model_len=self.max_model_len)
@@ -167,7 +179,9 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: Union[str, list[int], None], params: SamplingParams, *,
                     prompt_token_ids: Optional[list[int]] = None, priority: int = 0,
-                    arrival_time: Optional[float] = None) -> None:
+                    arrival_time: Optional[float] = None, stream: bool = True) -> list[int]:
+        """Queue a request; returns its prompt token ids. stream=False: step() reports the request
+        only when it finishes (offline generation), which saves host work on every step."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, (list, tuple)):
@@ -190,14 +204,16 @@ class LLMEngine:
             det = IncrementalDetokenizer(
                 self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
                 spaces_between_special_tokens=params.spaces_between_special_tokens, stop=params.stop,
-                include_stop_str_in_output=params.include_stop_str_in_output)
+                include_stop_str_in_output=params.include_stop_str_in_output, lazy=not stream)
             seqs.append(_Seq(i, det, params.logprobs or 0, logprobs=[] if params.logprobs is not None else None))
             self._seq_owner[request_id if params.n == 1 else f"{request_id}-{i}"] = (request_id, i)
-        st = _ReqState(request_id, prompt, prompt_token_ids, params, seqs, RequestMetrics(arrival_time=arrival))
+        st = _ReqState(request_id, prompt, prompt_token_ids, params, seqs, RequestMetrics(arrival_time=arrival),
+                       stream=stream)
         if params.prompt_logprobs is not None:
             st.prompt_logprobs = [None] * len(prompt_token_ids)
         self._requests[request_id] = st
         self._prompt_tokens_total += len(prompt_token_ids)
+        return prompt_token_ids
 
     def abort_request(self, request_ids: Union[str, list[str]]) -> None:
         if isinstance(request_ids, str):
@@ -219,6 +235,9 @@ class LLMEngine:
         self._requests.pop(st.request_id, None)
         for i in range(len(st.seqs)):
             self._seq_owner.pop(st.request_id if len(st.seqs) == 1 else f"{st.request_id}-{i}", None)
+
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending)
@@ -274,7 +293,8 @@ class LLMEngine:
             if all(s.finish_reason is not None for s in st.seqs):
                 st.finished = True
                 st.metrics.finished_time = now
-            outputs.append(self._make_output(st))
+            if st.stream or st.finished:
+                outputs.append(self._make_output(st))
             if st.finished:
                 self._forget(st)
         if self.trace is not None:

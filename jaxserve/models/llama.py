@@ -215,17 +215,20 @@ def hf_to_params_name(name: str) -> Optional[tuple]:
     return ("layers", i, key), tr
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "ones"))
-def _dummy_tensor(key, *, shape, dtype, ones):
-    if ones:
-        return jnp.ones(shape, dtype)
-    return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+@functools.lru_cache(maxsize=None)
+def _dummy_generator(shape, dtype, ones, sharding):
+    def gen(key):
+        if ones:
+            return jnp.ones(shape, dtype)
+        return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+    return jax.jit(gen, out_shardings=sharding)
 
 
 def init_dummy_params(cfg: LlamaConfig, dtype, seed: int = 0, shardings=None) -> dict:
     """Random weights built on the device, tensor by tensor (for benchmarks without a checkpoint).
-    Scaled like a trained model's (std 0.02, unit norms) so activations stay finite. One compiled
-    generator per distinct shape (layers share them), placed with `shardings` when given."""
+    Scaled like a trained model's (std 0.02, unit norms) so activations stay finite. Each tensor is
+    generated directly in its shards (`shardings`), so no device ever holds a whole sharded tensor;
+    one compiled generator per distinct (shape, sharding), which the layers share."""
     shapes = param_shapes(cfg)
     is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
     flat, tree = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)
@@ -234,9 +237,8 @@ def init_dummy_params(cfg: LlamaConfig, dtype, seed: int = 0, shardings=None) ->
     out = []
     for idx, ((path, shape), sh) in enumerate(zip(flat, shard_leaves)):
         ones = "norm" in str(path[-1])
-        x = _dummy_tensor(jax.random.fold_in(jax.random.PRNGKey(seed), idx), shape=shape,
-                          dtype=jnp.dtype(dtype), ones=ones)
-        out.append(jax.device_put(x, sh) if sh is not None else x)
+        gen = _dummy_generator(tuple(shape), jnp.dtype(dtype), ones, sh)
+        out.append(gen(jax.random.fold_in(jax.random.PRNGKey(seed), idx)))
     return jax.tree_util.tree_unflatten(tree, out)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.models import registry
+from jaxserve.parallel.plan import put
 
 logger = logging.getLogger("jaxserve")
 
@@ -150,7 +151,7 @@ def _set(params: dict, path: tuple, value) -> None:
 
 def _place(arr: np.ndarray, dtype, sharding) -> jax.Array:
     x = np.asarray(arr, dtype=np.float32).astype(jnp.dtype(dtype))
-    return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+    return put(x, sharding) if sharding is not None else jnp.asarray(x)
 
 
 def _lookup(tree, path):

@@ -62,11 +62,6 @@ def make_mesh(tp: int, pp: int = 1, devices: Optional[Sequence] = None) -> Mesh:
     return Mesh(arr, ("stage", "model"))
 
 
-def stage_mesh(mesh: Mesh, stage: int) -> Mesh:
-    """The tensor-parallel sub-mesh of one pipeline stage (axis "model" only)."""
-    return Mesh(mesh.devices[stage], ("model",))
-
-
 def spec_for(axes: Optional[tuple], rules: dict = RULES) -> P:
     if axes is None:
         return P()
@@ -78,8 +73,3 @@ def shardings_for(logical_axes_tree, mesh: Mesh, rules: dict = RULES):
     return jax.tree_util.tree_map(lambda axes: NamedSharding(mesh, spec_for(axes, rules)), logical_axes_tree,
                                   is_leaf=lambda x: x is None or (isinstance(x, tuple) and
                                                                   all(isinstance(a, (str, type(None))) for a in x)))
-
-
-def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
-    """[2, num_blocks, block_size, num_kv_heads, head_dim] split on the KV heads."""
-    return NamedSharding(mesh, P(None, None, None, "model", None))

@@ -54,9 +54,11 @@ def prepare_inputs(
     max_blocks_per_seq: int,
     token_buckets: tuple[int, ...],
     seq_rows: Callable[[int], int],
+    lookahead: int = 0,
 ) -> StepInputs:
     """seq_rows(T) is the sequence bucket compiled with token bucket T (>= T's sequences, since
-    every scheduled sequence has at least one token and at most max_num_seqs are scheduled)."""
+    every scheduled sequence has at least one token and at most max_num_seqs are scheduled).
+    lookahead: block-table columns for this many tokens past the step (multi-step decoding)."""
     num_seqs = len(sched.scheduled)
     num_tokens = sched.total_num_tokens
     T = pick_bucket(token_buckets, num_tokens)
@@ -75,21 +77,26 @@ def prepare_inputs(
     sample_rows = []
 
     off = 0
+    bs = block_size
     for i, sr in enumerate(sched.scheduled):
         n = len(sr.token_ids)
         start = sr.num_computed_tokens
         end = start + n
-        nblk = -(-end // block_size)
+        nblk = -(-(end + lookahead) // bs)
         if nblk > max_blocks_per_seq or nblk > len(sr.block_ids):
             raise ValueError(
                 f"sequence {sr.req_id} needs {nblk} blocks, has {len(sr.block_ids)}, "
                 f"table width {max_blocks_per_seq}")
-        blocks = np.asarray(sr.block_ids[:nblk], np.int32)
-        block_tables[i, :nblk] = blocks
-        pos = np.arange(start, end, dtype=np.int32)
-        token_ids[off:off + n] = sr.token_ids
-        positions[off:off + n] = pos
-        slot_mapping[off:off + n] = blocks[pos // block_size] * block_size + pos % block_size
+        block_tables[i, :nblk] = sr.block_ids[:nblk]
+        if n == 1:  # a decode: plain ints are much cheaper than small numpy ops
+            token_ids[off] = sr.token_ids[0]
+            positions[off] = start
+            slot_mapping[off] = sr.block_ids[start // bs] * bs + start % bs
+        else:
+            pos = np.arange(start, end, dtype=np.int32)
+            token_ids[off:off + n] = sr.token_ids
+            positions[off:off + n] = pos
+            slot_mapping[off:off + n] = block_tables[i, pos // bs] * bs + pos % bs
         seq_lens[i] = end
         off += n
         qsl[i + 1] = off
@@ -100,3 +107,18 @@ def prepare_inputs(
     assert off == num_tokens, (off, num_tokens)
     return StepInputs(token_ids, positions, slot_mapping, block_tables, seq_lens, qsl,
                       logits_indices, num_tokens, num_seqs, sample_rows)
+
+
+def advance_decode(inp: StepInputs, k: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sub-step k of a multi-step decode (every real row one token): (positions, slot_mapping,
+    seq_lens) moved k tokens on; padding rows are left as they were. New arrays (the originals
+    may already be in flight to the device)."""
+    n = inp.num_seqs
+    pos = inp.positions.copy()
+    pos[:n] += k
+    slots = inp.slot_mapping.copy()
+    p = pos[:n]
+    slots[:n] = inp.block_tables[np.arange(n), p // block_size] * block_size + p % block_size
+    sl = inp.seq_lens.copy()
+    sl[:n] += k
+    return pos, slots, sl

@@ -86,11 +86,19 @@ def check_fits(num_blocks: int, spec: KVCacheSpec, max_model_len: int, where: st
 
 
 def allocate(spec: KVCacheSpec, num_blocks: int, sharding=None) -> list:
+    """One zeroed [2, num_blocks, block_size, H, D] array per layer, made directly in its shards.
+    `sharding`: None (default device), one sharding for all layers, or a list with one per layer
+    (pipeline stages put their layers on their own devices)."""
     shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    make = functools.partial(jnp.zeros, shape, spec.dtype)
-    if sharding is not None:
-        make = jax.jit(make, out_shardings=sharding)
-    return [make() for _ in range(spec.num_layers)]
+    shards = sharding if isinstance(sharding, (list, tuple)) else [sharding] * spec.num_layers
+    makers = {}
+    out = []
+    for sh in shards:
+        if sh not in makers:
+            make = functools.partial(jnp.zeros, shape, spec.dtype)
+            makers[sh] = jax.jit(make, out_shardings=sh) if sh is not None else make
+        out.append(makers[sh]())
+    return out
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

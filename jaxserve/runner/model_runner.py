@@ -8,6 +8,8 @@ never compiles. The KV cache is donated into every call and never copied.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 import logging
 import time
@@ -21,9 +23,10 @@ from jaxserve.config import EngineConfig
 from jaxserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from jaxserve.models.attention import AttentionBackend, AttentionMetadata
 from jaxserve.runner import kv_cache as kvc
-from jaxserve.runner.input_batch import StepInputs, geometric_buckets, prepare_inputs
+from jaxserve.runner.input_batch import StepInputs, advance_decode, geometric_buckets, prepare_inputs
 from jaxserve.runner.sampler import SamplingTensors, sample, token_logprobs
 from jaxserve.runner.sampling_inputs import pack_sampling
+from jaxserve.parallel.plan import fetch, put, split_layers
 
 logger = logging.getLogger("jaxserve")
 
@@ -42,7 +45,7 @@ def resolve_attention_backend(requested: str, platform: str) -> str:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model, *, max_model_len: int, dtype, tp=None):
+    def __init__(self, config: EngineConfig, model, *, max_model_len: int, dtype, plan=None):
         from jaxserve.models import registry
 
         self.config = config
@@ -51,11 +54,20 @@ class ModelRunner:
         self.module = registry.model_module(self.arch)
         self.params = model.params
         self.max_model_len = max_model_len
-        self.device = jax.devices()[0]
+        self.device = jax.local_devices()[0]
         self.platform = self.device.platform
         self.backend_name = resolve_attention_backend(config.attention_backend, self.platform)
-        self.tp = tp
-        self.backend = AttentionBackend(self.backend_name, tp.mesh if tp is not None else None)
+        # Pipeline stages: contiguous layer ranges, each a jitted function on its own devices.
+        self.plan = plan
+        L = self.arch.num_layers
+        self.stages = split_layers(L, plan.pp) if plan is not None else (range(L),)
+        self.last = len(self.stages) - 1
+        self.backends = [AttentionBackend(self.backend_name, plan.stage_mesh(s) if plan is not None else None)
+                         for s in range(len(self.stages))]
+        self.backend = self.backends[0]
+        self.stage_params = [self._stage_params(s) for s in range(len(self.stages))]
+        head = "embed" if self.arch.tie_word_embeddings else "lm_head"
+        self.head_params = {head: self.stage_params[self.last][head]}
         sc = config.scheduler
         self.block_size = config.cache.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
@@ -66,14 +78,48 @@ class ModelRunner:
         cache_dtype = dtype if config.cache.cache_dtype == "auto" else jnp.dtype(config.cache.cache_dtype)
         self.kv_spec = kvc.KVCacheSpec(self.arch.num_layers, self.arch.num_kv_heads, self.arch.head_dim,
                                        self.block_size, cache_dtype)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        self._stage_jits = [jax.jit(functools.partial(self._stage_fn, s), donate_argnums=(1,))
+                            for s in range(len(self.stages))]
         self._logits = jax.jit(self._logits_fn)
         self.num_blocks = self._size_cache()
-        self.kv_caches = kvc.allocate(self.kv_spec, self.num_blocks, tp.kv_sharding() if tp is not None else None)
+        self.kv_caches = kvc.allocate(self.kv_spec, self.num_blocks, self._kv_shardings())
         self.num_host_blocks = 0
         self._host_pool: Optional[np.ndarray] = None
         if sc.preemption_mode == "swap":
             self.num_host_blocks = int(config.cache.swap_space * kvc.GIB // self.kv_spec.bytes_per_block)
+
+    # ---- placement ----------------------------------------------------------------------------
+    def _stage_params(self, s: int) -> dict:
+        r = self.stages[s]
+        p = {"layers": self.params["layers"][r.start:r.stop]}
+        if s == 0:
+            p["embed"] = self.params["embed"]
+        if s == len(self.stages) - 1:
+            p["final_norm"] = self.params["final_norm"]
+            if self.arch.tie_word_embeddings:
+                p["embed"] = (self.params["embed"] if s == 0 else
+                              jax.device_put(self.params["embed"], self.plan.head_sharding(self.module, self.arch)))
+            else:
+                p["lm_head"] = self.params["lm_head"]
+        return p
+
+    def _kv_shardings(self, num_layers_per_stage=None):
+        if self.plan is None:
+            return None
+        return [self.plan.kv_sharding(s) for s, r in enumerate(self.stages)
+                for _ in range(num_layers_per_stage or len(r))]
+
+    def _put(self, tree, stage: int):
+        """Host inputs -> stage `stage`'s devices (replicated); one batched transfer."""
+        return put(tree, self.plan.replicated(stage) if self.plan is not None else None)
+
+    def _kv(self, s: int) -> list:
+        r = self.stages[s]
+        return self.kv_caches[r.start:r.stop]
+
+    def _set_kv(self, s: int, new: list) -> None:
+        r = self.stages[s]
+        self.kv_caches[r.start:r.stop] = new
 
     # ---- sizing -----------------------------------------------------------------------------
     def seq_bucket(self, token_bucket: int) -> int:
@@ -102,10 +148,12 @@ class ModelRunner:
     def _activation_bytes(self) -> int:
         """Peak temporaries of the largest step, read from XLA's memory analysis on a tiny cache."""
         T = self.token_buckets[-1]
-        tiny = kvc.allocate(self.kv_spec, 2)
-        args = self._dummy_args(T, tiny)
+        tiny = kvc.allocate(dataclasses.replace(self.kv_spec, num_layers=len(self.stages[0])), 2,
+                            self._kv_shardings(len(self.stages[0]))[:len(self.stages[0])]
+                            if self.plan is not None else None)
+        args = self._stage_args(0, self._dummy_inputs(T), tiny)
         try:
-            compiled = jax.jit(self._step_fn).lower(*args).compile()
+            compiled = jax.jit(functools.partial(self._stage_fn, 0)).lower(*args).compile()
             step = int(compiled.memory_analysis().temp_size_in_bytes)
         except Exception:  # memory analysis is best effort
             step = 2 * kvc.GIB
@@ -117,52 +165,78 @@ class ModelRunner:
         slack = max(2 * kvc.GIB, int(0.04 * stats.get("bytes_limit", 0)))
         return step + sampler + slack
 
-    # ---- the jitted step --------------------------------------------------------------------
-    def _step_fn(self, params, kv_caches, token_ids, positions, md, logits_indices):
-        """token_ids/positions [T]; logits_indices [S] -> (logits [S, V], hidden [T, E], kv_caches)."""
-        hidden, kv_caches = self.module.forward(params, self.arch, token_ids, positions, kv_caches, md,
-                                                attn_backend=self.backend)
+    # ---- the jitted stages --------------------------------------------------------------------
+    def _stage_fn(self, s: int, params, kv_caches, x, positions, md, logits_indices):
+        """One pipeline stage (the whole model when there is one stage).
+
+        x: token_ids [T] on the first stage, else the previous stage's hidden [T, E];
+        logits_indices [S]. Returns ((logits [S, V], hidden [T, E]) on the last stage, else
+        hidden [T, E]; and this stage's kv_caches)."""
+        first, last = s == 0, s == self.last
+        hidden, kv_caches = self.module.forward(
+            params, self.arch, x if first else None, positions, kv_caches, md, attn_backend=self.backends[s],
+            layers=self.stages[s], hidden=None if first else x)
+        if not last:
+            return hidden, kv_caches
         logits = self.module.compute_logits(params, self.arch, hidden[logits_indices])
-        return logits, hidden, kv_caches
+        return (logits, hidden), kv_caches
 
-    def _logits_fn(self, params, hidden, idx):
-        return self.module.compute_logits(params, self.arch, hidden[idx])
+    def _logits_fn(self, head_params, hidden, idx):
+        return self.module.compute_logits(head_params, self.arch, hidden[idx])
 
-    def _dummy_args(self, T: int, kv_caches):
-        """All-padding inputs, transferred exactly as execute() transfers real ones (committed
-        device arrays), so warm-up fills the same jit cache entries that serving hits."""
+    def _dummy_inputs(self, T: int) -> StepInputs:
         S = self.seq_bucket(T)
-        tok, pos, slots, bt, sl, qsl, li = jax.device_put((
-            np.zeros(T, np.int32), np.zeros(T, np.int32), np.zeros(T, np.int32),
-            np.zeros((S, self.max_blocks_per_seq), np.int32), np.zeros(S, np.int32), np.zeros(S + 1, np.int32),
-            np.zeros(S, np.int32)))
+        z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+        return StepInputs(z(T), z(T), z(T), z(S, self.max_blocks_per_seq), z(S), z(S + 1), z(S), 0, 0, [])
+
+    def _stage_args(self, s: int, inp: StepInputs, kv, x=None, tokens=None):
+        """The arguments of stage s, transferred exactly as in serving (warm-up and execute share
+        this, so warm-up fills the jit cache entries that serving hits). tokens: token ids already
+        on a device (multi-step decoding feeds the last sampled tokens back)."""
+        tok, pos, slots, bt, sl, qsl, li = self._put(
+            (inp.token_ids, inp.positions, inp.slot_mapping, inp.block_tables, inp.seq_lens,
+             inp.query_start_loc, inp.logits_indices), s)
         md = AttentionMetadata(slot_mapping=slots, block_tables=bt, seq_lens=sl, query_start_loc=qsl)
-        return (self.params, kv_caches, tok, pos, md, li)
+        if s > 0:
+            tok = jax.device_put(x, self.plan.replicated(s))  # the previous stage's hidden state
+        elif tokens is not None:
+            tok = tokens if self.plan is None else jax.device_put(tokens, self.plan.replicated(0))
+        return (self.stage_params[s], kv, tok, pos, md, li)
+
+    def _forward(self, inp: StepInputs, tokens=None):
+        """Dispatch every stage for one (micro)batch; returns (logits, hidden) without waiting."""
+        x = None
+        for s in range(len(self.stages)):
+            x, new = self._stage_jits[s](*self._stage_args(s, inp, self._kv(s), x, tokens))
+            self._set_kv(s, new)
+        return x
 
     # ---- warm-up ----------------------------------------------------------------------------
     def warmup(self) -> float:
-        """Compile every bucket (step, sampler variants, prompt logprobs, block copies)."""
+        """Compile every bucket (stages, sampler variants, prompt logprobs, block copies)."""
         t0 = time.perf_counter()
+        last = self.last
         for T in self.token_buckets:
             S = self.seq_bucket(T)
-            args = self._dummy_args(T, self.kv_caches)
-            logits, hidden, self.kv_caches = self._step(*args)
+            logits, hidden = self._forward(self._dummy_inputs(T))
             for penalties in (False, True):
                 sb = pack_sampling([None] * S, S, self.max_model_len)
                 if penalties:
                     sb.arrays["prompt_ids"] = np.full((S, self.max_model_len), -1, np.int32)
                     sb.arrays["output_ids"] = np.full((S, self.max_model_len), -1, np.int32)
-                out = sample(logits, SamplingTensors(**jax.device_put(sb.arrays)), penalties=penalties,
+                out = sample(logits, SamplingTensors(**self._put(sb.arrays, last)), penalties=penalties,
                              num_logprobs=self.max_logprobs)
-            lg = self._logits(self.params, hidden, jnp.zeros(_PROMPT_LOGPROB_ROWS, jnp.int32))
-            out2 = token_logprobs(lg, jnp.zeros(_PROMPT_LOGPROB_ROWS, jnp.int32), num_logprobs=self.max_logprobs)
+            if self.config.scheduler.num_scheduler_steps > 1:  # the multi-step token feed
+                jax.block_until_ready(self._forward(self._dummy_inputs(T), _feed(out[0], T)))
+            z = np.zeros(_PROMPT_LOGPROB_ROWS, np.int32)
+            lg = self._logits(self.head_params, hidden, self._put(z, last))
+            out2 = token_logprobs(lg, self._put(z, last), num_logprobs=self.max_logprobs)
             jax.block_until_ready((out, out2))
         for k in _PAIR_BUCKETS[:2]:
-            z = jnp.zeros(k, jnp.int32)
-            self.kv_caches = kvc.copy_blocks(self.kv_caches, z, z)
+            z = np.zeros(k, np.int32)
+            self._copy_blocks(z, z)
             if self.num_host_blocks:
-                data = kvc.gather_blocks(self.kv_caches, z)
-                self.kv_caches = kvc.scatter_blocks(self.kv_caches, z, data)
+                self._scatter_blocks(z, self._gather_blocks(z))
         jax.block_until_ready(self.kv_caches)
         dt = time.perf_counter() - t0
         logger.info("warm-up: compiled %d token buckets %s in %.1f s", len(self.token_buckets),
@@ -170,11 +244,24 @@ class ModelRunner:
         return dt
 
     def num_compilations(self) -> int:
-        fns = [self._step, self._logits, sample, token_logprobs, kvc.copy_blocks, kvc.gather_blocks,
-               kvc.scatter_blocks]
+        fns = [*self._stage_jits, self._logits, sample, token_logprobs, kvc.copy_blocks, kvc.gather_blocks,
+               kvc.scatter_blocks, _feed]
         return sum(f._cache_size() for f in fns)
 
-    # ---- block operations -------------------------------------------------------------------
+    # ---- block operations (per stage: each stage's layers live on its own devices) -----------
+    def _copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
+        for s in range(len(self.stages)):
+            self._set_kv(s, kvc.copy_blocks(self._kv(s), *self._put((src, dst), s)))
+
+    def _gather_blocks(self, ids: np.ndarray) -> np.ndarray:
+        """-> [L, 2, K, BS, H, D] on the host."""
+        parts = [kvc.gather_blocks(self._kv(s), self._put(ids, s)) for s in range(len(self.stages))]
+        return np.concatenate([np.asarray(fetch(p, self.plan, s)) for s, p in enumerate(parts)])
+
+    def _scatter_blocks(self, ids: np.ndarray, data: np.ndarray) -> None:
+        for s, r in enumerate(self.stages):
+            self._set_kv(s, kvc.scatter_blocks(self._kv(s), *self._put((ids, data[r.start:r.stop]), s)))
+
     def _host(self) -> np.ndarray:
         if self._host_pool is None:
             s = self.kv_spec
@@ -187,35 +274,83 @@ class ModelRunner:
         if so.swap_out:
             dev, host = zip(*so.swap_out)
             ids, _ = kvc.pad_pairs([(d, d) for d in dev], _PAIR_BUCKETS)
-            data = np.asarray(kvc.gather_blocks(self.kv_caches, jnp.asarray(ids)))
+            data = self._gather_blocks(ids)
             self._host()[:, :, list(host)] = data[:, :, :len(host)]
         if so.swap_in:
             host, dev = zip(*so.swap_in)
             ids, _ = kvc.pad_pairs([(d, d) for d in dev], _PAIR_BUCKETS)
             data = np.zeros(self._host()[:, :, :len(ids)].shape, self._host().dtype)
             data[:, :, :len(host)] = self._host()[:, :, list(host)]
-            self.kv_caches = kvc.scatter_blocks(self.kv_caches, jnp.asarray(ids), jnp.asarray(data))
+            self._scatter_blocks(ids, data)
         if so.copy_blocks:
-            src, dst = kvc.pad_pairs(so.copy_blocks, _PAIR_BUCKETS)
-            self.kv_caches = kvc.copy_blocks(self.kv_caches, jnp.asarray(src), jnp.asarray(dst))
+            self._copy_blocks(*kvc.pad_pairs(so.copy_blocks, _PAIR_BUCKETS))
 
     # ---- one step ---------------------------------------------------------------------------
+    def _microbatches(self, so: SchedulerOutput) -> list[SchedulerOutput]:
+        """With pipeline stages, split the step into up to one micro-batch per stage (contiguous
+        sequences, balanced by tokens): stage s works on micro-batch i while stage s+1 works on
+        i-1, since each stage's devices run their own queue of dispatched work."""
+        n = min(len(self.stages), len(so.scheduled))
+        if n <= 1:
+            return [so]
+        target = so.total_num_tokens / n
+        parts, cur, acc = [], [], 0
+        for i, sr in enumerate(so.scheduled):
+            cur.append(sr)
+            acc += len(sr.token_ids)
+            left_seqs = len(so.scheduled) - i - 1
+            if len(parts) < n - 1 and (acc >= target * (len(parts) + 1) or left_seqs == n - 1 - len(parts)):
+                parts.append(cur)
+                cur = []
+        parts.append(cur)
+        return [SchedulerOutput(scheduled=p, total_num_tokens=sum(len(r.token_ids) for r in p))
+                for p in parts if p]
+
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self._apply_block_ops(so)
         if so.is_empty:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=np.zeros(0, np.int32))
-        inp = prepare_inputs(so, block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
-                             token_buckets=self.token_buckets,
-                             seq_rows=self.seq_bucket)
-        # One batched host-to-device transfer for all step inputs.
-        tok, pos, slots, bt, sl, qsl, li = jax.device_put(
-            (inp.token_ids, inp.positions, inp.slot_mapping, inp.block_tables, inp.seq_lens,
-             inp.query_start_loc, inp.logits_indices))
-        md = AttentionMetadata(slot_mapping=slots, block_tables=bt, seq_lens=sl, query_start_loc=qsl)
-        logits, hidden, self.kv_caches = self._step(self.params, self.kv_caches, tok, pos, md, li)
-        return self._sample(so, inp, logits, hidden)
+        if so.num_steps > 1:
+            return self._execute_multistep(so)
+        want_lp = any(sr.sample and sr.sampling.logprobs >= 0 for sr in so.scheduled)
+        dispatched = []
+        for mb in self._microbatches(so):
+            inp = prepare_inputs(mb, block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
+                                 token_buckets=self.token_buckets, seq_rows=self.seq_bucket)
+            dispatched.append((mb, inp, self._forward(inp)))
+        outs = [self._sample(mb, inp, logits, hidden, want_lp) for mb, inp, (logits, hidden) in dispatched]
+        return outs[0] if len(outs) == 1 else _merge(outs)
 
-    def _sample(self, so: SchedulerOutput, inp: StepInputs, logits, hidden) -> ModelRunnerOutput:
+    def _execute_multistep(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        """so.num_steps decode steps, dispatched back to back: sub-step k's input tokens are
+        sub-step k-1's samples, still on the device; one transfer brings all tokens back. The
+        scheduler only sends requests that need no per-token host decision (no penalties,
+        logprobs, stop strings or min_tokens), so the sampling state only moves its counters."""
+        K = so.num_steps
+        inp = prepare_inputs(so, block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
+                             token_buckets=self.token_buckets, seq_rows=self.seq_bucket, lookahead=K - 1)
+        T, S, n = len(inp.token_ids), len(inp.seq_lens), inp.num_seqs
+        sb = pack_sampling([sr.sampling for sr in so.scheduled] + [None] * (S - n), S, self.max_model_len)
+        assert not sb.penalties
+        sampled, tokens = [], None
+        for k in range(K):
+            step_inp = inp
+            arrays = sb.arrays
+            if k:
+                pos, slots, sl = advance_decode(inp, k, self.block_size)
+                step_inp = dataclasses.replace(inp, positions=pos, slot_mapping=slots, seq_lens=sl)
+                arrays = dict(sb.arrays, counters=sb.arrays["counters"] + np.int32(k))
+            logits, _ = self._forward(step_inp, tokens)
+            toks = sample(logits, SamplingTensors(**self._put(arrays, self.last)), penalties=False,
+                          num_logprobs=self.max_logprobs)[0]
+            sampled.append(toks)
+            if k + 1 < K:
+                tokens = _feed(toks, T)
+        host = np.stack([np.asarray(t) for t in fetch(sampled, self.plan, self.last)], axis=1)  # [S, K]
+        rows = inp.sample_rows
+        return ModelRunnerOutput(req_ids=[so.scheduled[i].req_id for i in rows], sampled_token_ids=host[rows])
+
+    def _sample(self, so: SchedulerOutput, inp: StepInputs, logits, hidden, want_lp: bool) -> ModelRunnerOutput:
         S = len(inp.seq_lens)
         rows = inp.sample_rows
         states = [None] * S
@@ -223,14 +358,13 @@ class ModelRunner:
             states[i] = so.scheduled[i].sampling
         sb = pack_sampling(states, S, self.max_model_len)
         toks, lp, rank, top_ids, top_lps = sample(
-            logits, SamplingTensors(**jax.device_put(sb.arrays)), penalties=sb.penalties,
+            logits, SamplingTensors(**self._put(sb.arrays, self.last)), penalties=sb.penalties,
             num_logprobs=self.max_logprobs)
-        want_lp = any(states[i].logprobs >= 0 for i in rows)
         # One device-to-host transfer: the token ids, plus logprobs only when someone asked.
         if want_lp:
-            toks, lp, rank, top_ids, top_lps = jax.device_get((toks, lp, rank, top_ids, top_lps))
+            toks, lp, rank, top_ids, top_lps = fetch((toks, lp, rank, top_ids, top_lps), self.plan, self.last)
         else:
-            toks = jax.device_get(toks)
+            toks = fetch(toks, self.plan, self.last)
         out = ModelRunnerOutput(req_ids=[so.scheduled[i].req_id for i in rows],
                                 sampled_token_ids=np.asarray(toks)[rows])
         if want_lp:
@@ -266,9 +400,10 @@ class ModelRunner:
             n = min(R, len(idx) - c)
             idx_p[:n] = idx[c:c + n]
             tgt_p[:n] = tgt[c:c + n]
-            lg = self._logits(self.params, hidden, jnp.asarray(idx_p))
-            parts.append([np.asarray(a)[:n] for a in token_logprobs(
-                lg, jnp.asarray(tgt_p), num_logprobs=self.max_logprobs)])
+            lg = self._logits(self.head_params, hidden, self._put(idx_p, self.last))
+            res = fetch(token_logprobs(lg, self._put(tgt_p, self.last), num_logprobs=self.max_logprobs),
+                        self.plan, self.last)
+            parts.append([np.asarray(a)[:n] for a in res])
         lp, rank, top_ids, top_lps = (np.concatenate([p[i] for p in parts]) for i in range(4))
         off = 0
         for req_id, start, flat, _ in jobs:
@@ -276,3 +411,22 @@ class ModelRunner:
             sl = slice(off, off + n)
             out.prompt_logprobs[req_id] = (start, lp[sl], top_ids[sl], top_lps[sl], rank[sl])
             off += n
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _feed(sampled, num_tokens: int):
+    """Sampled ids [S] -> next step's token ids [T] (decode rows are tokens 0..S-1)."""
+    return jnp.zeros(num_tokens, jnp.int32).at[:sampled.shape[0]].set(sampled.astype(jnp.int32))
+
+
+def _merge(outs: list[ModelRunnerOutput]) -> ModelRunnerOutput:
+    """Micro-batch outputs -> one, in scheduled order."""
+    cat = lambda name: (None if getattr(outs[0], name) is None  # noqa: E731
+                        else np.concatenate([getattr(o, name) for o in outs]))
+    merged = ModelRunnerOutput(req_ids=[r for o in outs for r in o.req_ids],
+                               sampled_token_ids=cat("sampled_token_ids"), sampled_logprobs=cat("sampled_logprobs"),
+                               top_token_ids=cat("top_token_ids"), top_logprobs=cat("top_logprobs"),
+                               sampled_ranks=cat("sampled_ranks"))
+    for o in outs:
+        merged.prompt_logprobs.update(o.prompt_logprobs)
+    return merged

@@ -1,0 +1,75 @@
+"""One engine, several workloads, A/B in the same process: Llama-3-8B-shaped dummy weights, and
+each workload run with single-step and with multi-step decoding (num_scheduler_steps), the
+scheduler setting switched between runs on the same compiled engine. One JSON line per result.
+
+    python3 scripts/bench_engine_suite.py --steps 1 8 [--mesh] [--workloads b1 128x128 1024x128 1000x1000]
+
+--mesh builds the engine through the device-mesh path (ParallelPlan with tp=1, pp=1) instead of
+the single-device path, to measure what the mesh costs on one GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+WORKLOADS = {  # name -> (kind, input_len, output_len, num_prompts or batch)
+    "b1": ("latency", 32, 128, 1),
+    "128x128": ("throughput", 128, 128, 1024),
+    "1024x128": ("throughput", 1024, 128, 512),
+    "1000x1000": ("throughput", 1000, 1000, 256),
+    "smoke": ("throughput", 64, 32, 32),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--mesh", action="store_true")
+    a = ap.parse_args()
+
+    import jax
+
+    from jaxserve import LLM
+    from jaxserve.bench.offline import run_latency, run_throughput
+    from jaxserve.config import engine_config_from_kwargs
+    from jaxserve.engine.llm_engine import LLMEngine
+
+    kw = dict(model=a.model, load_format="dummy", max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+              max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=max(a.steps))
+    t0 = time.perf_counter()
+    if a.mesh:  # the same LLM front end over an engine placed through ParallelPlan on one device
+        llm = LLM.__new__(LLM)
+        import itertools
+
+        llm._counter = itertools.count()
+        llm.llm_engine = LLMEngine(engine_config_from_kwargs(**kw), devices=jax.devices()[:1])
+    else:
+        llm = LLM(**kw)
+    startup = time.perf_counter() - t0
+    eng = llm.llm_engine
+    print(json.dumps(dict(kind="startup", startup_s=startup, mesh=a.mesh, model=a.model,
+                          compilations=eng.runner.num_compilations())), flush=True)
+    base_cfg = eng.scheduler.cfg
+    for name in a.workloads:
+        kind, il, ol, n = WORKLOADS[name]
+        for k in a.steps:
+            eng.scheduler.cfg = dataclasses.replace(base_cfg, num_scheduler_steps=k)
+            c0 = eng.runner.num_compilations()
+            if kind == "latency":
+                res = run_latency({}, batch_size=n, input_len=il, output_len=ol, num_iters=3, llm=llm)
+            else:
+                res = run_throughput({}, dataset="random", num_prompts=n, input_len=il, output_len=ol, llm=llm)
+            res.update(workload=name, num_scheduler_steps=k, mesh=a.mesh,
+                       new_compilations=eng.runner.num_compilations() - c0)
+            print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Host-side cost of one engine step (scheduler + input staging + sampling-state packing +
+output processing), with the device work replaced by a stub that samples instantly.
+
+Decode-heavy steps of a large batch must cost far less host time than the device step they feed
+(an 8B decode step at batch 256 is ~10 ms on an H100), or the GPU waits on Python. Run:
+    python scripts/bench_host_overhead.py --num-seqs 256 --output-len 128 [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+
+from jaxserve import LLM, SamplingParams  # noqa: E402
+from jaxserve.core.sched_output import ModelRunnerOutput  # noqa: E402
+from jaxserve.runner.input_batch import prepare_inputs  # noqa: E402
+from jaxserve.runner.sampling_inputs import pack_sampling  # noqa: E402
+
+
+class StubRunner:
+    """Does the runner's host work (prepare_inputs, pack_sampling) but no device work."""
+
+    def __init__(self, real):
+        self.real = real
+        self.rng = np.random.default_rng(0)
+
+    def execute(self, so):
+        r = self.real
+        inp = prepare_inputs(so, block_size=r.block_size, max_blocks_per_seq=r.max_blocks_per_seq,
+                             token_buckets=r.token_buckets, seq_rows=r.seq_bucket)
+        states = [None] * len(inp.seq_lens)
+        for i in inp.sample_rows:
+            states[i] = so.scheduled[i].sampling
+        pack_sampling(states, len(states), r.max_model_len)
+        rows = inp.sample_rows
+        shape = (len(rows), so.num_steps) if so.num_steps > 1 else (len(rows),)
+        return ModelRunnerOutput(req_ids=[so.scheduled[i].req_id for i in rows],
+                                 sampled_token_ids=self.rng.integers(100, 400, shape).astype(np.int32))
+
+    def num_compilations(self):
+        return 0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--stream", action="store_true", help="report every step (server) instead of final only")
+    ap.add_argument("--num-scheduler-steps", type=int, default=1)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    llm = LLM("tiny", load_format="dummy", max_model_len=a.input_len + a.output_len + 16, max_num_seqs=a.num_seqs,
+              max_num_batched_tokens=max(2048, a.num_seqs), warmup=False, cpu_kv_cache_gib=0.5,
+              num_scheduler_steps=a.num_scheduler_steps)
+    eng = llm.llm_engine
+    eng.runner = StubRunner(eng.runner)
+    rng = np.random.default_rng(1)
+    for i in range(a.num_seqs):
+        eng.add_request(str(i), rng.integers(100, 400, a.input_len).tolist(),
+                        SamplingParams(max_tokens=a.output_len, ignore_eos=True, temperature=1.0), stream=a.stream)
+    prof = cProfile.Profile() if a.profile else None
+    steps, t_decode, n_decode, tok_decode = 0, 0.0, 0, 0
+    if prof:
+        prof.enable()
+    while eng.has_unfinished_requests():
+        t0 = time.perf_counter()
+        so_before = eng.scheduler.num_running
+        gen0 = eng.get_stats().generation_tokens_total
+        eng.step()
+        dt = time.perf_counter() - t0
+        steps += 1
+        if so_before == a.num_seqs:  # a full decode step
+            t_decode += dt
+            n_decode += 1
+            tok_decode += eng.get_stats().generation_tokens_total - gen0
+    if prof:
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    per_tok = t_decode / max(tok_decode, 1) * a.num_seqs  # host seconds per decode position of the batch
+    print(f"steps={steps} full-batch decode rounds={n_decode} host ms per batch-token={1e3 * per_tok:.2f} "
+          f"(us/seq {1e6 * per_tok / a.num_seqs:.1f}) stream={a.stream} num_scheduler_steps={a.num_scheduler_steps}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device call for the engine figures: ceilings, the engine suite (single-step vs multi-step
+# on one compiled engine) and the HF transformers baseline, all in the same run.
+# Usage (GPU machine, repo root): bash scripts/device_suite.sh [engine|mesh]
+set -uo pipefail
+MODE=${1:-engine}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+if [ "$MODE" = engine ]; then
+  python3 scripts/bench_ceilings.py 2>&1 | grep '^{' | tee -a "$OUT/results.jsonl"
+  python3 scripts/bench_engine_suite.py --steps 1 8 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
+  python3 scripts/bench_hf_baseline.py --batch-sizes 1 128 --input-len 128 --output-len 128 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
+else
+  for m in "" "--mesh"; do
+    python3 scripts/bench_engine_suite.py $m --steps 1 8 --workloads b1 128x128 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
+  done
+fi

@@ -1,0 +1,34 @@
+"""Run by test_parallel.py in a fresh process with 6 fake CPU devices (the device count is fixed
+when jax starts). Prints one line per layout with its greedy tokens and where its KV cache lives."""
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=6"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(__file__))
+from prompts import PROMPTS, engine_kwargs  # noqa: E402
+
+from jaxserve import LLM, SamplingParams  # noqa: E402
+
+sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+for tp, pp, dp in [(1, 1, 1), (3, 1, 1), (1, 2, 1), (1, 1, 2), (3, 2, 1)]:
+    llm = LLM(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp, **engine_kwargs("default"))
+    toks = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+    eng = llm.llm_engine
+    replicas = getattr(eng, "replicas", [eng])
+    info = dict(
+        tokens=toks,
+        # per replica: the devices of the first and the last layer's KV cache, and its sharding spec
+        kv=[[sorted(d.id for d in r.runner.kv_caches[i].devices()) for i in (0, -1)] for r in replicas],
+        spec=str(replicas[0].runner.kv_caches[0].sharding.spec) if tp > 1 else None,
+        prompt_tokens=[r.get_stats().prompt_tokens_total for r in replicas],
+    )
+    print(f"LAYOUT {tp} {pp} {dp} " + json.dumps(info), flush=True)
+    del llm, eng, replicas
+for bad in (dict(tensor_parallel_size=2), dict(pipeline_parallel_size=31), dict(tensor_parallel_size=3, data_parallel_size=3)):
+    try:
+        LLM(**bad, **engine_kwargs("default"))
+        print("ERROR none", flush=True)
+    except ValueError as e:
+        print(f"ERROR {json.dumps(bad)} {e}", flush=True)

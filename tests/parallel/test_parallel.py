@@ -1,0 +1,85 @@
+"""Tensor, pipeline and data parallelism, and multi-host, on CPU with fake devices (subprocesses,
+since the device count is fixed when jax starts). Oracle: the greedy tokens of one device."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+HERE = os.path.dirname(__file__)
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def _layouts(stdout: str) -> dict:
+    out = {}
+    for line in stdout.splitlines():
+        if line.startswith("LAYOUT "):
+            tp, pp, dp, js = line.split(" ", 4)[1:]
+            out[(int(tp), int(pp), int(dp))] = json.loads(js)
+    return out
+
+
+def test_tp_pp_dp_equal_one_device_and_bad_sizes_are_explained():
+    out = subprocess.run([sys.executable, os.path.join(HERE, "parallel_check.py")], capture_output=True, text=True,
+                         timeout=1200, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = _layouts(out.stdout)
+    one = res[(1, 1, 1)]["tokens"]
+    assert len(one) == 5 and all(len(t) == 8 for t in one)
+    for layout in [(3, 1, 1), (1, 2, 1), (1, 1, 2), (3, 2, 1)]:
+        assert res[layout]["tokens"] == one, layout
+    # TP=3: the KV cache is split over the "model" axis of 3 devices
+    assert res[(3, 1, 1)]["kv"] == [[[0, 1, 2], [0, 1, 2]]]
+    assert "'model'" in res[(3, 1, 1)]["spec"]
+    # PP=2: the first layer's cache on device 0, the last layer's on device 1
+    assert res[(1, 2, 1)]["kv"] == [[[0], [1]]]
+    # TP=3 x PP=2: stage 0 on devices 0-2, stage 1 on 3-5
+    assert res[(3, 2, 1)]["kv"] == [[[0, 1, 2], [3, 4, 5]]]
+    # DP=2: two replicas on their own devices, both given work by the least-loaded router
+    assert res[(1, 1, 2)]["kv"] == [[[0], [0]], [[1], [1]]]
+    assert all(n > 0 for n in res[(1, 1, 2)]["prompt_tokens"])
+    errors = [line for line in out.stdout.splitlines() if line.startswith("ERROR ")]
+    assert len(errors) == 3, out.stdout
+    assert "tensor_parallel_size=2 does not divide the model's 9 attention heads; sizes that work: [1, 3, 9]" in errors[0]
+    assert "pipeline_parallel_size=31 needs 31 devices, 6 visible" in errors[1]
+    assert "needs 9 devices, 6 visible" in errors[2] and "xla_force_host_platform_device_count=9" in errors[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_multihost_tensor_parallel_equals_one_process():
+    """SmolLM2's 9 heads split 3 ways over 2 processes (2 + 1 CPU devices, gloo collectives)."""
+    script = os.path.join(HERE, "multihost_check.py")
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, script, str(pid), "2", port, "3", "1", "default", ndev],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for pid, ndev in ((0, "2"), (1, "1"))]
+    single = subprocess.run([sys.executable, script, "0", "1", "0", "1", "1", "default", "1"], capture_output=True,
+                            text=True, timeout=900, env=ENV)
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert single.returncode == 0, single.stderr[-3000:]
+    tokens = lambda s: json.loads(next(ln for ln in s.splitlines() if ln.startswith("TOKENS "))[7:])  # noqa: E731
+    ref = tokens(single.stdout)
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, se[-3000:]
+        assert tokens(so) == ref
+    assert "3 global devices, 2 local" in outs[0][1] and "3 global devices, 1 local" in outs[1][1]
+
+
+def test_split_layers_contiguous_and_balanced():
+    import pytest
+
+    from jaxserve.parallel.mesh import ParallelismError
+    from jaxserve.parallel.plan import split_layers
+
+    for L in (1, 2, 7, 30, 32, 80):
+        for pp in range(1, min(L, 9) + 1):
+            st = split_layers(L, pp)
+            assert [j for r in st for j in r] == list(range(L))
+            assert max(map(len, st)) - min(map(len, st)) <= 1
+    with pytest.raises(ParallelismError, match="exceeds the model's 30 layers"):
+        split_layers(30, 31)
