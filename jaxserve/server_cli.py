@@ -39,6 +39,10 @@ def build_app(args):
     from jaxserve.server.serving import ServerConfig
 
     kwargs = engine_kwargs_from_args(args)
+    if (kwargs.get("num_processes") or 1) > 1:
+        raise SystemExit("jaxserve serve does not support --num-processes > 1 yet (every process would need "
+                         "every request); run multi-host jobs as LLM(...) batch scripts on all hosts, or one "
+                         "server per host (data parallel behind a load balancer)")
     if getattr(args, "model_tag", None) and "model" not in kwargs:
         kwargs["model"] = args.model_tag
     llm = AsyncLLM(kwargs, max_waiting_requests=kwargs.get("max_waiting_requests"))

@@ -41,3 +41,12 @@ def test_generate_reports_bad_model_cleanly():
     out = subprocess.run([sys.executable, "-m", "jaxserve", "generate", "--prompt", "x", "--model", "/no/such/dir"],
                          capture_output=True, text=True, env=ENV, timeout=120)
     assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_refuses_multihost_before_loading():
+    import pytest
+
+    from jaxserve import server_cli
+
+    with pytest.raises(SystemExit, match="does not support --num-processes > 1"):
+        server_cli.main(["--num-processes", "2", "--coordinator-address", "127.0.0.1:1"])
