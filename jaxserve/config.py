@@ -134,7 +134,11 @@ class EngineConfig:
     max_logprobs: int = 20
     # Compile every bucket at start-up so that serving never compiles.
     warmup: bool = True
-    compilation_cache_dir: Optional[str] = None  # persistent XLA compilation cache
+    # Persistent XLA compilation cache. None: ~/.cache/jaxserve/xla on accelerators (restarts load
+    # instead of compiling; warm-up compiles buckets in parallel into it), off on CPU. "" disables.
+    compilation_cache_dir: Optional[str] = None
+    # Warm-up compiles the token buckets' steps on this many threads (needs the compilation cache).
+    warmup_compile_threads: int = 8
 
     def __post_init__(self):
         _check(self.attention_backend in _ATTN_BACKENDS,

@@ -6,6 +6,7 @@ one background thread.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -81,8 +82,12 @@ class LLMEngine:
         from jaxserve.models.loader import load_model
         from jaxserve.runner.model_runner import ModelRunner
 
-        if config.compilation_cache_dir:
-            jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+        cache_dir = config.compilation_cache_dir
+        if cache_dir is None and jax.devices()[0].platform != "cpu":
+            cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
+        self.compilation_cache_dir = cache_dir or None
+        if self.compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", self.compilation_cache_dir)
         self.config = config
         mc = config.model
         platform = jax.devices()[0].platform
@@ -131,7 +136,7 @@ class LLMEngine:
                                    num_host_blocks=self.runner.num_host_blocks,
                                    block_size=config.cache.block_size, max_model_len=self.max_model_len)
         if config.warmup:
-            self.runner.warmup()
+            self.runner.warmup(parallel=bool(self.compilation_cache_dir))
         self._rng = np.random.default_rng(mc.seed)
         self._requests: dict[str, _ReqState] = {}
         self._seq_owner: dict[str, tuple[str, int]] = {}

@@ -193,15 +193,18 @@ class ModelRunner:
         """The arguments of stage s, transferred exactly as in serving (warm-up and execute share
         this, so warm-up fills the jit cache entries that serving hits). tokens: token ids already
         on a device (multi-step decoding feeds the last sampled tokens back)."""
-        tok, pos, slots, bt, sl, qsl, li = self._put(
-            (inp.token_ids, inp.positions, inp.slot_mapping, inp.block_tables, inp.seq_lens,
-             inp.query_start_loc, inp.logits_indices), s)
-        md = AttentionMetadata(slot_mapping=slots, block_tables=bt, seq_lens=sl, query_start_loc=qsl)
+        tok, pos, md, li = self._stage_inputs(s, inp)
         if s > 0:
             tok = jax.device_put(x, self.plan.replicated(s))  # the previous stage's hidden state
         elif tokens is not None:
             tok = tokens if self.plan is None else jax.device_put(tokens, self.plan.replicated(0))
         return (self.stage_params[s], kv, tok, pos, md, li)
+
+    def _stage_inputs(self, s: int, inp: StepInputs):
+        tok, pos, slots, bt, sl, qsl, li = self._put(
+            (inp.token_ids, inp.positions, inp.slot_mapping, inp.block_tables, inp.seq_lens,
+             inp.query_start_loc, inp.logits_indices), s)
+        return tok, pos, AttentionMetadata(slot_mapping=slots, block_tables=bt, seq_lens=sl, query_start_loc=qsl), li
 
     def _forward(self, inp: StepInputs, tokens=None):
         """Dispatch every stage for one (micro)batch; returns (logits, hidden) without waiting."""
@@ -212,9 +215,37 @@ class ModelRunner:
         return x
 
     # ---- warm-up ----------------------------------------------------------------------------
-    def warmup(self) -> float:
-        """Compile every bucket (stages, sampler variants, prompt logprobs, block copies)."""
+    def _precompile(self) -> None:
+        """Compile every bucket's stages on a thread pool (XLA compiles outside the GIL) into the
+        persistent compilation cache; the warm-up calls that follow load them instead of
+        compiling one after another."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = [(T, s) for T in self.token_buckets for s in range(len(self.stages))]
+
+        def compile_one(job):
+            T, s = job
+            inp = self._dummy_inputs(T)
+            if s == 0:
+                args = self._stage_args(0, inp, self._kv(0))
+            else:  # the previous stage's hidden state, as an abstract value
+                _, pos, md, li = self._stage_inputs(s, inp)
+                x = jax.ShapeDtypeStruct((T, self.arch.hidden_size), self.stage_params[0]["embed"].dtype,
+                                         sharding=self.plan.replicated(s))
+                args = (self.stage_params[s], self._kv(s), x, pos, md, li)
+            self._stage_jits[s].lower(*args).compile()
+
+        with ThreadPoolExecutor(max(1, self.config.warmup_compile_threads)) as pool:
+            list(pool.map(compile_one, jobs))
+
+    def warmup(self, parallel: bool = False) -> float:
+        """Compile every bucket (stages, sampler variants, prompt logprobs, block copies).
+        parallel: compile the stages on threads into the persistent cache first."""
         t0 = time.perf_counter()
+        if parallel and self.config.warmup_compile_threads > 1:
+            self._precompile()
+            logger.info("warm-up: %d step variants compiled on %d threads in %.1f s", len(self.token_buckets) *
+                        len(self.stages), self.config.warmup_compile_threads, time.perf_counter() - t0)
         last = self.last
         for T in self.token_buckets:
             S = self.seq_bucket(T)
