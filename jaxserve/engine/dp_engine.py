@@ -119,10 +119,8 @@ class DataParallelEngine:
 
     @trace.setter
     def trace(self, value) -> None:
-        for e in self.replicas:
-            e.trace = value if value is None else []
-        if value is not None:
-            self.replicas[0].trace = value
+        """The trace records replica 0's steps (each replica has its own scheduler)."""
+        self.replicas[0].trace = value
 
     @property
     def runner(self):

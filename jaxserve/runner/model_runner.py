@@ -103,11 +103,11 @@ class ModelRunner:
                 p["lm_head"] = self.params["lm_head"]
         return p
 
-    def _kv_shardings(self, num_layers_per_stage=None):
+    def _kv_shardings(self):
+        """One sharding per layer: its stage's devices, split on the KV heads."""
         if self.plan is None:
             return None
-        return [self.plan.kv_sharding(s) for s, r in enumerate(self.stages)
-                for _ in range(num_layers_per_stage or len(r))]
+        return [self.plan.kv_sharding(s) for s, r in enumerate(self.stages) for _ in r]
 
     def _put(self, tree, stage: int):
         """Host inputs -> stage `stage`'s devices (replicated); one batched transfer."""
@@ -148,9 +148,9 @@ class ModelRunner:
     def _activation_bytes(self) -> int:
         """Peak temporaries of the largest step, read from XLA's memory analysis on a tiny cache."""
         T = self.token_buckets[-1]
-        tiny = kvc.allocate(dataclasses.replace(self.kv_spec, num_layers=len(self.stages[0])), 2,
-                            self._kv_shardings(len(self.stages[0]))[:len(self.stages[0])]
-                            if self.plan is not None else None)
+        n0 = len(self.stages[0])  # the first stage's layers: its devices hold the largest activations
+        tiny = kvc.allocate(dataclasses.replace(self.kv_spec, num_layers=n0), 2,
+                            self.plan.kv_sharding(0) if self.plan is not None else None)
         args = self._stage_args(0, self._dummy_inputs(T), tiny)
         try:
             compiled = jax.jit(functools.partial(self._stage_fn, 0)).lower(*args).compile()
