@@ -94,7 +94,7 @@ class ModelRunner:
         p = {"layers": self.params["layers"][r.start:r.stop]}
         if s == 0:
             p["embed"] = self.params["embed"]
-        if s == len(self.stages) - 1:
+        if s == self.last:
             p["final_norm"] = self.params["final_norm"]
             if self.arch.tie_word_embeddings:
                 p["embed"] = (self.params["embed"] if s == 0 else
@@ -363,17 +363,17 @@ class ModelRunner:
         T, S, n = len(inp.token_ids), len(inp.seq_lens), inp.num_seqs
         sb = pack_sampling([sr.sampling for sr in so.scheduled] + [None] * (S - n), S, self.max_model_len)
         assert not sb.penalties
+        # The sampling arrays go over once; only the per-sequence PRNG counters move each sub-step.
+        base = self._put(sb.arrays, self.last)
         sampled, tokens = [], None
         for k in range(K):
-            step_inp = inp
-            arrays = sb.arrays
+            step_inp, st = inp, base
             if k:
                 pos, slots, sl = advance_decode(inp, k, self.block_size)
                 step_inp = dataclasses.replace(inp, positions=pos, slot_mapping=slots, seq_lens=sl)
-                arrays = dict(sb.arrays, counters=sb.arrays["counters"] + np.int32(k))
+                st = dict(base, counters=self._put(sb.arrays["counters"] + np.int32(k), self.last))
             logits, _ = self._forward(step_inp, tokens)
-            toks = sample(logits, SamplingTensors(**self._put(arrays, self.last)), penalties=False,
-                          num_logprobs=self.max_logprobs)[0]
+            toks = sample(logits, SamplingTensors(**st), penalties=False, num_logprobs=self.max_logprobs)[0]
             sampled.append(toks)
             if k + 1 < K:
                 tokens = _feed(toks, T)
