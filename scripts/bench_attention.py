@@ -4,6 +4,7 @@ scaling, so q is pre-scaled) and the XLA reference, for Llama-3-8B heads (32 q /
 Also checks the kernel against the reference on every shape. Prints JSON lines and a table with
 achieved bytes/s (decode, vs the measured copy bandwidth) and FLOP/s (prefill, vs bf16 matmul)."""
 import argparse
+import functools
 import json
 import time
 
@@ -48,16 +49,54 @@ def batch(rng, q_lens, ctx, dtype=jnp.bfloat16):
     return q, kv, jnp.asarray(bt), jnp.asarray(np.asarray(ctx, np.int32)), jnp.asarray(qsl)
 
 
+def sweep():
+    """Tile configurations (query rows, KV tokens per iteration, warps, pipeline stages) on a few
+    decode and prefill shapes; one JSON line per (shape, config)."""
+    rng = np.random.default_rng(1)
+    scale = D ** -0.5
+    shapes = [("decode", 1, 8192), ("decode", 32, 2048), ("decode", 128, 2048), ("decode", 256, 8192),
+              ("prefill", 1, 4096), ("prefill", 1, 8192)]
+    for kind, b, c in shapes:
+        sets = [batch(rng, [1] * b, [c] * b) if kind == "decode" else batch(rng, [c], [c]) for _ in range(2)]
+        if kind == "decode":
+            confs = [(None, tk, w, st) for tk in (16, 32, 64, 128) for w in (4,) for st in (1, 2, 3)]
+            confs += [(None, 64, 8, 2), (None, 128, 8, 3)]
+        else:
+            confs = [(bq, tk, w, st) for bq in (16, 32) for tk in (32, 64, 128) for w in (4, 8) for st in (1, 2, 3)
+                     if not (bq == 32 and w == 4)]
+        for bq, tk, w, st in confs:
+            f = jax.jit(functools.partial(K.ragged_paged_attention, sm_scale=scale, bq=bq, kv_tile=tk,
+                                          num_warps=w, num_stages=st))
+            try:
+                t = timeit(f, sets, iters=10)
+            except Exception as e:  # a config Triton cannot build (e.g. shared memory): report, go on
+                print(json.dumps(dict(kind="sweep", shape=kind, batch=b, ctx=c, bq=bq, kv_tile=tk, warps=w,
+                                      stages=st, error=str(e)[:160])), flush=True)
+                continue
+            if kind == "decode":
+                perf = dict(tb_per_s=(b * c * HKV * D * 4 + 4 * b * HQ * D) / t / 1e12)
+            else:
+                perf = dict(tflop_per_s=4 * HQ * D * c * (c + 1) / 2 / t / 1e12)
+            print(json.dumps(dict(kind="sweep", shape=kind, batch=b, ctx=c, bq=bq, kv_tile=tk, warps=w, stages=st,
+                                  ms=t * 1e3, **perf)), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time tile configurations on a few shapes")
     args = ap.parse_args()
+    if args.sweep:
+        sweep()
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
 
     rng = np.random.default_rng(0)
     scale = D ** -0.5
     kern = jax.jit(lambda q, kv, bt, sl, qsl: K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=scale))
     ref = jax.jit(lambda q, kv, bt, sl, qsl: ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=scale))
+    # The previous kernel's loop shape (one 16-token block per iteration), for the same-run ratio.
+    kern_v1 = jax.jit(lambda q, kv, bt, sl, qsl: K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=scale,
+                                                                           kv_tile=BS))
     rows = []
     decode = [(b, c) for b in (1, 32, 128, 256) for c in (512, 2048, 8192, 32768) if b * c <= 256 * 8192]
     if args.quick:
@@ -68,6 +107,7 @@ def main():
         err = float(jnp.linalg.norm((kern(*sets[0]) - ref(*sets[0])).astype(jnp.float32)) /
                     jnp.linalg.norm(ref(*sets[0]).astype(jnp.float32)))
         t_k = timeit(kern, sets)
+        t_1 = timeit(kern_v1, sets)
         t_r = timeit(ref, sets)
         # JAX's kernel: head-major pages [Hkv, pages, page, D], q [B, Hq, D] pre-scaled.
         jsets = []
@@ -83,7 +123,8 @@ def main():
             print("jax paged_attention failed:", str(e)[:200])
             t_j = float("nan")
         nbytes = b * c * HKV * D * 2 * 2 + 2 * b * HQ * D * 2
-        rows.append(dict(kind="decode", batch=b, ctx=c, rel_err=err, kernel_ms=t_k * 1e3, jax_pa_ms=t_j * 1e3,
+        rows.append(dict(kind="decode", batch=b, ctx=c, rel_err=err, kernel_ms=t_k * 1e3, one_block_ms=t_1 * 1e3,
+                         jax_pa_ms=t_j * 1e3,
                          xla_ref_ms=t_r * 1e3, kernel_bytes_per_s=nbytes / t_k))
         print(json.dumps(rows[-1]), flush=True)
     prefill = [512, 2048, 4096, 8192] if not args.quick else [512, 2048]
@@ -92,9 +133,11 @@ def main():
         err = float(jnp.linalg.norm((kern(*sets[0]) - ref(*sets[0])).astype(jnp.float32)) /
                     jnp.linalg.norm(ref(*sets[0]).astype(jnp.float32)))
         t_k = timeit(kern, sets, iters=10)
+        t_1 = timeit(kern_v1, sets, iters=10)
         t_r = timeit(ref, sets, iters=5)
         flops = 4 * HQ * D * n * (n + 1) / 2  # causal: QK^T and PV over the lower triangle
-        rows.append(dict(kind="prefill", chunk=n, rel_err=err, kernel_ms=t_k * 1e3, xla_ref_ms=t_r * 1e3,
+        rows.append(dict(kind="prefill", chunk=n, rel_err=err, kernel_ms=t_k * 1e3, one_block_ms=t_1 * 1e3,
+                         xla_ref_ms=t_r * 1e3,
                          kernel_flops=flops / t_k))
         print(json.dumps(rows[-1]), flush=True)
 

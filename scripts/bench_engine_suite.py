@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--mesh", action="store_true")
+    ap.add_argument("--profile", metavar="DIR", help="also run each workload once more (largest K) under the "
+                    "JAX profiler and print where the GPU time went")
     a = ap.parse_args()
 
     import jax
@@ -69,6 +71,16 @@ def main():
             res.update(workload=name, num_scheduler_steps=k, mesh=a.mesh,
                        new_compilations=eng.runner.num_compilations() - c0)
             print(json.dumps(res), flush=True)
+        if a.profile:
+            from jaxserve.bench.profile import profile
+
+            def again():
+                if kind == "latency":
+                    return run_latency({}, batch_size=n, input_len=il, output_len=ol, num_iters=1, llm=llm)
+                return run_throughput({}, dataset="random", num_prompts=n, input_len=il, output_len=ol, llm=llm)
+            _, summ = profile(again, f"{a.profile}/{name}")
+            print(json.dumps(dict(kind="profile", workload=name, num_scheduler_steps=max(a.steps), **summ)),
+                  flush=True)
 
 
 if __name__ == "__main__":

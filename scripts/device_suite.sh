@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call for the engine figures: ceilings, the engine suite (single-step vs multi-step
 # on one compiled engine) and the HF transformers baseline, all in the same run.
-# Usage (GPU machine, repo root): bash scripts/device_suite.sh [engine|mesh]
+# Usage (GPU machine, repo root): bash scripts/device_suite.sh [engine|mesh|kernel|profile]
+#   kernel: the kernel's GPU tests, scripts/bench_attention.py (kernel vs its one-block loop vs JAX's
+#           paged attention vs XLA) and the tile sweep; profile: the engine suite under the profiler
 set -uo pipefail
 MODE=${1:-engine}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -13,6 +15,15 @@ if [ "$MODE" = engine ]; then
   python3 scripts/bench_ceilings.py 2>&1 | grep '^{' | tee -a "$OUT/results.jsonl"
   python3 scripts/bench_engine_suite.py --steps 1 8 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
   python3 scripts/bench_hf_baseline.py --batch-sizes 1 128 --input-len 128 --output-len 128 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
+elif [ "$MODE" = kernel ]; then
+  python3 scripts/bench_ceilings.py 2>&1 | grep '^{' | tee -a "$OUT/results.jsonl"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/pallas_kernels > "$OUT/kernel_tests.txt" 2>&1
+  tail -5 "$OUT/kernel_tests.txt"
+  timeout 400 python3 scripts/bench_attention.py ${ATTN_ARGS:---sweep} 2>&1 | grep -v Warn | tee "$OUT/attention.jsonl" | grep '^{' >> "$OUT/results.jsonl"
+elif [ "$MODE" = profile ]; then
+  python3 scripts/bench_engine_suite.py --steps ${STEPS:-8} --workloads ${WORKLOADS:-b1 128x128 1000x1000} \
+    --profile "$OUT/trace" 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
+  rm -rf "$OUT/trace"
 else
   for m in "" "--mesh"; do
     python3 scripts/bench_engine_suite.py $m --steps 1 8 --workloads b1 128x128 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"

@@ -53,8 +53,8 @@ def _dot(a, b, exact_f32: bool):
 
 def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tables_ref, q_ref, kv_ref,  # inputs
             o_ref, *ml_refs,  # outputs: o, and with split-K also the softmax max and sum per row
-            bq: int, gp: int, block_size: int, sm_scale: float, soft_cap: Optional[float],
-            sliding_window: Optional[int], max_blocks: int, ks: int):
+            bq: int, gp: int, block_size: int, kv_tile: int, sm_scale: float, soft_cap: Optional[float],
+            sliding_window: Optional[int], ks: int):
     t = pl.program_id(0)
     h = pl.program_id(1)
     split = pl.program_id(2)
@@ -77,28 +77,43 @@ def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tabl
     pos_m = jnp.broadcast_to(pos[:, None], (bq, gp)).reshape(bq * gp)  # [M]
     ok_m = jnp.broadcast_to(row_ok[:, None], (bq, gp)).reshape(bq * gp)
 
-    hi = jnp.minimum(ctx, jnp.max(jnp.where(row_ok, pos, 0)) + 1)
-    n_blocks = jnp.where(q_end > q_start, (hi + block_size - 1) // block_size, 0)
-    lo_block = 0
+    live = q_end > q_start
+    hi = jnp.minimum(ctx, jnp.max(jnp.where(row_ok, pos, 0)) + 1)  # keys [0, hi) can be seen
+    min_pos = jnp.min(jnp.where(row_ok, pos, ctx))
+    n_it = jnp.where(live, (hi + kv_tile - 1) // kv_tile, 0)  # KV tiles of kv_tile tokens
     if sliding_window is not None:
-        lo = jnp.maximum(jnp.min(jnp.where(row_ok, pos, ctx)) - sliding_window + 1, 0)
-        lo_block = lo // block_size
+        lo_it = jnp.maximum(min_pos - sliding_window + 1, 0) // kv_tile
+        full_it = lo_it  # with a window every tile is masked
+    else:
+        lo_it = 0
+        full_it = jnp.minimum((min_pos + 1) // kv_tile, n_it)  # tiles every row sees whole: no mask
 
-    def body(j, carry):
+    # One KV tile = kv_tile // block_size blocks gathered through the block table: token i of the
+    # tile is row (i % block_size) of block table entry (it * blocks_per_tile + i // block_size).
+    i_tok = jnp.arange(kv_tile, dtype=jnp.int32)
+    blk_col = i_tok // block_size
+    blk_row = i_tok % block_size
+    per_tile = kv_tile // block_size
+
+    def step(it, carry, masked: bool):
         m_i, l_i, acc = carry
-        blk = block_tables_ref[s, j]
-        k = kv_ref[0, blk, :, h, :]  # [BS, D]
-        v = kv_ref[1, blk, :, h, :]
-        sc = _dot(q, k.T, exact)  # [M, BS]
+        blk = block_tables_ref[s, it * per_tile + blk_col]  # [TK]
+        tok = blk * block_size + blk_row
+        k = kv_ref[0, tok, h, :]  # [TK, D]
+        v = kv_ref[1, tok, h, :]
+        sc = _dot(q, k.T, exact)  # [M, TK]
         if soft_cap is not None:
             sc = soft_cap * jnp.tanh(sc / soft_cap)
-        kpos = j * block_size + jnp.arange(block_size, dtype=jnp.int32)
-        mask = (kpos[None, :] <= pos_m[:, None]) & (kpos[None, :] < ctx) & ok_m[:, None]
-        if sliding_window is not None:
-            mask &= kpos[None, :] > pos_m[:, None] - sliding_window
-        sc = jnp.where(mask, sc, _NEG)
+        if masked:
+            kpos = it * kv_tile + i_tok
+            mask = (kpos[None, :] <= pos_m[:, None]) & (kpos[None, :] < ctx) & ok_m[:, None]
+            if sliding_window is not None:
+                mask &= kpos[None, :] > pos_m[:, None] - sliding_window
+            sc = jnp.where(mask, sc, _NEG)
         m_new = jnp.maximum(m_i, sc.max(axis=-1))
-        p = jnp.where(mask, jnp.exp(sc - m_new[:, None]), 0.0)
+        p = jnp.exp(sc - m_new[:, None])
+        if masked:
+            p = jnp.where(mask, p, 0.0)
         alpha = jnp.exp(m_i - m_new)
         l_i = l_i * alpha + p.sum(axis=-1)
         acc = acc * alpha[:, None] + _dot(p.astype(dt), v, exact)
@@ -107,13 +122,15 @@ def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tabl
     m0 = jnp.full((bq * gp,), _NEG, jnp.float32)
     l0 = jnp.zeros((bq * gp,), jnp.float32)
     a0 = jnp.zeros((bq * gp, d), jnp.float32)
-    if ks > 1:  # split-K: this program takes one contiguous share of the sequence's blocks
-        chunk = (n_blocks - lo_block + ks - 1) // ks
-        start = lo_block + split * chunk
-        stop = jnp.minimum(start + chunk, n_blocks)
+    if ks > 1:  # split-K: this program takes one contiguous share of the sequence's KV tiles
+        chunk = (n_it - lo_it + ks - 1) // ks
+        start = lo_it + split * chunk
+        stop = jnp.maximum(start, jnp.minimum(start + chunk, n_it))
     else:
-        start, stop = lo_block, n_blocks
-    m_i, l_i, acc = jax.lax.fori_loop(start, jnp.maximum(start, stop), body, (m0, l0, a0))
+        start, stop = lo_it, n_it
+    mid = jnp.clip(full_it, start, stop)  # [start, mid) unmasked, [mid, stop) masked
+    carry = jax.lax.fori_loop(start, mid, functools.partial(step, masked=False), (m0, l0, a0))
+    m_i, l_i, acc = jax.lax.fori_loop(mid, stop, functools.partial(step, masked=True), carry)
     out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
     # Masked: the rows past q_end belong to the next sequence's tile.
     row_mask = jnp.broadcast_to(row_ok[:, None, None], (bq, gp, d))
@@ -167,19 +184,25 @@ def choose_kv_splits(num_tiles: int, num_kv_heads: int, num_tokens: int, num_seq
 
 def choose_query_tile(num_tokens: int, num_seqs: int, group: int) -> int:
     """Decode-heavy buckets (about one token per sequence) use the smallest tile that still gives
-    the matrix units 16 rows; prefill-heavy ones use 64-row tiles."""
+    the matrix units 16 rows; prefill-heavy ones use 128-row tiles (tokens x padded group)."""
     gp = _next_pow2(group)
-    rows = 16 if num_tokens <= 2 * num_seqs else 64
+    rows = 16 if num_tokens <= 2 * num_seqs else 128
     return max(1, rows // gp)
 
 
+def choose_kv_tile(block_size: int, rows: int) -> int:
+    """KV tokens per loop iteration: several 16-token blocks gathered at once, so each iteration
+    issues enough loads to hide memory latency and gives the dot products a 64-wide K/N side."""
+    return max(block_size, 64)
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret", "bq",
-                                             "kv_splits", "num_warps", "num_stages"))
+                                             "kv_splits", "kv_tile", "num_warps", "num_stages"))
 def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, *, sm_scale: float,
                            soft_cap: Optional[float] = None, sliding_window: Optional[int] = None,
                            interpret: Optional[bool] = None, bq: Optional[int] = None,
-                           kv_splits: Optional[int] = None, num_warps: int = 4,
-                           num_stages: int = 2):
+                           kv_splits: Optional[int] = None, kv_tile: Optional[int] = None,
+                           num_warps: Optional[int] = None, num_stages: int = 2):
     """q [T, Hq, D]; kv_cache [2, NB, BS, Hkv, D] -> [T, Hq, D]; semantics of reference.py."""
     _validate(q, kv_cache, block_tables, seq_lens, query_start_loc)
     if interpret is None:
@@ -210,8 +233,18 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     qh = jnp.pad(qh, ((0, 0), (0, bq), (0, gp - g), (0, 0)))
 
     ks = kv_splits or choose_kv_splits(NT, hkv, T, S)
-    kernel = functools.partial(_kernel, bq=bq, gp=gp, block_size=bs, sm_scale=sm_scale, soft_cap=soft_cap,
-                               sliding_window=sliding_window, max_blocks=block_tables.shape[1], ks=ks)
+    tk = kv_tile or choose_kv_tile(bs, bq * gp)
+    if tk % bs or tk & (tk - 1):
+        raise ValueError(f"kv_tile must be a power-of-two multiple of block_size {bs}, got {tk}")
+    per_tile = tk // bs
+    mb = block_tables.shape[1]
+    if mb % per_tile:  # whole tiles of block-table columns (padding points at the null block 0)
+        block_tables = jnp.pad(block_tables, ((0, 0), (0, per_tile - mb % per_tile)))
+    nb = kv_cache.shape[1]
+    kv_tokens = kv_cache.reshape(2, nb * bs, hkv, d)  # free: tokens of a block are contiguous
+    num_warps = num_warps or (8 if bq * gp >= 128 else 4)
+    kernel = functools.partial(_kernel, bq=bq, gp=gp, block_size=bs, kv_tile=tk, sm_scale=sm_scale,
+                               soft_cap=soft_cap, sliding_window=sliding_window, ks=ks)
     full = lambda shape: pl.BlockSpec(shape, lambda t, h, p: (0,) * len(shape))  # noqa: E731
     kwargs = {}
     if not interpret:
@@ -227,13 +260,13 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
         kernel,
         grid=(NT, hkv, ks),
         in_specs=[full((NT,)), full((NT,)), full((NT,)), full((S,)), full(block_tables.shape), full(qh.shape),
-                  full(kv_cache.shape)],
+                  full(kv_tokens.shape)],
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
         name="ragged_paged_attention",
         **kwargs,
-    )(tile_seq, tile_start, tile_end, seq_lens, block_tables, qh, kv_cache)
+    )(tile_seq, tile_start, tile_end, seq_lens, block_tables, qh, kv_tokens)
     if ks > 1:  # combine the splits' partial softmaxes
         o_p, m_p, l_p = res
         m = m_p.max(axis=0)

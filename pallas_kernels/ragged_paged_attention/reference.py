@@ -72,13 +72,15 @@ def ragged_paged_attention_reference(
     my_blocks = block_tables[seq_idx]  # [T, MB]
     ctx = jnp.where(valid, seq_lens[seq_idx], 0)  # [T]
     n_blocks = (jnp.max(ctx) + bs - 1) // bs
+    # Float32 inputs get true float32 products (XLA's default on GPUs rounds them to TF32).
+    prec = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     def body(j, carry):
         m, l, acc = carry  # [T,Hkv,G], [T,Hkv,G], [T,Hkv,G,D]
         blk = my_blocks[:, j]  # [T]
         k = kv_cache[0, blk].astype(jnp.float32)  # [T, BS, Hkv, D]
         v = kv_cache[1, blk].astype(jnp.float32)
-        s = jnp.einsum("thgd,tbhd->thgb", qg, k)  # [T, Hkv, G, BS]
+        s = jnp.einsum("thgd,tbhd->thgb", qg, k, precision=prec)  # [T, Hkv, G, BS]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         kpos = j * bs + jnp.arange(bs, dtype=jnp.int32)  # [BS]
@@ -91,7 +93,7 @@ def ragged_paged_attention_reference(
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
         l = l * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + jnp.einsum("thgb,tbhd->thgd", p, v)
+        acc = acc * alpha[..., None] + jnp.einsum("thgb,tbhd->thgd", p, v, precision=prec)
         return m_new, l, acc
 
     init = (

@@ -88,13 +88,20 @@ def test_split_k_matches_reference(case):
     _check_case(case, jnp.float32, 1e-5, 3)
 
 
-def _check_case(case, dtype, tol, kv_splits):
+@pytest.mark.parametrize("kv_tile,kv_splits", [(32, None), (128, 2)])
+def test_kv_tile_of_several_blocks(kv_tile, kv_splits):
+    """KV tiles gathering 2 and 8 blocks of 16 through the block table (masked and unmasked
+    iterations, with and without split-K) on a mixed prefill + decode batch."""
+    _check_case(([40, 1, 1], [300, 129, 16], 16, 4, 64, 16), jnp.float32, 1e-5, kv_splits, kv_tile=kv_tile)
+
+
+def _check_case(case, dtype, tol, kv_splits, **kw):
     q_lens, ctx, hq, hkv, d, bs = case
     rng = np.random.default_rng(len(q_lens) * 7 + d)
     q, kv, bt, sl, qsl = make_batch(rng, q_lens, ctx, hq, hkv, d, bs, dtype)
     scale = d ** -0.5
     ref = ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=scale)
-    got = K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=scale, kv_splits=kv_splits)
+    got = K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=scale, kv_splits=kv_splits, **kw)
     got = np.asarray(got.astype(jnp.float32))
     assert not np.isnan(got).any()
     n = int(qsl[-1])
@@ -134,6 +141,8 @@ def test_validation_errors():
         K.ragged_paged_attention(q[:, :3], kv, bt, sl, qsl, sm_scale=1.0)
     with pytest.raises(ValueError, match="query_start_loc"):
         K.ragged_paged_attention(q, kv, bt, sl, qsl[:-1], sm_scale=1.0)
+    with pytest.raises(ValueError, match="kv_tile"):
+        K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=1.0, kv_tile=24)
     with pytest.raises(ValueError, match="int32"):
         K.ragged_paged_attention(q, kv, bt.astype(jnp.int64) if jax.config.jax_enable_x64 else bt.astype(jnp.int16),
                                  sl, qsl, sm_scale=1.0)

@@ -1,0 +1,85 @@
+"""Where device time goes: run a callable under the JAX profiler and summarize the trace's GPU
+kernels (total time per kernel name and per category, and how busy the device was over the wall
+time). Used by scripts/bench_engine_suite.py --profile."""
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import time
+from typing import Callable
+
+CATEGORIES = (  # first match wins; lower-case substrings of kernel names
+    ("attention", ("ragged_paged_attention", "paged_attention")),
+    ("matmul", ("gemm", "xmma", "cutlass", "cublas", "nvjet", "sm90_", "dot")),
+    ("kv_write", ("scatter",)),
+    ("copy/memset", ("memcpy", "memset", "copy")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other (fusions, sampling, norms)"
+
+
+def summarize(trace_dir: str, wall_s: float, top: int = 20) -> dict:
+    """Aggregate the GPU planes of the newest .xplane.pb under trace_dir."""
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        return dict(error=f"no .xplane.pb under {trace_dir}")
+    pd = ProfileData.from_file(files[-1])
+    per_name: dict = collections.Counter()
+    count: dict = collections.Counter()
+    intervals = []
+    line_names = []
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            line_names.append(line.name)
+            # Stream lines hold the kernels; XLA-op and module lines repeat the same time.
+            if "stream" not in line.name.lower() or "memcpy" in line.name.lower():
+                continue
+            for ev in line.events:
+                per_name[ev.name] += ev.duration_ns
+                count[ev.name] += 1
+                intervals.append((ev.start_ns, ev.end_ns))
+    busy = 0.0
+    end = None
+    for a, b in sorted(intervals):  # union of kernel intervals = time the GPU was doing something
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    total = sum(per_name.values()) or 1
+    by_cat: dict = collections.Counter()
+    for n, t in per_name.items():
+        by_cat[category(n)] += t
+    return dict(
+        wall_s=wall_s,
+        gpu_busy_s=busy / 1e9,
+        gpu_busy_frac=busy / 1e9 / wall_s if wall_s else None,
+        kernel_s=total / 1e9,
+        by_category={k: round(v / total, 4) for k, v in by_cat.most_common()},
+        top_kernels=[dict(name=n[:90], frac=round(t / total, 4), calls=count[n], mean_us=round(t / count[n] / 1e3, 1))
+                     for n, t in per_name.most_common(top)],
+        gpu_lines=line_names[:12],
+    )
+
+
+def profile(fn: Callable[[], object], trace_dir: str, top: int = 20) -> tuple[object, dict]:
+    """Run fn() under jax.profiler.trace; return (fn's result, summarize(...))."""
+    import jax
+
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+        res = fn()
+    wall = time.perf_counter() - t0
+    return res, summarize(trace_dir, wall, top)
