@@ -86,8 +86,6 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time tile configurations on a few shapes")
     args = ap.parse_args()
-    if args.sweep:
-        sweep()
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
 
     rng = np.random.default_rng(0)
@@ -140,6 +138,8 @@ def main():
                          xla_ref_ms=t_r * 1e3,
                          kernel_flops=flops / t_k))
         print(json.dumps(rows[-1]), flush=True)
+    if args.sweep:
+        sweep()
 
 
 if __name__ == "__main__":
