@@ -54,31 +54,30 @@ def sweep():
     decode and prefill shapes; one JSON line per (shape, config)."""
     rng = np.random.default_rng(1)
     scale = D ** -0.5
-    shapes = [("decode", 1, 8192), ("decode", 32, 2048), ("decode", 128, 2048), ("decode", 256, 8192),
-              ("prefill", 1, 4096), ("prefill", 1, 8192)]
+    shapes = [("decode", 1, 8192), ("decode", 32, 512), ("decode", 32, 2048), ("decode", 128, 2048),
+              ("decode", 256, 2048), ("decode", 256, 8192), ("prefill", 1, 4096), ("prefill", 1, 8192)]
     for kind, b, c in shapes:
         sets = [batch(rng, [1] * b, [c] * b) if kind == "decode" else batch(rng, [c], [c]) for _ in range(2)]
         if kind == "decode":
-            confs = [(None, tk, w, st) for tk in (16, 32, 64, 128) for w in (4,) for st in (1, 2, 3)]
-            confs += [(None, 64, 8, 2), (None, 128, 8, 3)]
+            confs = [(None, tk, 4, st, True) for tk in (64, 128) for st in (2, 3)] + [(None, 256, 4, 2, True)]
         else:
-            confs = [(bq, tk, w, st) for bq in (16, 32) for tk in (32, 64, 128) for w in (4, 8) for st in (1, 2, 3)
-                     if not (bq == 32 and w == 4)]
-        for bq, tk, w, st in confs:
+            confs = [(bq, tk, w, st, hf) for (bq, tk, w) in ((16, 64, 4), (32, 128, 8), (32, 64, 8), (16, 128, 4))
+                     for st in (2, 3) for hf in (True, False)]
+        for bq, tk, w, st, hf in confs:
             f = jax.jit(functools.partial(K.ragged_paged_attention, sm_scale=scale, bq=bq, kv_tile=tk,
-                                          num_warps=w, num_stages=st))
+                                          num_warps=w, num_stages=st, heavy_first=hf))
             try:
                 t = timeit(f, sets, iters=10)
             except Exception as e:  # a config Triton cannot build (e.g. shared memory): report, go on
                 print(json.dumps(dict(kind="sweep", shape=kind, batch=b, ctx=c, bq=bq, kv_tile=tk, warps=w,
-                                      stages=st, error=str(e)[:160])), flush=True)
+                                      stages=st, heavy_first=hf, error=str(e)[:160])), flush=True)
                 continue
             if kind == "decode":
                 perf = dict(tb_per_s=(b * c * HKV * D * 4 + 4 * b * HQ * D) / t / 1e12)
             else:
                 perf = dict(tflop_per_s=4 * HQ * D * c * (c + 1) / 2 / t / 1e12)
             print(json.dumps(dict(kind="sweep", shape=kind, batch=b, ctx=c, bq=bq, kv_tile=tk, warps=w, stages=st,
-                                  ms=t * 1e3, **perf)), flush=True)
+                                  heavy_first=hf, ms=t * 1e3, **perf)), flush=True)
 
 
 def main():
@@ -94,7 +93,8 @@ def main():
     ref = jax.jit(lambda q, kv, bt, sl, qsl: ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=scale))
     # The previous kernel's loop shape (one 16-token block per iteration), for the same-run ratio.
     kern_v1 = jax.jit(lambda q, kv, bt, sl, qsl: K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=scale,
-                                                                           kv_tile=BS))
+                                                                           kv_tile=BS, num_stages=2,
+                                                                           heavy_first=False))
     rows = []
     decode = [(b, c) for b in (1, 32, 128, 256) for c in (512, 2048, 8192, 32768) if b * c <= 256 * 8192]
     if args.quick:

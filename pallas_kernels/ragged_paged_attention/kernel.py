@@ -8,8 +8,11 @@ only, e.g. 3 -> 4). The program walks its sequence's block table with an online 
 float32. The tile list is computed in the jitted wrapper from query_start_loc, so one compiled
 kernel serves every mix of prefill chunks and decodes of a bucket.
 
-Layout contract: reference.py. Not done yet (see docs/kernels.md): split-K over long contexts
-for small decode batches, several blocks per iteration, fused K/V writes.
+Each loop iteration gathers a KV tile of several blocks through the block table (64-128 tokens),
+and tiles that every query row sees whole skip the causal mask. Small decode batches split each
+sequence's KV tiles over several programs (split-K) and combine the partial softmaxes after.
+
+Layout contract: reference.py. Tuning and measurements: docs/kernels.md, docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -54,8 +57,10 @@ def _dot(a, b, exact_f32: bool):
 def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tables_ref, q_ref, kv_ref,  # inputs
             o_ref, *ml_refs,  # outputs: o, and with split-K also the softmax max and sum per row
             bq: int, gp: int, block_size: int, kv_tile: int, sm_scale: float, soft_cap: Optional[float],
-            sliding_window: Optional[int], ks: int):
-    t = pl.program_id(0)
+            sliding_window: Optional[int], ks: int, nt: int, heavy_first: bool):
+    # heavy_first: launch the last tiles first; in a causal prefill they see the most keys, so
+    # the long programs start early and the short ones fill the tail of the grid.
+    t = nt - 1 - pl.program_id(0) if heavy_first else pl.program_id(0)
     h = pl.program_id(1)
     split = pl.program_id(2)
     s = tile_seq_ref[t]
@@ -182,27 +187,34 @@ def choose_kv_splits(num_tiles: int, num_kv_heads: int, num_tokens: int, num_seq
     return int(min(16, max(1, -(-264 // programs))))
 
 
-def choose_query_tile(num_tokens: int, num_seqs: int, group: int) -> int:
-    """Decode-heavy buckets (about one token per sequence) use the smallest tile that still gives
-    the matrix units 16 rows; prefill-heavy ones use 128-row tiles (tokens x padded group)."""
+def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dtype) -> tuple[int, int, int, int]:
+    """(query tokens per tile, KV tokens per iteration, warps, pipeline stages) for a bucket.
+
+    Decode-heavy buckets (about one token per sequence) use the smallest query tile that still
+    gives the matrix units 16 rows (tokens x padded group); prefill-heavy ones 64 rows. KV tiles
+    gather several blocks per iteration so each iteration issues enough loads to hide memory
+    latency. Float32 inputs (3xTF32 products) use smaller tiles to fit shared memory. The numbers
+    come from the H100 sweep in docs/benchmarks.md (scripts/bench_attention.py --sweep)."""
     gp = _next_pow2(group)
-    rows = 16 if num_tokens <= 2 * num_seqs else 128
-    return max(1, rows // gp)
-
-
-def choose_kv_tile(block_size: int, rows: int) -> int:
-    """KV tokens per loop iteration: several 16-token blocks gathered at once, so each iteration
-    issues enough loads to hide memory latency and gives the dot products a 64-wide K/N side."""
-    return max(block_size, 64)
+    decode = num_tokens <= 2 * num_seqs
+    if jnp.dtype(dtype) == jnp.float32:
+        rows, tk, warps, stages = 16 if decode else 64, 32, 4, 1
+    elif decode:
+        rows, tk, warps, stages = 16, 128, 4, 3
+    else:
+        rows, tk, warps, stages = 64, 64, 4, 2
+    return max(1, rows // gp), max(block_size, tk), warps, stages
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret", "bq",
-                                             "kv_splits", "kv_tile", "num_warps", "num_stages"))
+                                             "kv_splits", "kv_tile", "num_warps", "num_stages",
+                                             "heavy_first"))
 def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, *, sm_scale: float,
                            soft_cap: Optional[float] = None, sliding_window: Optional[int] = None,
                            interpret: Optional[bool] = None, bq: Optional[int] = None,
                            kv_splits: Optional[int] = None, kv_tile: Optional[int] = None,
-                           num_warps: Optional[int] = None, num_stages: int = 2):
+                           num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                           heavy_first: bool = True):
     """q [T, Hq, D]; kv_cache [2, NB, BS, Hkv, D] -> [T, Hq, D]; semantics of reference.py."""
     _validate(q, kv_cache, block_tables, seq_lens, query_start_loc)
     if interpret is None:
@@ -212,7 +224,8 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     S = seq_lens.shape[0]
     g = hq // hkv
     gp = _next_pow2(g)
-    bq = bq or choose_query_tile(T, S, g)
+    c_bq, c_tk, c_warps, c_stages = choose_tiles(T, S, g, bs, q.dtype)
+    bq = bq or c_bq
 
     # Tile list: each sequence's queries cut into tiles of bq rows.
     q_len = query_start_loc[1:] - query_start_loc[:-1]  # [S]
@@ -221,7 +234,9 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     first = cum - n_tiles
     NT = -(-T // bq) + S  # static upper bound on the number of tiles
     tid = jnp.arange(NT, dtype=jnp.int32)
-    tile_seq = jnp.clip(jnp.searchsorted(cum, tid, side="right"), 0, S - 1).astype(jnp.int32)
+    # compare_all: one fused comparison; the default binary search is a device while loop, which
+    # on GPUs costs a host round trip per iteration (it dominated small decode batches).
+    tile_seq = jnp.clip(jnp.searchsorted(cum, tid, side="right", method="compare_all"), 0, S - 1).astype(jnp.int32)
     live = tid < cum[-1]
     tile_start = query_start_loc[tile_seq] + (tid - first[tile_seq]) * bq
     tile_end = jnp.where(live, query_start_loc[tile_seq + 1], tile_start).astype(jnp.int32)
@@ -233,7 +248,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     qh = jnp.pad(qh, ((0, 0), (0, bq), (0, gp - g), (0, 0)))
 
     ks = kv_splits or choose_kv_splits(NT, hkv, T, S)
-    tk = kv_tile or choose_kv_tile(bs, bq * gp)
+    tk = kv_tile or c_tk
     if tk % bs or tk & (tk - 1):
         raise ValueError(f"kv_tile must be a power-of-two multiple of block_size {bs}, got {tk}")
     per_tile = tk // bs
@@ -242,9 +257,10 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
         block_tables = jnp.pad(block_tables, ((0, 0), (0, per_tile - mb % per_tile)))
     nb = kv_cache.shape[1]
     kv_tokens = kv_cache.reshape(2, nb * bs, hkv, d)  # free: tokens of a block are contiguous
-    num_warps = num_warps or (8 if bq * gp >= 128 else 4)
+    num_warps = num_warps or c_warps
+    num_stages = num_stages or c_stages
     kernel = functools.partial(_kernel, bq=bq, gp=gp, block_size=bs, kv_tile=tk, sm_scale=sm_scale,
-                               soft_cap=soft_cap, sliding_window=sliding_window, ks=ks)
+                               soft_cap=soft_cap, sliding_window=sliding_window, ks=ks, nt=NT, heavy_first=heavy_first)
     full = lambda shape: pl.BlockSpec(shape, lambda t, h, p: (0,) * len(shape))  # noqa: E731
     kwargs = {}
     if not interpret:

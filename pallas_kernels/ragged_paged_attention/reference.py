@@ -43,7 +43,7 @@ def token_layout(query_start_loc, seq_lens, num_tokens):
     """
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     num_seqs = seq_lens.shape[0]
-    seq_idx = jnp.searchsorted(query_start_loc, t, side="right").astype(jnp.int32) - 1
+    seq_idx = jnp.searchsorted(query_start_loc, t, side="right", method="compare_all").astype(jnp.int32) - 1
     seq_idx = jnp.clip(seq_idx, 0, num_seqs - 1)
     valid = t < query_start_loc[-1]
     q_len = query_start_loc[seq_idx + 1] - query_start_loc[seq_idx]
