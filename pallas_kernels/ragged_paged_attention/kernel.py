@@ -200,7 +200,7 @@ def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dt
     if jnp.dtype(dtype) == jnp.float32:
         rows, tk, warps, stages = 16 if decode else 64, 32, 4, 1
     elif decode:
-        rows, tk, warps, stages = 16, 128, 4, 3
+        rows, tk, warps, stages = 16, 128, 4, 2
     else:
         rows, tk, warps, stages = 64, 64, 4, 2
     return max(1, rows // gp), max(block_size, tk), warps, stages
