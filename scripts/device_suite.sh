@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the engine figures: ceilings, the engine suite (single-step vs multi-step
 # on one compiled engine) and the HF transformers baseline, all in the same run.
-# Usage (GPU machine, repo root): bash scripts/device_suite.sh [engine|mesh|kernel|profile]
+# Usage (GPU machine, repo root): bash scripts/device_suite.sh [engine|mesh|kernel|profile|steps]
 #   kernel: the kernel's GPU tests, scripts/bench_attention.py (kernel vs its one-block loop vs JAX's
 #           paged attention vs XLA) and the tile sweep; profile: the engine suite under the profiler
 set -uo pipefail
@@ -20,6 +20,11 @@ elif [ "$MODE" = kernel ]; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/pallas_kernels > "$OUT/kernel_tests.txt" 2>&1
   tail -5 "$OUT/kernel_tests.txt"
   timeout 400 python3 scripts/bench_attention.py ${ATTN_ARGS:---sweep} 2>&1 | grep -v Warn | tee "$OUT/attention.jsonl" | grep '^{' >> "$OUT/results.jsonl"
+elif [ "$MODE" = steps ]; then  # one engine step's GPU time: command buffers on (untraced) vs off (traced)
+  python3 scripts/profile_engine.py --no-trace 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 scripts/profile_engine.py --trace-dir "$OUT/trace" 2>&1 \
+    | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
+  rm -rf "$OUT/trace"
 elif [ "$MODE" = profile ]; then
   python3 scripts/bench_engine_suite.py --steps ${STEPS:-8} --workloads ${WORKLOADS:-b1 128x128 1000x1000} \
     --profile "$OUT/trace" 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"

@@ -1,0 +1,90 @@
+"""Where one engine step's time goes on the GPU: steady-state decode at batch 1 and 256 and a full
+prefill step, on Llama-3-8B-shaped dummy weights. For each scenario: wall ms per engine step
+(untraced), then the same steps under the JAX profiler with GPU time per kernel category and the
+top kernels. One JSON line per scenario.
+
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 scripts/profile_engine.py
+
+Kernels launched inside XLA command buffers (CUDA graphs) are not seen one by one by the
+profiler, so profile with command buffers off (the flag above); the untraced wall times of a run
+with them on are the comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--steps", type=int, default=8, help="num_scheduler_steps")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--trace-dir", default="/tmp/jaxserve-trace")
+    ap.add_argument("--no-trace", action="store_true")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    a = ap.parse_args()
+
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.bench.profile import profile
+
+    llm = LLM(model=a.model, load_format="dummy", max_model_len=a.max_model_len, max_num_seqs=256,
+              max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=a.steps)
+    eng = llm.llm_engine
+    vocab = eng.model.arch.vocab_size
+    rng = np.random.default_rng(0)
+    flags = os.environ.get("XLA_FLAGS", "")
+    n = 0
+
+    def add(batch, input_len, max_tokens):
+        nonlocal n
+        for _ in range(batch):
+            n += 1
+            eng.add_request(f"p{n}", rng.integers(min(1000, vocab // 2), vocab, input_len).tolist(),
+                            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), stream=False)
+
+    def drain():
+        for rid in list(eng._requests):
+            eng.abort_request(rid)
+        while eng.has_unfinished_requests():
+            eng.step()
+
+    def report(name, steps_fn, num_steps):
+        t0 = time.perf_counter()
+        for _ in range(num_steps):
+            steps_fn()
+        wall = (time.perf_counter() - t0) / num_steps
+        res = dict(kind="profile_step", scenario=name, xla_flags=flags, wall_ms_per_step=wall * 1e3,
+                   num_scheduler_steps=a.steps)
+        if not a.no_trace:
+            def run():
+                for _ in range(num_steps):
+                    steps_fn()
+            _, summ = profile(run, f"{a.trace_dir}/{name}", top=12)
+            summ["kernel_ms_per_step"] = summ.pop("kernel_s") * 1e3 / num_steps
+            summ.pop("gpu_lines", None)
+            res.update(summ)
+        print(json.dumps(res), flush=True)
+
+    # Decode, steady state: the batch is fully prefilled before timing.
+    for batch, ctx in ((1, 128), (256, 256)):
+        add(batch, ctx, a.max_model_len - ctx - 1)
+        for _ in range(4):
+            eng.step()
+        report(f"decode_b{batch}_ctx{ctx}", eng.step, 6)
+        drain()
+    # A full prefill step: 64 prompts of 128 tokens (8192 tokens), one engine step each.
+    def prefill_step():
+        add(a.max_num_batched_tokens // 128, 128, 1)
+        while eng.has_unfinished_requests():
+            eng.step()
+    prefill_step()
+    report(f"prefill_{a.max_num_batched_tokens}", prefill_step, 3)
+
+
+if __name__ == "__main__":
+    main()
