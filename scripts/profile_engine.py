@@ -70,6 +70,27 @@ def main():
             res.update(summ)
         print(json.dumps(res), flush=True)
 
+    # The sampler alone on a 256-row batch: with logprob work (sample) vs tokens only.
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.runner.sampler import SamplingTensors, sample, sample_tokens
+    from jaxserve.runner.sampling_inputs import pack_sampling
+
+    sb = pack_sampling([None] * 256, 256, 2048)
+    st = SamplingTensors(**{k: jnp.asarray(v) for k, v in sb.arrays.items()})
+    lgs = [jax.random.normal(jax.random.PRNGKey(i), (256, vocab), jnp.float32) for i in range(2)]
+    fns = dict(sample=lambda x: sample(x, st, penalties=False, num_logprobs=eng.runner.max_logprobs),
+               sample_tokens=lambda x: sample_tokens(x, st, penalties=False))
+    times = {}
+    for name, f in fns.items():
+        jax.block_until_ready(f(lgs[0]))
+        t0 = time.perf_counter()
+        for i in range(20):
+            jax.block_until_ready(f(lgs[i % 2]))
+        times[name + "_ms"] = (time.perf_counter() - t0) / 20 * 1e3
+    print(json.dumps(dict(kind="sampler", rows=256, vocab=vocab, xla_flags=flags, **times)), flush=True)
+
     # Decode, steady state: the batch is fully prefilled before timing.
     for batch, ctx in ((1, 128), (256, 256)):
         add(batch, ctx, a.max_model_len - ctx - 1)

@@ -24,7 +24,7 @@ from jaxserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from jaxserve.models.attention import AttentionBackend, AttentionMetadata
 from jaxserve.runner import kv_cache as kvc
 from jaxserve.runner.input_batch import StepInputs, advance_decode, geometric_buckets, prepare_inputs
-from jaxserve.runner.sampler import SamplingTensors, sample, token_logprobs
+from jaxserve.runner.sampler import SamplingTensors, sample, sample_tokens, token_logprobs
 from jaxserve.runner.sampling_inputs import pack_sampling
 from jaxserve.parallel.plan import fetch, put, split_layers
 
@@ -255,14 +255,15 @@ class ModelRunner:
                 if penalties:
                     sb.arrays["prompt_ids"] = np.full((S, self.max_model_len), -1, np.int32)
                     sb.arrays["output_ids"] = np.full((S, self.max_model_len), -1, np.int32)
-                out = sample(logits, SamplingTensors(**self._put(sb.arrays, last)), penalties=penalties,
-                             num_logprobs=self.max_logprobs)
+                st = SamplingTensors(**self._put(sb.arrays, last))
+                out = sample(logits, st, penalties=penalties, num_logprobs=self.max_logprobs)
+                toks = sample_tokens(logits, st, penalties=penalties)
             if self.config.scheduler.num_scheduler_steps > 1:  # the multi-step token feed
-                jax.block_until_ready(self._forward(self._dummy_inputs(T), _feed(out[0], T)))
+                jax.block_until_ready(self._forward(self._dummy_inputs(T), _feed(toks, T)))
             z = np.zeros(_PROMPT_LOGPROB_ROWS, np.int32)
             lg = self._logits(self.head_params, hidden, self._put(z, last))
             out2 = token_logprobs(lg, self._put(z, last), num_logprobs=self.max_logprobs)
-            jax.block_until_ready((out, out2))
+            jax.block_until_ready((out, toks, out2))
         for k in _PAIR_BUCKETS[:2]:
             z = np.zeros(k, np.int32)
             self._copy_blocks(z, z)
@@ -373,7 +374,7 @@ class ModelRunner:
                 step_inp = dataclasses.replace(inp, positions=pos, slot_mapping=slots, seq_lens=sl)
                 st = dict(base, counters=self._put(sb.arrays["counters"] + np.int32(k), self.last))
             logits, _ = self._forward(step_inp, tokens)
-            toks = sample(logits, SamplingTensors(**st), penalties=False, num_logprobs=self.max_logprobs)[0]
+            toks = sample_tokens(logits, SamplingTensors(**st), penalties=False)
             sampled.append(toks)
             if k + 1 < K:
                 tokens = _feed(toks, T)
@@ -388,14 +389,14 @@ class ModelRunner:
         for i in rows:
             states[i] = so.scheduled[i].sampling
         sb = pack_sampling(states, S, self.max_model_len)
-        toks, lp, rank, top_ids, top_lps = sample(
-            logits, SamplingTensors(**self._put(sb.arrays, self.last)), penalties=sb.penalties,
-            num_logprobs=self.max_logprobs)
-        # One device-to-host transfer: the token ids, plus logprobs only when someone asked.
+        st = SamplingTensors(**self._put(sb.arrays, self.last))
+        # One device-to-host transfer: the token ids, plus logprobs only when someone asked (the
+        # logprob work itself runs only then).
         if want_lp:
-            toks, lp, rank, top_ids, top_lps = fetch((toks, lp, rank, top_ids, top_lps), self.plan, self.last)
+            res = sample(logits, st, penalties=sb.penalties, num_logprobs=self.max_logprobs)
+            toks, lp, rank, top_ids, top_lps = fetch(res, self.plan, self.last)
         else:
-            toks = fetch(toks, self.plan, self.last)
+            toks = fetch(sample_tokens(logits, st, penalties=sb.penalties), self.plan, self.last)
         out = ModelRunnerOutput(req_ids=[so.scheduled[i].req_id for i in rows],
                                 sampled_token_ids=np.asarray(toks)[rows])
         if want_lp:

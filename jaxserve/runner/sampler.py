@@ -1,9 +1,10 @@
 """On-device sampling: logits processors, greedy / random sampling, logprobs.
 
-Two compiled variants per sequence bucket (with or without penalties, whose token histories are
-[S, max_model_len] wide); greedy-vs-random is a runtime branch and logprobs are always computed
-(top-k with k = max_logprobs), so the variant count stays small and the runner compiles all of
-them at warm-up. Only sampled token ids and their logprobs go back to the host.
+Per sequence bucket: with or without penalties (whose token histories are [S, max_model_len]
+wide) x with logprobs (sample: top-k with k = max_logprobs) or tokens only (sample_tokens, for the
+usual step where nobody asked for logprobs). Greedy-vs-random and logit bias are runtime branches,
+so the variant count stays small and the runner compiles all of them at warm-up. Only sampled
+token ids and their logprobs go back to the host.
 
 Reproducibility: row i draws with key fold_in(PRNGKey(seed_i), counter_i), where counter_i is the
 number of tokens that sequence has generated, so a seeded request samples the same tokens
@@ -65,7 +66,19 @@ def _process(logits, t: SamplingTensors, penalties: bool):
     logits = logits.astype(jnp.float32)
     if penalties:
         logits = _apply_penalties(logits, t)
-    return logits + _scatter_rows(logits.shape, t.bias_ids, t.bias_vals)
+    # The dense [S, V] bias is built only when some row has a logit_bias or banned token.
+    return jax.lax.cond(jnp.any(t.bias_ids >= 0),
+                        lambda x: x + _scatter_rows(x.shape, t.bias_ids, t.bias_vals), lambda x: x, logits)
+
+
+def _choose(processed, t: SamplingTensors):
+    """Greedy rows take the argmax; the Gumbel draw (and the sort behind top-k/top-p) runs only
+    when some row samples randomly."""
+    greedy_tok = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(
+        jnp.any(t.temperature > 0),
+        lambda: jnp.where(t.temperature > 0, _random_sample(processed, t), greedy_tok),
+        lambda: greedy_tok)
 
 
 def _random_sample(logits, t: SamplingTensors):
@@ -108,14 +121,7 @@ def sample(logits, t: SamplingTensors, *, penalties: bool, num_logprobs: int):
     """logits [S, V] -> (tokens [S] int32, logprob [S] f32, rank [S] int32,
     top_ids [S, K] int32, top_lps [S, K] f32), K = num_logprobs (0: empty)."""
     raw = logits.astype(jnp.float32)
-    processed = _process(raw, t, penalties)
-    greedy_tok = jnp.argmax(processed, axis=-1).astype(jnp.int32)
-    any_random = jnp.any(t.temperature > 0)
-    # The sort behind top-k/top-p only runs when some row samples randomly.
-    tokens = jax.lax.cond(
-        any_random,
-        lambda: jnp.where(t.temperature > 0, _random_sample(processed, t), greedy_tok),
-        lambda: greedy_tok)
+    tokens = _choose(_process(raw, t, penalties), t)
     s = logits.shape[0]
     # Logprobs are those of the model's raw distribution (vLLM's default "raw_logprobs").
     lps = jax.nn.log_softmax(raw, axis=-1)
@@ -126,6 +132,14 @@ def sample(logits, t: SamplingTensors, *, penalties: bool, num_logprobs: int):
     else:
         top_lps, top_ids = jnp.zeros((s, 0), jnp.float32), jnp.zeros((s, 0), jnp.int32)
     return tokens, tok_lp, rank, top_ids.astype(jnp.int32), top_lps
+
+
+@functools.partial(jax.jit, static_argnames=("penalties",))
+def sample_tokens(logits, t: SamplingTensors, *, penalties: bool):
+    """logits [S, V] -> tokens [S] int32: sample() without the logprob work (a log-softmax, a
+    rank count and a top-k over the vocabulary per row), for steps where nobody asked for
+    logprobs. Same tokens as sample()."""
+    return _choose(_process(logits, t, penalties), t)
 
 
 @functools.partial(jax.jit, static_argnames=("num_logprobs",))

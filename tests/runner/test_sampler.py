@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxserve.core.sched_output import SamplingState
-from jaxserve.runner.sampler import SamplingTensors, sample
+from jaxserve.runner.sampler import SamplingTensors, sample, sample_tokens
 from jaxserve.runner.sampling_inputs import pack_sampling
 
 V = 64
@@ -20,7 +20,11 @@ def _state(**kw):
 
 def _run(logits, states, history=32, k=5):
     sb = pack_sampling(states, len(states), history)
-    out = sample(jnp.asarray(logits), SamplingTensors(**sb.arrays), penalties=sb.penalties, num_logprobs=k)
+    st = SamplingTensors(**sb.arrays)
+    out = sample(jnp.asarray(logits), st, penalties=sb.penalties, num_logprobs=k)
+    # The tokens-only variant (steps without logprobs) must pick the very same tokens.
+    np.testing.assert_array_equal(np.asarray(sample_tokens(jnp.asarray(logits), st, penalties=sb.penalties)),
+                                  np.asarray(out[0]))
     return [np.asarray(o) for o in out]
 
 
