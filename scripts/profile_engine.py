@@ -53,13 +53,41 @@ def main():
         while eng.has_unfinished_requests():
             eng.step()
 
+    # Host time per phase of an engine step (wall clock of each call, summed).
+    import collections
+    import functools
+
+    import jaxserve.runner.model_runner as mr
+
+    phase = collections.Counter()
+
+    def timed(name, fn, materialize=False):
+        @functools.wraps(fn)
+        def w(*args, **kw):
+            t0 = time.perf_counter()
+            r = fn(*args, **kw)
+            if materialize:
+                r = list(r)
+            phase[name] += time.perf_counter() - t0
+            return r
+        return w
+
+    eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
+    eng.scheduler.update_from_output = timed("update_from_output", eng.scheduler.update_from_output, True)
+    eng.runner.execute = timed("runner.execute", eng.runner.execute)
+    eng.runner._forward = timed("execute/dispatch forward", eng.runner._forward)
+    for fn in ("prepare_inputs", "advance_decode", "fetch", "sample_tokens", "pack_sampling"):
+        setattr(mr, fn, timed(f"execute/{fn}", getattr(mr, fn)))
+
     def report(name, steps_fn, num_steps):
+        phase.clear()
         t0 = time.perf_counter()
         for _ in range(num_steps):
             steps_fn()
         wall = (time.perf_counter() - t0) / num_steps
         res = dict(kind="profile_step", scenario=name, xla_flags=flags, wall_ms_per_step=wall * 1e3,
-                   num_scheduler_steps=a.steps)
+                   num_scheduler_steps=a.steps,
+                   host_ms_per_step={k: round(v * 1e3 / num_steps, 3) for k, v in phase.most_common()})
         if not a.no_trace:
             def run():
                 for _ in range(num_steps):
