@@ -250,14 +250,20 @@ class ModelRunner:
         for T in self.token_buckets:
             S = self.seq_bucket(T)
             logits, hidden = self._forward(self._dummy_inputs(T))
-            for penalties in (False, True):
+            # The sampler variants the runner dispatches (see sampler.py): tokens only in each
+            # mode without penalties, "filtered" with them; with logprobs always "filtered".
+            for penalties, mode, lp in ((False, "greedy", False), (False, "random", False), (False, "filtered", False),
+                                        (True, "filtered", False), (False, "filtered", True),
+                                        (True, "filtered", True)):
                 sb = pack_sampling([None] * S, S, self.max_model_len)
                 if penalties:
                     sb.arrays["prompt_ids"] = np.full((S, self.max_model_len), -1, np.int32)
                     sb.arrays["output_ids"] = np.full((S, self.max_model_len), -1, np.int32)
                 st = SamplingTensors(**self._put(sb.arrays, last))
-                out = sample(logits, st, penalties=penalties, num_logprobs=self.max_logprobs)
-                toks = sample_tokens(logits, st, penalties=penalties)
+                if lp:
+                    out = sample(logits, st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode)
+                else:
+                    toks = sample_tokens(logits, st, penalties=penalties, mode=mode)
             if self.config.scheduler.num_scheduler_steps > 1:  # the multi-step token feed
                 jax.block_until_ready(self._forward(self._dummy_inputs(T), _feed(toks, T)))
             z = np.zeros(_PROMPT_LOGPROB_ROWS, np.int32)
@@ -374,7 +380,7 @@ class ModelRunner:
                 step_inp = dataclasses.replace(inp, positions=pos, slot_mapping=slots, seq_lens=sl)
                 st = dict(base, counters=self._put(sb.arrays["counters"] + np.int32(k), self.last))
             logits, _ = self._forward(step_inp, tokens)
-            toks = sample_tokens(logits, SamplingTensors(**st), penalties=False)
+            toks = sample_tokens(logits, SamplingTensors(**st), penalties=False, mode=sb.mode)
             sampled.append(toks)
             if k + 1 < K:
                 tokens = _feed(toks, T)
@@ -393,10 +399,10 @@ class ModelRunner:
         # One device-to-host transfer: the token ids, plus logprobs only when someone asked (the
         # logprob work itself runs only then).
         if want_lp:
-            res = sample(logits, st, penalties=sb.penalties, num_logprobs=self.max_logprobs)
+            res = sample(logits, st, penalties=sb.penalties, num_logprobs=self.max_logprobs, mode="filtered")
             toks, lp, rank, top_ids, top_lps = fetch(res, self.plan, self.last)
         else:
-            toks = fetch(sample_tokens(logits, st, penalties=sb.penalties), self.plan, self.last)
+            toks = fetch(sample_tokens(logits, st, penalties=sb.penalties, mode=sb.mode), self.plan, self.last)
         out = ModelRunnerOutput(req_ids=[so.scheduled[i].req_id for i in rows],
                                 sampled_token_ids=np.asarray(toks)[rows])
         if want_lp:

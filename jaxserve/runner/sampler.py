@@ -2,8 +2,11 @@
 
 Per sequence bucket: with or without penalties (whose token histories are [S, max_model_len]
 wide) x with logprobs (sample: top-k with k = max_logprobs) or tokens only (sample_tokens, for the
-usual step where nobody asked for logprobs). Greedy-vs-random and logit bias are runtime branches,
-so the variant count stays small and the runner compiles all of them at warm-up. Only sampled
+usual step where nobody asked for logprobs) x mode: greedy / random / filtered (top-k, top-p,
+min-p), chosen on the host (sampling_inputs.py); every mode is exact for every row it is given,
+"filtered" for all of them. No data-dependent branch: an XLA conditional on GPUs reads its
+predicate back to the host, which stalled every step. The runner compiles the variants it uses at
+warm-up. Only sampled
 token ids and their logprobs go back to the host.
 
 Reproducibility: row i draws with key fold_in(PRNGKey(seed_i), counter_i), where counter_i is the
@@ -66,31 +69,37 @@ def _process(logits, t: SamplingTensors, penalties: bool):
     logits = logits.astype(jnp.float32)
     if penalties:
         logits = _apply_penalties(logits, t)
-    # The dense [S, V] bias is built only when some row has a logit_bias or banned token.
-    return jax.lax.cond(jnp.any(t.bias_ids >= 0),
-                        lambda x: x + _scatter_rows(x.shape, t.bias_ids, t.bias_vals), lambda x: x, logits)
+    # logit_bias / banned tokens: a scatter-add of the [S, W] entries into the logits (padding
+    # ids -1 are dropped), no dense [S, V] bias array.
+    s, v = logits.shape
+    rows = jnp.broadcast_to(jnp.arange(s)[:, None], t.bias_ids.shape)
+    cols = jnp.where(t.bias_ids >= 0, t.bias_ids, v)
+    return logits.at[rows, cols].add(t.bias_vals, mode="drop")
 
 
-def _choose(processed, t: SamplingTensors):
-    """Greedy rows take the argmax; the Gumbel draw (and the sort behind top-k/top-p) runs only
-    when some row samples randomly."""
+MODES = ("greedy", "random", "filtered")
+
+
+def _choose(processed, t: SamplingTensors, mode: str):
+    """mode (static, from the host): greedy -> argmax; random -> Gumbel draw for rows with
+    temperature > 0; filtered -> also top-k / top-p / min-p (the [S, V] sort). No data-dependent
+    branch, so the step never waits on the device."""
+    if mode not in MODES:
+        raise ValueError(f"sampling mode must be one of {MODES}, got {mode!r}")
     greedy_tok = jnp.argmax(processed, axis=-1).astype(jnp.int32)
-    return jax.lax.cond(
-        jnp.any(t.temperature > 0),
-        lambda: jnp.where(t.temperature > 0, _random_sample(processed, t), greedy_tok),
-        lambda: greedy_tok)
+    if mode == "greedy":
+        return greedy_tok
+    return jnp.where(t.temperature > 0, _random_sample(processed, t, mode == "filtered"), greedy_tok)
 
 
-def _random_sample(logits, t: SamplingTensors):
-    """Temperature, top-k, top-p, min-p, then a Gumbel-max draw per row. The [S, V] sort behind
-    top-k/top-p runs only when some row asks for a filter."""
+def _random_sample(logits, t: SamplingTensors, filtered: bool):
+    """Temperature, then (filtered) top-k, top-p, min-p, then a Gumbel-max draw per row."""
     s, v = logits.shape
     temp = jnp.where(t.temperature > 0, t.temperature, 1.0)
     scaled = logits / temp[:, None]
     keys = jax.vmap(lambda sd, c: jax.random.fold_in(jax.random.PRNGKey(sd), c))(t.seeds, t.counters)
     g = jax.vmap(lambda key: jax.random.gumbel(key, (v,), jnp.float32))(keys)
-    needs_filter = jnp.any(t.top_k > 0) | jnp.any(t.top_p < 1.0) | jnp.any(t.min_p > 0.0)
-    masked = jax.lax.cond(needs_filter, lambda: _filtered(scaled, t), lambda: scaled)
+    masked = _filtered(scaled, t) if filtered else scaled
     return jnp.argmax(masked + g, axis=-1).astype(jnp.int32)
 
 
@@ -116,12 +125,12 @@ def _filtered(scaled, t: SamplingTensors):
     return jnp.where(keep, scaled, _NEG_INF)
 
 
-@functools.partial(jax.jit, static_argnames=("penalties", "num_logprobs"))
-def sample(logits, t: SamplingTensors, *, penalties: bool, num_logprobs: int):
+@functools.partial(jax.jit, static_argnames=("penalties", "num_logprobs", "mode"))
+def sample(logits, t: SamplingTensors, *, penalties: bool, num_logprobs: int, mode: str = "filtered"):
     """logits [S, V] -> (tokens [S] int32, logprob [S] f32, rank [S] int32,
     top_ids [S, K] int32, top_lps [S, K] f32), K = num_logprobs (0: empty)."""
     raw = logits.astype(jnp.float32)
-    tokens = _choose(_process(raw, t, penalties), t)
+    tokens = _choose(_process(raw, t, penalties), t, mode)
     s = logits.shape[0]
     # Logprobs are those of the model's raw distribution (vLLM's default "raw_logprobs").
     lps = jax.nn.log_softmax(raw, axis=-1)
@@ -134,12 +143,12 @@ def sample(logits, t: SamplingTensors, *, penalties: bool, num_logprobs: int):
     return tokens, tok_lp, rank, top_ids.astype(jnp.int32), top_lps
 
 
-@functools.partial(jax.jit, static_argnames=("penalties",))
-def sample_tokens(logits, t: SamplingTensors, *, penalties: bool):
+@functools.partial(jax.jit, static_argnames=("penalties", "mode"))
+def sample_tokens(logits, t: SamplingTensors, *, penalties: bool, mode: str = "filtered"):
     """logits [S, V] -> tokens [S] int32: sample() without the logprob work (a log-softmax, a
     rank count and a top-k over the vocabulary per row), for steps where nobody asked for
     logprobs. Same tokens as sample()."""
-    return _choose(_process(logits, t, penalties), t)
+    return _choose(_process(logits, t, penalties), t, mode)
 
 
 @functools.partial(jax.jit, static_argnames=("num_logprobs",))

@@ -16,6 +16,10 @@ MAX_BIAS_ENTRIES = 128
 class SamplingBatch:
     arrays: dict  # field name of SamplingTensors -> numpy array
     penalties: bool  # static: compile the variant that builds token histograms
+    # static: "greedy" (every row temperature 0), "random" (no top-k/top-p/min-p) or "filtered".
+    # Chosen on the host so the device program has no data-dependent branch (an XLA conditional
+    # on GPUs reads its predicate back to the host, stalling the dispatch of the next step).
+    mode: str = "filtered"
 
 
 def pack_sampling(states: list, num_rows: int, history_len: int) -> SamplingBatch:
@@ -68,4 +72,9 @@ def pack_sampling(states: list, num_rows: int, history_len: int) -> SamplingBatc
                   counters=counters, bias_ids=bias_ids, bias_vals=bias_vals,
                   presence=presence, frequency=frequency, repetition=repetition,
                   prompt_ids=prompt_ids, output_ids=output_ids)
-    return SamplingBatch(arrays, penalties)
+    rand = [s for _, s in real if s.temperature > 0]
+    if penalties or any(s.top_k > 0 or s.top_p < 1.0 or s.min_p > 0.0 for s in rand):
+        mode = "filtered"  # (with penalties always: one variant fewer to compile)
+    else:
+        mode = "random" if rand else "greedy"
+    return SamplingBatch(arrays, penalties, mode)

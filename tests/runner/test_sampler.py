@@ -22,9 +22,10 @@ def _run(logits, states, history=32, k=5):
     sb = pack_sampling(states, len(states), history)
     st = SamplingTensors(**sb.arrays)
     out = sample(jnp.asarray(logits), st, penalties=sb.penalties, num_logprobs=k)
-    # The tokens-only variant (steps without logprobs) must pick the very same tokens.
-    np.testing.assert_array_equal(np.asarray(sample_tokens(jnp.asarray(logits), st, penalties=sb.penalties)),
-                                  np.asarray(out[0]))
+    # The tokens-only variant in the mode the host picks for this batch (greedy / random /
+    # filtered) must pick the very same tokens as the general one.
+    fast = sample_tokens(jnp.asarray(logits), st, penalties=sb.penalties, mode=sb.mode)
+    np.testing.assert_array_equal(np.asarray(fast), np.asarray(out[0]))
     return [np.asarray(o) for o in out]
 
 
@@ -103,3 +104,17 @@ def test_banned_tokens_and_logit_bias():
     tok = _run(lg, states)[0]
     assert tok[0] != best[0] and tok[0] == np.argsort(-lg[0])[1]
     assert tok[1] == 17
+
+
+def test_host_picks_the_cheapest_exact_mode():
+    """The host picks the sampler variant; a mixed batch gets the one every row needs."""
+    pick = lambda states: pack_sampling(states, len(states) + 1, 8).mode  # noqa: E731
+    assert pick([_state(temperature=0.0)] * 2) == "greedy"
+    assert pick([_state(temperature=0.0), _state()]) == "random"
+    assert pick([_state(temperature=0.0), _state(top_p=0.9)]) == "filtered"
+    assert pick([_state(temperature=0.0, top_k=5)]) == "greedy"  # filters of greedy rows don't matter
+    assert pick([_state(temperature=0.0, repetition_penalty=1.2)]) == "filtered"
+    # A mixed greedy / random batch: the random variant gives greedy rows their argmax.
+    lg = _logits(3, seed=11)
+    tok = _run(lg, [_state(temperature=0.0), _state(seed=3), _state(temperature=0.0)])[0]
+    assert tok[0] == lg[0].argmax() and tok[2] == lg[2].argmax()
