@@ -109,7 +109,7 @@ def main():
     st = SamplingTensors(**{k: jnp.asarray(v) for k, v in sb.arrays.items()})
     lgs = [jax.random.normal(jax.random.PRNGKey(i), (256, vocab), jnp.float32) for i in range(2)]
     fns = dict(sample=lambda x: sample(x, st, penalties=False, num_logprobs=eng.runner.max_logprobs),
-               sample_tokens=lambda x: sample_tokens(x, st, penalties=False))
+               sample_tokens=lambda x: sample_tokens(x, st, penalties=False, mode="greedy"))
     times = {}
     for name, f in fns.items():
         jax.block_until_ready(f(lgs[0]))
@@ -122,7 +122,8 @@ def main():
     # Decode, steady state: the batch is fully prefilled before timing.
     for batch, ctx in ((1, 128), (256, 256)):
         add(batch, ctx, a.max_model_len - ctx - 1)
-        for _ in range(4):
+        # Every prompt prefilled (prefill chunks of max_num_batched_tokens), then a few decodes.
+        for _ in range(-(-batch * ctx // a.max_num_batched_tokens) + 3):
             eng.step()
         report(f"decode_b{batch}_ctx{ctx}", eng.step, 6)
         drain()
