@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--trace-dir", default="/tmp/jaxserve-trace")
     ap.add_argument("--no-trace", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--decode", nargs="+", default=["1x128", "256x256"], help="decode scenarios BATCHxCONTEXT")
     a = ap.parse_args()
 
     from jaxserve import LLM, SamplingParams
@@ -120,7 +121,7 @@ def main():
     print(json.dumps(dict(kind="sampler", rows=256, vocab=vocab, xla_flags=flags, **times)), flush=True)
 
     # Decode, steady state: the batch is fully prefilled before timing.
-    for batch, ctx in ((1, 128), (256, 256)):
+    for batch, ctx in [tuple(map(int, x.split('x'))) for x in a.decode]:
         add(batch, ctx, a.max_model_len - ctx - 1)
         # Every prompt prefilled (prefill chunks of max_num_batched_tokens), then a few decodes.
         for _ in range(-(-batch * ctx // a.max_num_batched_tokens) + 3):
