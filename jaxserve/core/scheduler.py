@@ -148,12 +148,15 @@ class Scheduler:
         return out
 
     def _schedule_multistep(self) -> Optional[SchedulerOutput]:
-        """K decode steps at once, when nothing else could run (no waiting or swapped work), all
-        running sequences are one-token decodes that need no per-token host decision, and the
-        free blocks cover K more tokens each."""
+        """K decode steps at once, when nothing else could run (nothing swapped out; nothing
+        waiting, or the batch is full so waiting work could not be admitted anyway), all running
+        sequences are one-token decodes that need no per-token host decision, and the free blocks
+        cover K more tokens each."""
         K = self.cfg.num_scheduler_steps
-        if K <= 1 or self.waiting or self.swapped or not self.running:
+        if K <= 1 or self.swapped or not self.running:
             return None
+        if self.waiting and (self.priority or len(self.running) < self.cfg.max_num_seqs):
+            return None  # waiting work could be admitted (or could outrank running work) now
         if len(self.running) > min(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens):
             return None
         for seq in self.running:

@@ -1,7 +1,9 @@
 """Exact block ids, eviction order, budgets and stop conditions of the core (no jax)."""
+import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from jaxserve.core.request import Request, RequestStatus
+from jaxserve.core.sched_output import ModelRunnerOutput
 from jaxserve.sampling_params import SamplingParams
 from tests.core.helpers import EOS, check_invariants, make_sched, req, step
 
@@ -65,6 +67,40 @@ def test_max_num_seqs():
         s.add_request(req(f"r{i}", [1, 2], t=float(i)))
     so, _ = step(s)
     assert [r.req_id for r in so.scheduled] == ["r0", "r1"]
+
+
+def test_multistep_when_the_full_batch_leaves_waiting_work_unadmittable():
+    s = make_sched(num_blocks=64, block_size=4, max_num_seqs=2, num_scheduler_steps=4)
+    for i in range(3):
+        s.add_request(req(f"r{i}", [1, 2], t=float(i), max_tokens=6))
+    so, _ = step(s)  # r0, r1 prefill; the batch is full and r2 waits
+    assert [r.req_id for r in so.scheduled] == ["r0", "r1"] and so.num_steps == 1
+    so = s.schedule()  # waiting r2 could not be admitted anyway: K decode steps
+    assert so.num_steps == 4 and [r.req_id for r in so.scheduled] == ["r0", "r1"]
+    s.update_from_output(so, ModelRunnerOutput(["r0", "r1"], np.full((2, 4), 100, np.int32)))
+    so = s.schedule()
+    assert so.num_steps == 4  # still full: r0, r1 need one more token each; the rest is dropped
+    ups = s.update_from_output(so, ModelRunnerOutput(["r0", "r1"], np.full((2, 4), 101, np.int32)))
+    assert [u.finish_reason for u in ups] == ["length", "length"]
+    assert [u.new_token_ids for u in ups] == [[101], [101]]
+    so = s.schedule()  # a free slot: r2 is admitted with a single step
+    assert so.num_steps == 1 and [r.req_id for r in so.scheduled] == ["r2"]
+    check_invariants(s)
+
+
+def test_multistep_waits_while_waiting_work_fits_or_may_outrank():
+    s = make_sched(num_blocks=64, block_size=4, max_num_seqs=4, num_scheduler_steps=4,
+                   max_num_batched_tokens=2)  # the budget admits one 2-token prompt per step
+    for i in range(2):
+        s.add_request(req(f"r{i}", [1, 2], t=float(i), max_tokens=8))
+    step(s)  # r0 prefill; r1 waits with free slots
+    assert s.schedule().num_steps == 1
+    p = make_sched(num_blocks=64, block_size=4, max_num_seqs=1, num_scheduler_steps=4,
+                   scheduling_policy="priority")
+    for i in range(2):
+        p.add_request(req(f"r{i}", [1, 2], t=float(i), max_tokens=8))
+    step(p)  # full, but under the priority policy waiting work may preempt: single steps
+    assert p.schedule().num_steps == 1
 
 
 def test_stop_conditions_and_min_tokens_ban():
