@@ -27,6 +27,7 @@ from jax.experimental.pallas import triton as pltriton
 from .reference import write_kv as _write_kv_ref
 
 _NEG = -1e30
+_LOG2E = 1.4426950408889634  # scores are kept in log2 units so the softmax uses exp2 (one MUFU op)
 
 
 def _next_pow2(n: int) -> int:
@@ -78,7 +79,9 @@ def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tabl
     # Matmuls in the input dtype with float32 accumulation; float32 inputs get full precision
     # (3xTF32) so the kernel matches the reference to 1e-5.
     exact = dt == jnp.float32
-    q = (q.astype(jnp.float32) * sm_scale).astype(dt).reshape(bq * gp, d)
+    # Scores in log2 units (x log2 e folded into q's scale; after the cap when there is one).
+    q_scale = sm_scale if soft_cap is not None else sm_scale * _LOG2E
+    q = (q.astype(jnp.float32) * q_scale).astype(dt).reshape(bq * gp, d)
     pos_m = jnp.broadcast_to(pos[:, None], (bq, gp)).reshape(bq * gp)  # [M]
     ok_m = jnp.broadcast_to(row_ok[:, None], (bq, gp)).reshape(bq * gp)
 
@@ -108,7 +111,7 @@ def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tabl
         v = kv_ref[1, tok, h, :]
         sc = _dot(q, k.T, exact)  # [M, TK]
         if soft_cap is not None:
-            sc = soft_cap * jnp.tanh(sc / soft_cap)
+            sc = (soft_cap * _LOG2E) * jnp.tanh(sc / soft_cap)
         if masked:
             kpos = it * kv_tile + i_tok
             mask = (kpos[None, :] <= pos_m[:, None]) & (kpos[None, :] < ctx) & ok_m[:, None]
@@ -116,10 +119,10 @@ def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tabl
                 mask &= kpos[None, :] > pos_m[:, None] - sliding_window
             sc = jnp.where(mask, sc, _NEG)
         m_new = jnp.maximum(m_i, sc.max(axis=-1))
-        p = jnp.exp(sc - m_new[:, None])
+        p = jnp.exp2(sc - m_new[:, None])
         if masked:
             p = jnp.where(mask, p, 0.0)
-        alpha = jnp.exp(m_i - m_new)
+        alpha = jnp.exp2(m_i - m_new)
         l_i = l_i * alpha + p.sum(axis=-1)
         acc = acc * alpha[:, None] + _dot(p.astype(dt), v, exact)
         return m_new, l_i, acc
@@ -179,22 +182,26 @@ def _validate(q, kv_cache, block_tables, seq_lens, query_start_loc):
             raise ValueError(f"{name} must be int32, got {a.dtype}")
 
 
-def choose_kv_splits(num_tiles: int, num_kv_heads: int, num_tokens: int, num_seqs: int) -> int:
-    """Split-K for decode-heavy buckets with few programs: aim for two waves on ~132 SMs."""
+def choose_kv_splits(num_kv_heads: int, num_tokens: int, num_seqs: int) -> int:
+    """Split-K for decode-heavy buckets. A decode is one tile, so there are about num_seqs x
+    num_kv_heads programs; each sequence's KV tiles are split until there are ~4 programs per SM
+    (132 SMs on an H100: one program's pipelined KV tiles fill a large share of an SM's shared
+    memory, so a few programs per SM keep enough loads in flight), at most 16 ways."""
     if num_tokens > 2 * num_seqs:
         return 1
-    programs = num_tiles * num_kv_heads
-    return int(min(16, max(1, -(-264 // programs))))
+    programs = num_seqs * num_kv_heads
+    return int(min(16, max(1, -(-528 // programs))))
 
 
-def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dtype) -> tuple[int, int, int, int]:
+def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dtype,
+                 head_dim: int = 128) -> tuple[int, int, int, int]:
     """(query tokens per tile, KV tokens per iteration, warps, pipeline stages) for a bucket.
 
     Decode-heavy buckets (about one token per sequence) use the smallest query tile that still
-    gives the matrix units 16 rows (tokens x padded group); prefill-heavy ones 64 rows. KV tiles
-    gather several blocks per iteration so each iteration issues enough loads to hide memory
-    latency. Float32 inputs (3xTF32 products) use smaller tiles to fit shared memory. The numbers
-    come from the H100 sweep in docs/benchmarks.md (scripts/bench_attention.py --sweep)."""
+    gives the matrix units 16 rows (tokens x padded group); prefill-heavy ones 128 rows over 8
+    warps. KV tiles gather several blocks per iteration so each iteration issues enough loads to
+    hide memory latency. Float32 inputs (3xTF32 products) use smaller tiles to fit shared memory.
+    The numbers come from the H100 sweeps in docs/benchmarks.md (bench_attention.py --sweep)."""
     gp = _next_pow2(group)
     decode = num_tokens <= 2 * num_seqs
     if jnp.dtype(dtype) == jnp.float32:
@@ -202,7 +209,7 @@ def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dt
     elif decode:
         rows, tk, warps, stages = 16, 128, 4, 2
     else:
-        rows, tk, warps, stages = 64, 64, 4, 2
+        rows, tk, warps, stages = 128, 128 if head_dim <= 128 else 64, 8, 2
     return max(1, rows // gp), max(block_size, tk), warps, stages
 
 
@@ -224,7 +231,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     S = seq_lens.shape[0]
     g = hq // hkv
     gp = _next_pow2(g)
-    c_bq, c_tk, c_warps, c_stages = choose_tiles(T, S, g, bs, q.dtype)
+    c_bq, c_tk, c_warps, c_stages = choose_tiles(T, S, g, bs, q.dtype, d)
     bq = bq or c_bq
 
     # Tile list: each sequence's queries cut into tiles of bq rows.
@@ -247,7 +254,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     qh = q.reshape(T, hkv, g, d).transpose(1, 0, 2, 3)
     qh = jnp.pad(qh, ((0, 0), (0, bq), (0, gp - g), (0, 0)))
 
-    ks = kv_splits or choose_kv_splits(NT, hkv, T, S)
+    ks = kv_splits or choose_kv_splits(hkv, T, S)
     tk = kv_tile or c_tk
     if tk % bs or tk & (tk - 1):
         raise ValueError(f"kv_tile must be a power-of-two multiple of block_size {bs}, got {tk}")
@@ -286,7 +293,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     if ks > 1:  # combine the splits' partial softmaxes
         o_p, m_p, l_p = res
         m = m_p.max(axis=0)
-        w = jnp.exp(m_p - m[None]) * l_p  # [KS, Hkv, T+bq, Gp]
+        w = jnp.exp2(m_p - m[None]) * l_p  # [KS, Hkv, T+bq, Gp] (maxima in log2 units)
         den = w.sum(axis=0)
         out = (o_p * w[..., None]).sum(axis=0) / jnp.where(den > 0, den, 1.0)[..., None]
         out = out.astype(q.dtype)

@@ -112,8 +112,9 @@ def _check_case(case, dtype, tol, kv_splits, **kw):
 def test_soft_cap_and_sliding_window():
     rng = np.random.default_rng(3)
     q, kv, bt, sl, qsl = make_batch(rng, [9, 1], [40, 33], 4, 2, 64, 16, jnp.float32)
-    for kw in (dict(soft_cap=5.0), dict(sliding_window=8)):
-        ref = ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=0.125, **kw)
+    for kw in (dict(soft_cap=5.0), dict(sliding_window=8), dict(soft_cap=5.0, kv_splits=2)):
+        ref = ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=0.125,
+                                               **{k: v for k, v in kw.items() if k != "kv_splits"})
         got = K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=0.125, **kw)
         assert rel(got[:10], ref[:10]) < 1e-5
 
