@@ -166,6 +166,11 @@ class LLM:
     def get_stats(self):
         return self.llm_engine.get_stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (as vLLM's LLM.reset_prefix_cache), e.g. before timing a
+        rerun of the same prompts; False, with nothing changed, while requests hold KV blocks."""
+        return self.llm_engine.reset_prefix_cache()
+
 
 @dataclass
 class BeamSequence:

@@ -23,6 +23,21 @@ def test_bench_throughput_and_latency_tiny(capsys):
     assert res["batch_size"] == 2 and res["ttft_s"] > 0 and res["decode_tokens_per_s"] > 0
 
 
+def test_reused_engine_reruns_without_prefix_hits():
+    """A suite that reuses one engine times every run on cold prompts: the prefix cache the first
+    run filled is reset before the second (without it, every full prompt block would hit)."""
+    from jaxserve import LLM
+    from jaxserve.bench.offline import run_throughput
+
+    llm = LLM(model="tiny", load_format="dummy", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64)
+    kw = dict(dataset="random", num_prompts=6, input_len=33, output_len=4, llm=llm)
+    first, second = run_throughput({}, **kw), run_throughput({}, **kw)
+    assert first["prefix_cache_hit_tokens"] == 0 and second["prefix_cache_hit_tokens"] == 0
+    for _ in range(2):
+        llm.generate([{"prompt_token_ids": list(range(5, 38))}], use_tqdm=False)
+    assert llm.get_stats().prefix_cache_hits > 0  # the cache itself still works after a reset
+
+
 def test_generate_and_chat_commands():
     common = ["--max-model-len", "256", "--max-num-batched-tokens", "64", "--max-num-seqs", "4", "--no-warmup"]
     out = subprocess.run([sys.executable, "-m", "jaxserve", "generate", "--prompt", "The capital of France is",

@@ -28,7 +28,11 @@ def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input
     params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.output_len, ignore_eos=True, seed=i)
               for i, r in enumerate(reqs)]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    # A reused engine must not serve these prompts from the prefix cache of an earlier run.
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("the engine still holds requests; cannot reset the prefix cache before timing")
     compiles0 = eng.runner.num_compilations()
+    hits0 = eng.get_stats().prefix_cache_hits
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t0
@@ -39,6 +43,7 @@ def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input
                 total_tokens_per_s=(n_in + n_out) / dt, output_tokens_per_s=n_out / dt,
                 prompt_tokens=n_in, output_tokens=n_out, startup_s=startup_s,
                 compilations_during_run=eng.runner.num_compilations() - compiles0,
+                prefix_cache_hit_tokens=eng.get_stats().prefix_cache_hits - hits0,
                 num_steps=eng.get_stats().num_steps)
 
 

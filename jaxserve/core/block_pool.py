@@ -82,5 +82,14 @@ class BlockPool:
         self.cached[h] = bid
         self.block_hash[bid] = h
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (all must be free: a held block's hash is still in use);
+        False, with nothing changed, if any block is held."""
+        if len(self.free) != self.num_blocks - 1:
+            return False
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+        return True
+
     def num_cached_free(self) -> int:
         return sum(1 for b in self.free if self.block_hash[b] is not None)

@@ -404,6 +404,11 @@ class Scheduler:
     def kv_usage(self) -> float:
         return self.kv.usage()
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache (vLLM's LLM.reset_prefix_cache); only when no sequence holds
+        blocks, else False. Benchmarks call it so a rerun of the same prompts is not a cache hit."""
+        return self.kv.pool.reset_prefix_cache()
+
     @property
     def prefix_queries(self) -> int:
         return self.kv.prefix_queries

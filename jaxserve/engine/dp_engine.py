@@ -89,6 +89,9 @@ class DataParallelEngine:
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.replicas)
 
+    def reset_prefix_cache(self) -> bool:
+        return all([e.reset_prefix_cache() for e in self.replicas])
+
     def step(self) -> list[RequestOutput]:
         busy = [e for e in self.replicas if e.has_unfinished_requests()]
         if len(busy) <= 1:

@@ -247,6 +247,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache; False (nothing changed) while requests hold KV blocks."""
+        return self.scheduler.reset_prefix_cache()
+
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []

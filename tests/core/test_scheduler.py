@@ -41,6 +41,21 @@ def test_prefix_cache_hit_and_lru_eviction_order():
     check_invariants(s)
 
 
+def test_reset_prefix_cache_forgets_hits_and_waits_for_held_blocks():
+    s = make_sched(num_blocks=16, block_size=4)
+    prompt = list(range(1, 10))  # 2 full blocks
+    s.add_request(req("a", prompt, max_tokens=2))
+    step(s)
+    assert not s.reset_prefix_cache()  # "a" still holds its blocks: refused, nothing dropped
+    assert len(s.kv.pool.cached) == 2
+    step(s)  # "a" finishes
+    assert s.reset_prefix_cache() and not s.kv.pool.cached
+    s.add_request(req("b", prompt, max_tokens=1, t=1.0))
+    so, ups = step(s)
+    assert so.scheduled[0].num_computed_tokens == 0 and ups[0].num_cached_tokens == 0
+    check_invariants(s)
+
+
 def test_always_computes_last_prompt_token():
     s = make_sched(num_blocks=8, block_size=4)
     p = list(range(1, 9))  # exactly 2 full blocks
