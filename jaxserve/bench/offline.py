@@ -32,7 +32,8 @@ def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input
     if not llm.reset_prefix_cache():
         raise RuntimeError("the engine still holds requests; cannot reset the prefix cache before timing")
     compiles0 = eng.runner.num_compilations()
-    hits0 = eng.get_stats().prefix_cache_hits
+    st0 = eng.get_stats()
+    hits0, preempt0 = st0.prefix_cache_hits, st0.num_preemptions_total
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t0
@@ -44,6 +45,7 @@ def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input
                 prompt_tokens=n_in, output_tokens=n_out, startup_s=startup_s,
                 compilations_during_run=eng.runner.num_compilations() - compiles0,
                 prefix_cache_hit_tokens=eng.get_stats().prefix_cache_hits - hits0,
+                preemptions=eng.get_stats().num_preemptions_total - preempt0,
                 num_steps=eng.get_stats().num_steps)
 
 
