@@ -9,7 +9,8 @@ def test_pallas_backend_matches_reference():
     outs = {}
     for backend in ("reference", "pallas"):
         llm = LLM("tiny", load_format="dummy", dtype="float32", max_model_len=64, max_num_seqs=4,
-                  max_num_batched_tokens=16, attention_backend=backend, warmup=False)
+                  max_num_batched_tokens=16, attention_backend=backend, warmup=False,
+                  num_gpu_blocks_override=64)
         outs[backend] = [o.outputs[0].token_ids for o in llm.generate(
             [{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)]
     assert outs["pallas"] == outs["reference"]
