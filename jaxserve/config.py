@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+# KV cache element types (vLLM's --kv-cache-dtype): "fp8" is fp8_e4m3. K/V are stored unscaled
+# (scale 1.0, values clipped to the format's range) and read back into the model dtype.
+_KV_DTYPES = _DTYPES + ("fp8", "fp8_e4m3", "fp8_e5m2")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _POLICIES = ("fcfs", "priority")
 _PREEMPTION = ("recompute", "swap")
@@ -56,7 +59,7 @@ class CacheConfig:
     num_gpu_blocks_override: Optional[int] = None  # exact number of KV blocks (tests, debugging)
     enable_prefix_caching: bool = True
     swap_space: float = 4.0  # GiB of host memory for preemption_mode="swap"
-    cache_dtype: str = "auto"  # "auto" -> the model dtype
+    kv_cache_dtype: str = "auto"  # "auto" -> the model dtype; "fp8" halves the cache of a bf16 model
 
     def __post_init__(self):
         _check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0 and self.block_size <= 256,
@@ -67,7 +70,8 @@ class CacheConfig:
         _check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,
                "num_gpu_blocks_override must be at least 2 (block 0 is the reserved null block)")
         _check(self.swap_space >= 0, "swap_space must be >= 0")
-        _check(self.cache_dtype in _DTYPES, f"cache_dtype must be one of {_DTYPES}")
+        _check(self.kv_cache_dtype in _KV_DTYPES,
+               f"kv_cache_dtype must be one of {_KV_DTYPES}, got {self.kv_cache_dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8")
     ap.add_argument("--mesh", action="store_true")
     ap.add_argument("--profile", metavar="DIR", help="also run each workload once more (largest K) under the "
                     "JAX profiler and print where the GPU time went")
@@ -44,7 +45,8 @@ def main():
     from jaxserve.engine.llm_engine import LLMEngine
 
     kw = dict(model=a.model, load_format="dummy", max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-              max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=max(a.steps))
+              max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=max(a.steps),
+              kv_cache_dtype=a.kv_cache_dtype)
     t0 = time.perf_counter()
     if a.mesh:  # the same LLM front end over an engine placed through ParallelPlan on one device
         llm = LLM.__new__(LLM)
@@ -68,7 +70,7 @@ def main():
                 res = run_latency({}, batch_size=n, input_len=il, output_len=ol, num_iters=3, llm=llm)
             else:
                 res = run_throughput({}, dataset="random", num_prompts=n, input_len=il, output_len=ol, llm=llm)
-            res.update(workload=name, num_scheduler_steps=k, mesh=a.mesh,
+            res.update(workload=name, num_scheduler_steps=k, mesh=a.mesh, kv_cache_dtype=a.kv_cache_dtype,
                        new_compilations=eng.runner.num_compilations() - c0)
             print(json.dumps(res), flush=True)
         if a.profile:

@@ -165,3 +165,19 @@ def test_chat_applies_template(llm):
     text = llm.get_tokenizer().decode(out.prompt_token_ids)
     assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
     assert "Paris" in out.outputs[0].text
+
+
+def test_fp8_kv_cache_keeps_the_greedy_answers(llm):
+    """--kv-cache-dtype fp8: a quarter of the float32 cache's bytes per block (so 4x the blocks in
+    the same memory), and greedy decoding still gives the float32-cache answers on the first
+    tokens (K/V rounded to e4m3 move the logits slightly, not the argmax of these prompts)."""
+    fp8 = LLM(dtype="float32", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64,
+              enable_prefix_caching=False, seed=0, kv_cache_dtype="fp8", warmup=False)
+    runner = fp8.llm_engine.runner
+    assert runner.kv_caches[0].dtype == np.dtype("float8_e4m3fn")
+    assert runner.num_blocks >= 3.9 * llm.llm_engine.runner.num_blocks
+    sp = SamplingParams(temperature=0, max_tokens=4)
+    want = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in fp8.generate(PROMPTS, sp, use_tqdm=False)]
+    assert sum(w[0] == g[0] for w, g in zip(want, got)) >= len(PROMPTS) - 1
+    assert "Paris" in fp8.generate(PROMPTS[0], sp, use_tqdm=False)[0].outputs[0].text

@@ -20,6 +20,16 @@ class KVCacheTooSmallError(ValueError):
     pass
 
 
+_FP8 = {"fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+
+
+def cache_dtype(kv_cache_dtype: str, model_dtype) -> jnp.dtype:
+    """The KV cache's element type for CacheConfig.kv_cache_dtype ("auto" = the model dtype)."""
+    if kv_cache_dtype == "auto":
+        return jnp.dtype(model_dtype)
+    return jnp.dtype(_FP8.get(kv_cache_dtype, kv_cache_dtype))
+
+
 @dataclass(frozen=True)
 class KVCacheSpec:
     num_layers: int

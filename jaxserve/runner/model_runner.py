@@ -75,7 +75,7 @@ class ModelRunner:
         self.token_buckets = geometric_buckets(16, sc.max_num_batched_tokens, factor)
         self.max_num_seqs = sc.max_num_seqs
         self.max_logprobs = config.max_logprobs
-        cache_dtype = dtype if config.cache.cache_dtype == "auto" else jnp.dtype(config.cache.cache_dtype)
+        cache_dtype = kvc.cache_dtype(config.cache.kv_cache_dtype, dtype)
         self.kv_spec = kvc.KVCacheSpec(self.arch.num_layers, self.arch.num_kv_heads, self.arch.head_dim,
                                        self.block_size, cache_dtype)
         self._stage_jits = [jax.jit(functools.partial(self._stage_fn, s), donate_argnums=(1,))

@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .kv_write import write_kv_pallas as _write_kv_pallas
+from .reference import FP8_DTYPES
 from .reference import write_kv as _write_kv_ref
 
 _NEG = -1e30
@@ -110,6 +111,8 @@ def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tabl
         tok = blk * block_size + blk_row
         k = kv_ref[0, tok, h, :]  # [TK, D]
         v = kv_ref[1, tok, h, :]
+        if k.dtype != dt:  # a float8 cache: widen to the compute dtype after the (halved) load
+            k, v = k.astype(dt), v.astype(dt)
         sc = _dot(q, k.T, exact)  # [M, TK]
         if soft_cap is not None:
             sc = (soft_cap * _LOG2E) * jnp.tanh(sc / soft_cap)
@@ -169,8 +172,9 @@ def _validate(q, kv_cache, block_tables, seq_lens, query_start_loc):
         raise ValueError(f"num_heads {hq} is not a multiple of num_kv_heads {hkv}")
     if bs & (bs - 1) or bs < 8:
         raise ValueError(f"block_size must be a power of two >= 8, got {bs}")
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"dtype mismatch: q is {q.dtype}, kv_cache is {kv_cache.dtype}")
+    if q.dtype != kv_cache.dtype and kv_cache.dtype not in FP8_DTYPES:
+        raise ValueError(f"dtype mismatch: q is {q.dtype}, kv_cache is {kv_cache.dtype} "
+                         "(the cache is q's dtype or float8_e4m3fn / float8_e5m2)")
     if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {q.dtype}")
     S = seq_lens.shape[0]

@@ -15,14 +15,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .reference import to_cache_dtype
+
 
 def _kernel(slot_ref, k_ref, v_ref, _kv_in_ref, kv_ref, *, tb: int):
     i = pl.program_id(0)
     h = pl.program_id(1)
     rows = pl.ds(i * tb, tb)
     slots = slot_ref[rows]  # [TB]
-    kv_ref[0, slots, h, :] = k_ref[rows, h, :].astype(kv_ref.dtype)  # [TB, D] rows to their slots
-    kv_ref[1, slots, h, :] = v_ref[rows, h, :].astype(kv_ref.dtype)
+    kv_ref[0, slots, h, :] = k_ref[rows, h, :]  # [TB, D] rows to their slots (already the cache dtype)
+    kv_ref[1, slots, h, :] = v_ref[rows, h, :]
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "tokens_per_program"), donate_argnums=0)
@@ -43,6 +45,7 @@ def write_kv_pallas(kv_cache, k, v, slot_mapping, *, interpret=None, tokens_per_
         v = jnp.pad(v, ((0, pad), (0, 0), (0, 0)))
         slot_mapping = jnp.pad(slot_mapping, (0, pad))
     flat = kv_cache.reshape(two, nb * bs, hkv, d)
+    k, v = to_cache_dtype(k, flat.dtype), to_cache_dtype(v, flat.dtype)  # cast (and clip) in XLA
     full = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))  # noqa: E731
     kwargs = {} if interpret else {"compiler_params": pltriton.CompilerParams(num_warps=4, num_stages=1)}
     out = pl.pallas_call(

@@ -21,6 +21,19 @@ import jax
 import jax.numpy as jnp
 
 
+FP8_DTYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2)
+
+
+def to_cache_dtype(x, dtype):
+    """x in the cache's element type; float8 caches store K/V unscaled, clipped to the format's
+    finite range (a plain cast would turn e4m3's out-of-range values into NaN)."""
+    dtype = jnp.dtype(dtype)
+    if dtype in FP8_DTYPES:
+        lim = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x.astype(jnp.float32), -lim, lim)
+    return x.astype(dtype)
+
+
 def write_kv(kv_cache, k, v, slot_mapping):
     """Scatter this step's K/V into their cache slots.
 
@@ -31,7 +44,7 @@ def write_kv(kv_cache, k, v, slot_mapping):
     """
     two, nb, bs, hkv, d = kv_cache.shape
     flat = kv_cache.reshape(two, nb * bs, hkv, d)
-    kv = jnp.stack([k, v]).astype(kv_cache.dtype)  # [2, T, Hkv, D]
+    kv = to_cache_dtype(jnp.stack([k, v]), kv_cache.dtype)  # [2, T, Hkv, D]
     flat = flat.at[:, slot_mapping].set(kv)
     return flat.reshape(two, nb, bs, hkv, d)
 

@@ -167,3 +167,31 @@ def test_kv_write_kernel_equals_scatter(dtype, T):
     np.testing.assert_array_equal(got[:, 1:], want[:, 1:])
     with pytest.raises(ValueError, match="slot_mapping"):
         write_kv_pallas(jnp.array(kv), k, v, slots[:-1] if T > 1 else slots[:0])
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("q_dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_kernel_reads_a_float8_cache(cache_dtype, q_dtype, tol):
+    """A float8 KV cache (--kv-cache-dtype fp8): the kernel widens each loaded tile and matches
+    the reference reading the same float8 cache."""
+    q, kv, bt, sl, qsl = make_batch(np.random.default_rng(11), [7, 1, 33], [7, 513, 40], 12, 4, 64, 16, jnp.float32)
+    q, kv = q.astype(q_dtype), kv.astype(cache_dtype)
+    ref = ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=0.125)
+    got = K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=0.125)
+    n = int(qsl[-1])
+    assert rel(np.asarray(got.astype(jnp.float32))[:n], np.asarray(ref.astype(jnp.float32))[:n]) < tol
+
+
+def test_float8_writes_clip_to_the_format_range():
+    from pallas_kernels.ragged_paged_attention.kv_write import write_kv_pallas
+    from pallas_kernels.ragged_paged_attention.reference import write_kv
+
+    kv = jnp.zeros((2, 4, 16, 2, 64), jnp.float8_e4m3fn)
+    k = jnp.full((3, 2, 64), 1000.0, jnp.bfloat16).at[0].set(-1000.0).at[1].set(0.3)
+    slots = jnp.asarray([16, 17, 40], jnp.int32)
+    want = np.asarray(write_kv(kv, k, k, slots).astype(jnp.float32))
+    got = np.asarray(write_kv_pallas(jnp.array(kv), k, k, slots).astype(jnp.float32))
+    np.testing.assert_array_equal(got[:, 1:], want[:, 1:])
+    flat = want.reshape(2, -1, 2, 64)
+    assert flat[0, 16].min() == -448 and flat[0, 40].max() == 448  # clipped, not NaN
+    assert abs(flat[1, 17, 0, 0] - 0.3) < 0.02  # e4m3: 3 mantissa bits
