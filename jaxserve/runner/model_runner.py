@@ -282,8 +282,8 @@ class ModelRunner:
         return dt
 
     def num_compilations(self) -> int:
-        fns = [*self._stage_jits, self._logits, sample, token_logprobs, kvc.copy_blocks, kvc.gather_blocks,
-               kvc.scatter_blocks, _feed]
+        fns = [*self._stage_jits, self._logits, sample, sample_tokens, token_logprobs, kvc.copy_blocks,
+               kvc.gather_blocks, kvc.scatter_blocks, _feed]
         return sum(f._cache_size() for f in fns)
 
     # ---- block operations (per stage: each stage's layers live on its own devices) -----------
