@@ -30,6 +30,10 @@ from jaxserve.parallel.plan import fetch, put, split_layers
 
 logger = logging.getLogger("jaxserve")
 
+# The sampler variants the runner dispatches (see sampler.py): (penalties, mode, logprobs) --
+# tokens only in each mode without penalties, "filtered" with them; with logprobs "filtered".
+_SAMPLER_VARIANTS = ((False, "greedy", False), (False, "random", False), (False, "filtered", False),
+                     (True, "filtered", False), (False, "filtered", True), (True, "filtered", True))
 _PAIR_BUCKETS = (8, 64, 512, 4096)
 # Prompt logprobs are computed this many positions at a time ([rows, vocab] float32 temporaries).
 _PROMPT_LOGPROB_ROWS = 256
@@ -233,10 +237,46 @@ class ModelRunner:
                 x = jax.ShapeDtypeStruct((T, self.arch.hidden_size), self.stage_params[0]["embed"].dtype,
                                          sharding=self.plan.replicated(s))
                 args = (self.stage_params[s], self._kv(s), x, pos, md, li)
-            self._stage_jits[s].lower(*args).compile()
+            return self._stage_jits[s].lower(*args).compile()
 
         with ThreadPoolExecutor(max(1, self.config.warmup_compile_threads)) as pool:
-            list(pool.map(compile_one, jobs))
+            compiled = list(pool.map(compile_one, jobs))
+            # Then the sampler variants, once per sequence bucket, from the logits' abstract
+            # value: they too compile into the cache instead of one after another below. Only
+            # an optimization: on any failure the warm-up compiles them itself.
+            try:
+                outs = {T: c.out_info[0] for (T, s), c in zip(jobs, compiled) if s == self.last}
+                logits = {self.seq_bucket(T): o[0] for T, o in outs.items()}
+                list(pool.map(self._precompile_sampler, logits.items()))
+                list(pool.map(self._precompile_prompt_head, [o[1] for o in outs.values()]))
+            except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
+                logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
+
+    def _precompile_sampler(self, item) -> None:
+        S, out = item
+        # Single-device steps return uncommitted arrays (their inputs are), and a committed
+        # abstract value would lower to another cache key; mesh steps return committed ones.
+        sharding = out.sharding if self.plan is not None else None
+        logits = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=sharding)
+        for penalties, mode, lp in _SAMPLER_VARIANTS:
+            st = SamplingTensors(**self._put(self._dummy_sampling(S, penalties).arrays, self.last))
+            if lp:
+                sample.lower(logits, st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode).compile()
+            else:
+                sample_tokens.lower(logits, st, penalties=penalties, mode=mode).compile()
+
+    def _precompile_prompt_head(self, out) -> None:
+        """The prompt-logprobs head of one bucket: logits of selected hidden rows."""
+        hidden = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding if self.plan is not None else None)
+        self._logits.lower(self.head_params, hidden, self._put(np.zeros(_PROMPT_LOGPROB_ROWS, np.int32),
+                                                               self.last)).compile()
+
+    def _dummy_sampling(self, S: int, penalties: bool):
+        sb = pack_sampling([None] * S, S, self.max_model_len)
+        if penalties:
+            sb.arrays["prompt_ids"] = np.full((S, self.max_model_len), -1, np.int32)
+            sb.arrays["output_ids"] = np.full((S, self.max_model_len), -1, np.int32)
+        return sb
 
     def warmup(self, parallel: bool = False) -> float:
         """Compile every bucket (stages, sampler variants, prompt logprobs, block copies).
@@ -244,22 +284,14 @@ class ModelRunner:
         t0 = time.perf_counter()
         if parallel and self.config.warmup_compile_threads > 1:
             self._precompile()
-            logger.info("warm-up: %d step variants compiled on %d threads in %.1f s", len(self.token_buckets) *
+            logger.info("warm-up: %d step variants and the sampler compiled on %d threads in %.1f s", len(self.token_buckets) *
                         len(self.stages), self.config.warmup_compile_threads, time.perf_counter() - t0)
         last = self.last
         for T in self.token_buckets:
             S = self.seq_bucket(T)
             logits, hidden = self._forward(self._dummy_inputs(T))
-            # The sampler variants the runner dispatches (see sampler.py): tokens only in each
-            # mode without penalties, "filtered" with them; with logprobs always "filtered".
-            for penalties, mode, lp in ((False, "greedy", False), (False, "random", False), (False, "filtered", False),
-                                        (True, "filtered", False), (False, "filtered", True),
-                                        (True, "filtered", True)):
-                sb = pack_sampling([None] * S, S, self.max_model_len)
-                if penalties:
-                    sb.arrays["prompt_ids"] = np.full((S, self.max_model_len), -1, np.int32)
-                    sb.arrays["output_ids"] = np.full((S, self.max_model_len), -1, np.int32)
-                st = SamplingTensors(**self._put(sb.arrays, last))
+            for penalties, mode, lp in _SAMPLER_VARIANTS:
+                st = SamplingTensors(**self._put(self._dummy_sampling(S, penalties).arrays, last))
                 if lp:
                     out = sample(logits, st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode)
                 else:

@@ -1,0 +1,62 @@
+"""The parallel warm-up (the default on GPUs, where the persistent compilation cache is on):
+steps, sampler variants and prompt-logprob heads are compiled on threads into the cache, the
+ordered warm-up then loads them (no cache miss after the threads are done), and serving
+compiles nothing."""
+import logging
+import re
+
+import jax
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.runner.model_runner import ModelRunner
+
+
+class _Misses(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.after_threads = False
+        self.late = []  # persistent-cache misses once the threaded precompile has finished
+
+    def emit(self, record):
+        m = re.search(r"CACHE MISS for '(\w+)'", record.getMessage())
+        if m and self.after_threads:
+            self.late.append(m.group(1))
+
+
+def test_parallel_warmup_precompiles_steps_sampler_and_heads(tmp_path, monkeypatch):
+    handler = _Misses()
+    loggers = [logging.getLogger(n) for n in ("jax._src.compiler", "jax._src.compilation_cache")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+        lg.addHandler(handler)
+    original = ModelRunner._precompile
+
+    def precompile_then_watch(self):
+        original(self)
+        handler.after_threads = True
+
+    monkeypatch.setattr(ModelRunner, "_precompile", precompile_then_watch)
+    old = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even tiny programs
+    try:
+        llm = LLM(model="tiny", load_format="dummy", max_model_len=128, max_num_seqs=8,
+                  max_num_batched_tokens=64, compilation_cache_dir=str(tmp_path))
+        assert handler.after_threads
+        precompiled = ("_stage_fn", "sample_tokens", "sample", "_logits_fn")
+        assert not [n for n in handler.late if n.removeprefix("jit_") in precompiled], handler.late
+        runner = llm.llm_engine.runner
+        c0 = runner.num_compilations()
+        outs = llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 3,
+                            [SamplingParams(temperature=0, max_tokens=4),
+                             SamplingParams(temperature=0.8, top_k=5, max_tokens=4, logprobs=2),
+                             SamplingParams(temperature=1.0, max_tokens=4, prompt_logprobs=1,
+                                            presence_penalty=0.5)], use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4, 4]
+        assert runner.num_compilations() == c0
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", old)
+        jax.config.update("jax_compilation_cache_dir", None)
+        for lg, lv in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(lv)
