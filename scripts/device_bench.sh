@@ -4,15 +4,7 @@
 # Usage (on the GPU machine, repo root): bash scripts/device_bench.sh [quick|full]
 set -uo pipefail
 MODE=${1:-full}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+source scripts/device_env.sh || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import jax; print(jax.__version__, jax.devices())"
 python3 scripts/bench_ceilings.py | tee -a "$OUT/results.jsonl"

@@ -5,15 +5,7 @@
 # (litestar, msgspec, uvicorn and their dependencies; see /work/.library/device/README.md).
 # Usage (GPU machine, repo root): BUDGETS="2048 1024" RATE=16 bash scripts/device_serve.sh
 set -uo pipefail
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+source scripts/device_env.sh || exit 1
 RATE=${RATE:-16}
 NUM=${NUM:-320}
 for B in ${BUDGETS:-2048}; do
