@@ -252,12 +252,15 @@ class ModelRunner:
             except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
                 logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
 
+    def _abstract_output(self, out) -> jax.ShapeDtypeStruct:
+        """A step output's abstract value as the runtime array will be: single-device steps
+        return uncommitted arrays (their inputs are), and a committed abstract value would lower
+        to another cache key; mesh steps return committed ones."""
+        return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding if self.plan is not None else None)
+
     def _precompile_sampler(self, item) -> None:
         S, out = item
-        # Single-device steps return uncommitted arrays (their inputs are), and a committed
-        # abstract value would lower to another cache key; mesh steps return committed ones.
-        sharding = out.sharding if self.plan is not None else None
-        logits = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=sharding)
+        logits = self._abstract_output(out)
         for penalties, mode, lp in _SAMPLER_VARIANTS:
             st = SamplingTensors(**self._put(self._dummy_sampling(S, penalties).arrays, self.last))
             if lp:
@@ -267,7 +270,7 @@ class ModelRunner:
 
     def _precompile_prompt_head(self, out) -> None:
         """The prompt-logprobs head of one bucket: logits of selected hidden rows."""
-        hidden = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding if self.plan is not None else None)
+        hidden = self._abstract_output(out)
         self._logits.lower(self.head_params, hidden, self._put(np.zeros(_PROMPT_LOGPROB_ROWS, np.int32),
                                                                self.last)).compile()
 
@@ -284,8 +287,9 @@ class ModelRunner:
         t0 = time.perf_counter()
         if parallel and self.config.warmup_compile_threads > 1:
             self._precompile()
-            logger.info("warm-up: %d step variants and the sampler compiled on %d threads in %.1f s", len(self.token_buckets) *
-                        len(self.stages), self.config.warmup_compile_threads, time.perf_counter() - t0)
+            logger.info("warm-up: %d step variants and the sampler compiled on %d threads in %.1f s",
+                        len(self.token_buckets) * len(self.stages), self.config.warmup_compile_threads,
+                        time.perf_counter() - t0)
         last = self.last
         for T in self.token_buckets:
             S = self.seq_bucket(T)
