@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--no-trace", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--decode", nargs="+", default=["1x128", "256x256"], help="decode scenarios BATCHxCONTEXT")
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per scenario")
     a = ap.parse_args()
 
     from jaxserve import LLM, SamplingParams
@@ -93,7 +94,7 @@ def main():
             def run():
                 for _ in range(num_steps):
                     steps_fn()
-            _, summ = profile(run, f"{a.trace_dir}/{name}", top=12)
+            _, summ = profile(run, f"{a.trace_dir}/{name}", top=a.top)
             summ["kernel_ms_per_step"] = summ.pop("kernel_s") * 1e3 / num_steps
             summ.pop("gpu_lines", None)
             res.update(summ)
