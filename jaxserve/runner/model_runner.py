@@ -144,9 +144,10 @@ class ModelRunner:
             where = f"{self.device.device_kind}"
         kvc.check_fits(n, spec, self.max_model_len, where)
         gib = n * spec.bytes_per_block / kvc.GIB
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); max concurrency at "
-                    "max_model_len=%d: %.1fx", n, spec.block_size, (n - 1) * spec.block_size, gib, where,
-                    self.max_model_len, (n - 1) * spec.block_size / self.max_model_len)
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB of %s, %s); max concurrency at "
+                    "max_model_len=%d: %.1fx", n, spec.block_size, (n - 1) * spec.block_size, gib,
+                    jnp.dtype(spec.dtype).name, where, self.max_model_len,
+                    (n - 1) * spec.block_size / self.max_model_len)
         return n
 
     def _activation_bytes(self) -> int:
