@@ -181,3 +181,19 @@ def test_schema_fuzz_finds_no_5xx(server):
         from hypothesis import given
         given(strategy)(check)()
     assert not failures, failures[:3]
+
+
+def test_bench_serve_against_the_server(server, capsys):
+    """`jaxserve bench serve` (Poisson arrivals, streamed) runs against a live server on the
+    default model and counts exactly the tokens the server reports generating."""
+    from jaxserve.cli import main
+
+    before = _metric(server, "jaxserve:generation_tokens_total")
+    assert main(["bench", "serve", "--base-url", server, "--api-key", API_KEY, "--num-prompts", "6",
+                 "--input-len", "16", "--output-len", "8", "--request-rate", "20", "--max-concurrency", "4",
+                 "--vocab-size", "49152", "--max-model-len", "512", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["completed"] == 6 and res["failed"] == 0, res["first_error"]
+    assert round(res["output_tokens_per_s"] * res["duration_s"]) == 6 * 8
+    assert _metric(server, "jaxserve:generation_tokens_total") - before == 6 * 8
+    assert 0 < res["ttft_ms_median"] <= res["ttft_ms_p99"] and res["tpot_ms_median"] > 0
