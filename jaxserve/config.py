@@ -86,8 +86,8 @@ class SchedulerConfig:
     preemption_mode: str = "recompute"
     max_waiting_requests: Optional[int] = None  # bounded admission queue (server overload -> 503)
     # Multi-step decoding: when every running sequence is decoding (and nothing waits, or the batch
-    # is full so nothing waiting could be admitted), run this
-    # many decode steps per scheduler round trip, feeding each sampled token back on the device;
+    # is full so nothing waiting could be admitted), run this many decode steps per scheduler
+    # round trip, feeding each sampled token back on the device;
     # the host's per-step work is paid once per K tokens. Requests that need per-token host
     # decisions (stop strings, penalties, logprobs, min_tokens) fall back to single steps.
     num_scheduler_steps: int = 1

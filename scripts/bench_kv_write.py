@@ -1,5 +1,5 @@
 """Time writing a step's new K/V into the paged cache, in one run: XLA's scatter
-(reference.write_kv, what the engine uses) against the Pallas kernel (kv_write.py), on one layer's
+(reference.write_kv) against the Pallas kernel (kv_write.py, what the engine uses on GPUs), on one layer's
 Llama-3-8B-shaped cache (8 KV heads x 128, block 16, bf16), with the cache donated so both write
 in place. Token counts cover a decode step (1-256 tokens) and prefill steps (2048, 8192).
 Each timed call is one jit doing 32 writes (one per layer of Llama-3-8B, each to its own slots)
@@ -9,7 +9,6 @@ per write as inside the engine's jitted step, not host dispatch. One JSON line p
     python3 scripts/bench_kv_write.py [--num-blocks 8192]
 """
 import argparse
-import functools
 import json
 import time
 
@@ -21,8 +20,6 @@ from pallas_kernels.ragged_paged_attention.kv_write import write_kv_pallas
 from pallas_kernels.ragged_paged_attention.reference import write_kv
 
 HKV, D, BS = 8, 128, 16
-
-
 LAYERS = 32
 
 
@@ -55,7 +52,7 @@ def main():
     rng = np.random.default_rng(0)
     kv = jnp.zeros((2, a.num_blocks, BS, HKV, D), jnp.bfloat16)
     xla = layered(write_kv)
-    pallas = layered(functools.partial(write_kv_pallas))
+    pallas = layered(write_kv_pallas)
     for T in a.tokens:
         inputs = []
         for _ in range(2):

@@ -37,6 +37,7 @@ def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t0
+    st = eng.get_stats()
     n_in = sum(len(r.prompt_token_ids) for r in reqs)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     return dict(kind="throughput", dataset=dataset, num_prompts=num_prompts, input_len=input_len,
@@ -44,9 +45,8 @@ def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input
                 total_tokens_per_s=(n_in + n_out) / dt, output_tokens_per_s=n_out / dt,
                 prompt_tokens=n_in, output_tokens=n_out, startup_s=startup_s,
                 compilations_during_run=eng.runner.num_compilations() - compiles0,
-                prefix_cache_hit_tokens=eng.get_stats().prefix_cache_hits - hits0,
-                preemptions=eng.get_stats().num_preemptions_total - preempt0,
-                num_steps=eng.get_stats().num_steps)
+                prefix_cache_hit_tokens=st.prefix_cache_hits - hits0,
+                preemptions=st.num_preemptions_total - preempt0, num_steps=st.num_steps)
 
 
 def run_latency(engine_kwargs: dict, *, batch_size: int, input_len: int, output_len: int,
