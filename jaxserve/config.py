@@ -91,6 +91,12 @@ class SchedulerConfig:
     # the host's per-step work is paid once per K tokens. Requests that need per-token host
     # decisions (stop strings, penalties, logprobs, min_tokens) fall back to single steps.
     num_scheduler_steps: int = 1
+    # Async scheduling: a decode-only step (or multi-step block) whose sequences can all go on is
+    # followed by the next one, dispatched before this one's tokens are back: the host's
+    # read-back, bookkeeping and scheduling overlap the device's work. A sequence that stops on
+    # EOS or a stop string computes one step (block) more, discarded; a request that arrives
+    # meanwhile is admitted one step (block) later.
+    async_scheduling: bool = True
 
     def __post_init__(self):
         _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")

@@ -1,8 +1,10 @@
 """One engine, several workloads, A/B in the same process: Llama-3-8B-shaped dummy weights, and
-each workload run with single-step and with multi-step decoding (num_scheduler_steps), the
-scheduler setting switched between runs on the same compiled engine. One JSON line per result.
+each workload run with single-step and with multi-step decoding (num_scheduler_steps), with and
+without async scheduling, the scheduler settings switched between runs on the same compiled
+engine. One JSON line per result.
 
-    python3 scripts/bench_engine_suite.py --steps 1 8 [--mesh] [--workloads b1 128x128 1024x128 1000x1000]
+    python3 scripts/bench_engine_suite.py --steps 1 8 [--async-scheduling on off] [--mesh]
+        [--workloads b1 128x128 1024x128 1000x1000]
 
 --mesh builds the engine through the device-mesh path (ParallelPlan with tp=1, pp=1) instead of
 the single-device path, to measure what the mesh costs on one GPU.
@@ -27,6 +29,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3-8b")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--async-scheduling", nargs="+", choices=("on", "off"), default=["on"])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -46,7 +49,7 @@ def main():
 
     kw = dict(model=a.model, load_format="dummy", max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
               max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=max(a.steps),
-              kv_cache_dtype=a.kv_cache_dtype)
+              kv_cache_dtype=a.kv_cache_dtype, async_scheduling="on" in a.async_scheduling)
     t0 = time.perf_counter()
     if a.mesh:  # the same LLM front end over an engine placed through ParallelPlan on one device
         llm = LLM.__new__(LLM)
@@ -63,14 +66,14 @@ def main():
     base_cfg = eng.scheduler.cfg
     for name in a.workloads:
         kind, il, ol, n = WORKLOADS[name]
-        for k in a.steps:
-            eng.scheduler.cfg = dataclasses.replace(base_cfg, num_scheduler_steps=k)
+        for k, asyn in [(k, x) for k in a.steps for x in a.async_scheduling]:
+            eng.scheduler.cfg = dataclasses.replace(base_cfg, num_scheduler_steps=k, async_scheduling=asyn == "on")
             c0 = eng.runner.num_compilations()
             if kind == "latency":
                 res = run_latency({}, batch_size=n, input_len=il, output_len=ol, num_iters=3, llm=llm)
             else:
                 res = run_throughput({}, dataset="random", num_prompts=n, input_len=il, output_len=ol, llm=llm)
-            res.update(workload=name, num_scheduler_steps=k, mesh=a.mesh, kv_cache_dtype=a.kv_cache_dtype,
+            res.update(workload=name, num_scheduler_steps=k, async_scheduling=asyn, mesh=a.mesh, kv_cache_dtype=a.kv_cache_dtype,
                        new_compilations=eng.runner.num_compilations() - c0)
             print(json.dumps(res), flush=True)
         if a.profile:

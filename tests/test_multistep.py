@@ -1,11 +1,17 @@
-"""Multi-step decoding (num_scheduler_steps): K decode steps per scheduler round trip with the
-sampled tokens fed back on the device. Oracle: the same engine settings with single steps."""
+"""Decode blocks: multi-step decoding (num_scheduler_steps: K decode steps per scheduler round
+trip, sampled tokens fed back on the device) and async scheduling (the next block dispatched
+before the previous one's tokens are back). Oracle: the same engine with single synchronous
+steps; seeded sampling makes every configuration's tokens comparable exactly."""
+import dataclasses
+
 import pytest
 
 from jaxserve import LLM, SamplingParams
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at",
            "The quick brown fox", "1, 2, 3,"]
+# (num_scheduler_steps, async_scheduling); the first is the oracle
+CONFIGS = ((1, False), (1, True), (4, False), (4, True))
 
 
 def _params():
@@ -19,35 +25,45 @@ def _params():
 
 @pytest.fixture(scope="module")
 def results():
+    # One engine (compiled with both features on), its scheduler switched between configurations.
+    llm = LLM(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+              num_scheduler_steps=4, async_scheduling=True, cpu_kv_cache_gib=0.1)
+    eng = llm.llm_engine
+    base = eng.scheduler.cfg
+    compiles = eng.runner.num_compilations()
     res = {}
-    for k in (1, 4):
-        llm = LLM(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
-                  num_scheduler_steps=k, cpu_kv_cache_gib=0.1)
-        eng = llm.llm_engine
-        compiles = eng.runner.num_compilations()
+    for k, asyn in CONFIGS:
+        eng.scheduler.cfg = dataclasses.replace(base, num_scheduler_steps=k, async_scheduling=asyn)
+        assert eng.reset_prefix_cache()
+        steps0, async0 = eng.get_stats().num_steps, eng.scheduler.num_async_blocks
         outs = llm.generate(PROMPTS, _params(), use_tqdm=False)
-        # a request with a stop string falls back to single steps, mixed with multi-step ones
+        # a request with a stop string takes one-step blocks, or single steps next to multi-step ones
         mixed = llm.generate(PROMPTS[:2], [SamplingParams(temperature=0, max_tokens=12, stop=["\n"]),
                                            SamplingParams(temperature=0, max_tokens=12)], use_tqdm=False)
-        res[k] = dict(tokens=[o.outputs[0].token_ids for o in outs], text=[o.outputs[0].text for o in outs],
-                      finish=[o.outputs[0].finish_reason for o in outs], mixed=[o.outputs[0].text for o in mixed],
-                      new_compiles=eng.runner.num_compilations() - compiles, kv=eng.scheduler.kv_usage(),
-                      steps=eng.get_stats().num_steps)
+        res[k, asyn] = dict(tokens=[o.outputs[0].token_ids for o in outs], text=[o.outputs[0].text for o in outs],
+                            finish=[o.outputs[0].finish_reason for o in outs], mixed=[o.outputs[0].text for o in mixed],
+                            kv=eng.scheduler.kv_usage(), steps=eng.get_stats().num_steps - steps0,
+                            async_blocks=eng.scheduler.num_async_blocks - async0)
+    res["new_compiles"] = eng.runner.num_compilations() - compiles
     return res
 
 
-def test_multistep_tokens_equal_single_step(results):
-    assert results[4]["tokens"] == results[1]["tokens"]
-    assert results[4]["text"] == results[1]["text"]
-    assert results[4]["finish"] == results[1]["finish"]
-    assert results[4]["mixed"] == results[1]["mixed"]
-    assert [len(t) for t in results[4]["tokens"]][::3] == [3, 21]  # ignore_eos rows run to max_tokens
+@pytest.mark.parametrize("config", CONFIGS[1:])
+def test_decode_blocks_give_the_single_step_tokens(results, config):
+    oracle, r = results[CONFIGS[0]], results[config]
+    assert r["tokens"] == oracle["tokens"]
+    assert r["text"] == oracle["text"]
+    assert r["finish"] == oracle["finish"]
+    assert r["mixed"] == oracle["mixed"]
+    assert [len(t) for t in r["tokens"]][::3] == [3, 21]  # ignore_eos rows run to max_tokens
+    assert r["kv"] == 0.0  # every block freed, including those of blocks dropped after a stop
 
 
-def test_multistep_takes_fewer_round_trips_and_never_compiles(results):
-    assert results[4]["steps"] < results[1]["steps"]
-    assert results[4]["new_compiles"] == 0 and results[1]["new_compiles"] == 0
-    assert results[4]["kv"] == 0.0
+def test_async_blocks_ran_and_nothing_compiled(results):
+    assert results[1, True]["async_blocks"] > 0 and results[4, True]["async_blocks"] > 0
+    assert results[1, False]["async_blocks"] == 0 and results[4, False]["async_blocks"] == 0
+    assert results[4, False]["steps"] < results[1, False]["steps"]
+    assert results["new_compiles"] == 0
 
 
 def test_multistep_is_validated():
@@ -55,3 +71,27 @@ def test_multistep_is_validated():
 
     with pytest.raises(ValueError, match="num_scheduler_steps must be in"):
         SchedulerConfig(num_scheduler_steps=0)
+
+
+def test_abort_while_a_block_is_on_the_device(results):
+    """Aborting a request whose next block is already dispatched: the others' tokens are
+    unchanged, the aborted one reports 'abort', and every KV block comes back."""
+    llm = LLM(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+              num_scheduler_steps=4, async_scheduling=True, cpu_kv_cache_gib=0.1)
+    eng = llm.llm_engine
+    params = _params()
+    for i, (p, sp) in enumerate(zip(PROMPTS, params)):
+        eng.add_request(f"q{i}", p, sp)
+    done, aborted = {}, False
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+        if not aborted and eng._inflight is not None and "q3" not in done:
+            eng.abort_request("q3")  # q3 (21 tokens) is in the block on the device
+            aborted = True
+    assert aborted and done["q3"].outputs[0].finish_reason == "abort"
+    oracle = results[CONFIGS[0]]["tokens"]
+    for i in (0, 1, 2, 4, 5):
+        assert done[f"q{i}"].outputs[0].token_ids == oracle[i]
+    assert eng._inflight is None and eng.scheduler.kv_usage() == 0.0

@@ -33,7 +33,7 @@ def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input
         raise RuntimeError("the engine still holds requests; cannot reset the prefix cache before timing")
     compiles0 = eng.runner.num_compilations()
     st0 = eng.get_stats()
-    hits0, preempt0 = st0.prefix_cache_hits, st0.num_preemptions_total
+    hits0, preempt0, async0 = st0.prefix_cache_hits, st0.num_preemptions_total, st0.num_async_steps
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t0
@@ -46,7 +46,8 @@ def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input
                 prompt_tokens=n_in, output_tokens=n_out, startup_s=startup_s,
                 compilations_during_run=eng.runner.num_compilations() - compiles0,
                 prefix_cache_hit_tokens=st.prefix_cache_hits - hits0,
-                preemptions=st.num_preemptions_total - preempt0, num_steps=st.num_steps)
+                preemptions=st.num_preemptions_total - preempt0, num_steps=st.num_steps - st0.num_steps,
+                async_steps=st.num_async_steps - async0)
 
 
 def run_latency(engine_kwargs: dict, *, batch_size: int, input_len: int, output_len: int,

@@ -66,10 +66,15 @@ class SchedulerOutput:
     copy_blocks: list[tuple[int, int]] = field(default_factory=list)
     # Sequences that finished or were aborted since the last step (the runner drops their state).
     finished_req_ids: list[str] = field(default_factory=list)
-    # Multi-step decoding: every scheduled sequence is a one-token decode, and the runner runs
-    # num_steps decode steps, feeding each step's sampled token into the next on the device
-    # (blocks for num_steps new tokens are already allocated).
+    # A decode block: every scheduled sequence is a one-token decode that needs no per-token host
+    # decision, and the runner runs num_steps decode steps, feeding each step's sampled token into
+    # the next on the device (blocks for num_steps new tokens are already allocated).
+    decode_block: bool = False
     num_steps: int = 1
+    # Async scheduling: this block was scheduled while the previous decode block was still on the
+    # device. Its sequences' first tokens are not known on the host (token_ids holds a placeholder):
+    # sequence i takes the previous block's last sampled token of row feed_rows[i].
+    feed_rows: Optional[list[int]] = None
 
     @property
     def is_empty(self) -> bool:

@@ -8,6 +8,7 @@ to host slots). Pure Python; see docs/ARCHITECTURE.md for the block states and t
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from typing import Optional
 
@@ -39,6 +40,7 @@ class Scheduler:
         self.swapped: deque[Sequence] = deque()
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
+        self.num_async_blocks = 0  # decode blocks scheduled before the previous one's tokens were back
         self._step_preempted: list[str] = []
         self._step_hits = 0
         self._step_swaps = (0, 0)
@@ -148,22 +150,20 @@ class Scheduler:
         return out
 
     def _schedule_multistep(self) -> Optional[SchedulerOutput]:
-        """K decode steps at once, when nothing else could run (nothing swapped out; nothing
-        waiting, or the batch is full so waiting work could not be admitted anyway), all running
-        sequences are one-token decodes that need no per-token host decision, and the free blocks
-        cover K more tokens each."""
+        """A decode block of K = num_scheduler_steps steps (K = 1 with async scheduling: a
+        decode-only step whose successor can be dispatched before its tokens are back), when
+        nothing else could run (nothing swapped out; nothing waiting, or the batch is full so
+        waiting work could not be admitted anyway), all running sequences are one-token decodes
+        that need no per-token host decision, and the free blocks cover K more tokens each."""
         K = self.cfg.num_scheduler_steps
-        if K <= 1 or self.swapped or not self.running:
+        if (K <= 1 and not self.cfg.async_scheduling) or self.swapped or not self.running:
             return None
-        if self.waiting and (self.priority or len(self.running) < self.cfg.max_num_seqs):
-            return None  # waiting work could be admitted (or could outrank running work) now
+        if self._admission_possible(len(self.running)):
+            return None
         if len(self.running) > min(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens):
             return None
         for seq in self.running:
-            p = seq.request.params
-            if (seq.num_computed_tokens != seq.num_tokens - 1 or seq.num_tokens + K > self.max_model_len
-                    or p.stop or p.needs_penalties or p.logprobs is not None or p.prompt_logprobs is not None
-                    or seq.num_output_tokens < p.min_tokens):
+            if seq.num_computed_tokens != seq.num_tokens - 1 or not self._fits_block(seq, K, 0):
                 return None
         if sum(self.kv.blocks_needed(seq, K) for seq in self.running) > self.kv.pool.num_free:
             return None
@@ -171,11 +171,64 @@ class Scheduler:
         for seq in self.running:
             ok = self.kv.allocate(seq, K)
             assert ok, seq.seq_id
-        out = SchedulerOutput(scheduled=[self._scheduled_request(s, 1) for s in self.running],
-                              total_num_tokens=len(self.running), finished_req_ids=self._finished_ids,
-                              num_steps=K)
+        return self._block_output([self._scheduled_request(s, 1) for s in self.running], K, None)
+
+    def schedule_next_block(self, prev: SchedulerOutput) -> Optional[SchedulerOutput]:
+        """Async scheduling: the decode block after `prev`, built while `prev` is still on the
+        device (its tokens not yet applied), or None when the next step needs the host's full
+        view (admission, preemption, swaps). Sequences that `prev` finishes by length are left
+        out; the runner feeds each remaining sequence's first token from prev's last samples."""
+        if not (self.cfg.async_scheduling and prev.decode_block) or self.swapped:
+            return None
+        K, P = self.cfg.num_scheduler_steps, prev.num_steps
+        rows, seqs = [], []
+        for r, sr in enumerate(prev.scheduled):
+            seq = self.seqs.get(sr.req_id)
+            if seq is None or seq.status != RequestStatus.RUNNING:
+                continue  # finished or aborted since prev was scheduled
+            assert seq.num_computed_tokens == sr.num_computed_tokens, sr.req_id  # prev not applied yet
+            p = seq.request.params
+            if (p.max_tokens is not None and seq.num_output_tokens + P >= p.max_tokens) \
+                    or seq.num_tokens + P >= self.max_model_len:
+                continue  # prev's last token is its last
+            if not self._fits_block(seq, K, P):
+                return None
+            rows.append(r)
+            seqs.append(seq)
+        if not seqs or self._admission_possible(len(seqs)):
+            return None
+        if sum(self.kv.blocks_needed(seq, P + K) for seq in seqs) > self.kv.pool.num_free:
+            return None
+        scheduled = []
+        for seq in seqs:
+            ok = self.kv.allocate(seq, P + K)
+            assert ok, seq.seq_id
+            st = dataclasses.replace(seq.refresh_sampling(), num_output_tokens=seq.num_output_tokens + P)
+            scheduled.append(ScheduledRequest(
+                req_id=seq.seq_id, token_ids=[0], num_computed_tokens=seq.num_computed_tokens + P,
+                block_ids=list(seq.block_ids), sample=True, sampling=st))
+        return self._block_output(scheduled, K, rows)
+
+    def _admission_possible(self, num_running: int) -> bool:
+        """Waiting work could be admitted (or could outrank running work) with this many running."""
+        return bool(self.waiting) and (self.priority or num_running < self.cfg.max_num_seqs)
+
+    def _fits_block(self, seq: Sequence, K: int, pending: int) -> bool:
+        """seq can decode K more tokens after `pending` unapplied ones without a host decision per
+        token: no penalties, logprobs or min_tokens bans; stop strings only in one-step blocks
+        (the engine finishes the sequence after the step; a longer block would run past it)."""
+        p = seq.request.params
+        return not (seq.num_tokens + pending + K > self.max_model_len or (p.stop and K > 1)
+                    or p.needs_penalties or p.logprobs is not None or p.prompt_logprobs is not None
+                    or seq.num_output_tokens + pending < p.min_tokens)
+
+    def _block_output(self, scheduled: list[ScheduledRequest], K: int, rows) -> SchedulerOutput:
+        out = SchedulerOutput(scheduled=scheduled, total_num_tokens=len(scheduled),
+                              finished_req_ids=self._finished_ids, decode_block=True, num_steps=K,
+                              feed_rows=rows)
         self._finished_ids = []
         self._step_swaps = (0, 0)
+        self.num_async_blocks += rows is not None
         return out
 
     def _admit(self, budget, preempted, scheduled, done, swap_out, outranking_only: bool):
@@ -280,7 +333,7 @@ class Scheduler:
 
     # ---- results ----------------------------------------------------------------------------
     def update_from_output(self, so: SchedulerOutput, out: ModelRunnerOutput) -> list[SeqUpdate]:
-        if so.num_steps > 1:
+        if so.decode_block:
             return self._update_multistep(so, out)
         sampled = {rid: int(t) for rid, t in zip(out.req_ids, out.sampled_token_ids)}
         updates = []
@@ -310,7 +363,8 @@ class Scheduler:
             if seq is None or seq.status != RequestStatus.RUNNING:
                 continue
             new = []
-            for t in out.sampled_token_ids[rows[sr.req_id]]:
+            row = out.sampled_token_ids[rows[sr.req_id]]  # [K] (a scalar from a one-step caller)
+            for t in (row if getattr(row, "ndim", 0) else (row,)):
                 tok = int(t)
                 seq.num_computed_tokens += 1  # the token fed in at this sub-step is now cached
                 seq.token_ids.append(tok)

@@ -36,6 +36,7 @@ class EngineStats:
     num_preemptions_total: int
     num_compilations: int  # jit cache entries; constant after warm-up
     num_steps: int
+    num_async_steps: int = 0  # steps dispatched before the previous step's tokens were back
 
 
 @dataclass
@@ -144,6 +145,7 @@ class LLMEngine:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._num_steps = 0
+        self._inflight = None  # (SchedulerOutput, PendingStep): a decode block already dispatched
         self.trace: Optional[list] = None  # set to [] to record per-step scheduler stats
 
     @classmethod
@@ -235,6 +237,7 @@ class LLMEngine:
             st.metrics.finished_time = time.time()
             self._pending.append(self._make_output(st))
             self._forget(st)
+        self._drop_idle_block()
 
     def _forget(self, st: _ReqState) -> None:
         self._requests.pop(st.request_id, None)
@@ -253,17 +256,28 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step's results. Under async scheduling a decode block may already be on the device
+        (dispatched by the previous call): then this call takes its results, after dispatching
+        the block that follows it when the scheduler can tell what that is without them."""
         outputs, self._pending = self._pending, []
-        so = self.scheduler.schedule()
-        for sr in so.scheduled:  # the runner needs the prompt for prompt logprobs
-            st_ = sr.sampling
-            if st_.prompt_logprobs >= 0 and not st_.prompt_token_ids:
-                owner = self._owner(sr.req_id)
-                if owner is not None:
-                    st_.prompt_token_ids = self._requests[owner[0]].prompt_token_ids
-        if so.is_empty and not (so.swap_in or so.swap_out or so.copy_blocks):
-            return outputs
-        ro = self.runner.execute(so)
+        if self._inflight is not None:
+            so, pending = self._inflight
+            self._inflight = None
+        else:
+            so = self.scheduler.schedule()
+            for sr in so.scheduled:  # the runner needs the prompt for prompt logprobs
+                st_ = sr.sampling
+                if st_.prompt_logprobs >= 0 and not st_.prompt_token_ids:
+                    owner = self._owner(sr.req_id)
+                    if owner is not None:
+                        st_.prompt_token_ids = self._requests[owner[0]].prompt_token_ids
+            if so.is_empty and not (so.swap_in or so.swap_out or so.copy_blocks):
+                return outputs
+            pending = self.runner.dispatch(so)
+        nxt = self.scheduler.schedule_next_block(so) if so.decode_block else None
+        if nxt is not None:
+            self._inflight = (nxt, self.runner.dispatch(nxt, pending))
+        ro = self.runner.collect(pending)
         self._num_steps += 1
         now = time.time()
         for sr in so.scheduled:
@@ -311,7 +325,15 @@ class LLMEngine:
                        num_seqs=len(so.scheduled))
             rec.update(self.scheduler.step_stats())
             self.trace.append(rec)
+        self._drop_idle_block()
         return outputs
+
+    def _drop_idle_block(self) -> None:
+        """A dispatched block whose sequences have all finished or been aborted: wait for it
+        (its writes land in freed blocks before any later step runs) and drop its results."""
+        if self._inflight is not None and not self.scheduler.has_unfinished_requests():
+            self.runner.collect(self._inflight[1])
+            self._inflight = None
 
     def _owner(self, seq_id: str):
         o = self._seq_owner.get(seq_id)
@@ -378,4 +400,4 @@ class LLMEngine:
             generation_tokens_total=self._generation_tokens_total,
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
             num_preemptions_total=s.num_preemptions, num_compilations=self.runner.num_compilations(),
-            num_steps=self._num_steps)
+            num_steps=self._num_steps, num_async_steps=s.num_async_blocks)

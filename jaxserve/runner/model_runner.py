@@ -23,7 +23,8 @@ from jaxserve.config import EngineConfig
 from jaxserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from jaxserve.models.attention import AttentionBackend, AttentionMetadata
 from jaxserve.runner import kv_cache as kvc
-from jaxserve.runner.input_batch import StepInputs, advance_decode, geometric_buckets, prepare_inputs
+from jaxserve.runner.input_batch import (StepInputs, advance_decode, geometric_buckets, pick_bucket,
+                                         prepare_inputs)
 from jaxserve.runner.sampler import SamplingTensors, sample, sample_tokens, token_logprobs
 from jaxserve.runner.sampling_inputs import pack_sampling
 from jaxserve.parallel.plan import fetch, put, split_layers
@@ -128,6 +129,12 @@ class ModelRunner:
     # ---- sizing -----------------------------------------------------------------------------
     def seq_bucket(self, token_bucket: int) -> int:
         return min(token_bucket, self.max_num_seqs)
+
+    def decode_buckets(self) -> tuple[int, ...]:
+        """Token buckets a decode block can land in (one token per sequence)."""
+        sc = self.config.scheduler
+        top = pick_bucket(self.token_buckets, min(sc.max_num_seqs, sc.max_num_batched_tokens))
+        return tuple(T for T in self.token_buckets if T <= top)
 
     def _size_cache(self) -> int:
         cc = self.config.cache
@@ -292,6 +299,9 @@ class ModelRunner:
                         len(self.token_buckets) * len(self.stages), self.config.warmup_compile_threads,
                         time.perf_counter() - t0)
         last = self.last
+        sc = self.config.scheduler
+        blocks = sc.num_scheduler_steps > 1 or sc.async_scheduling
+        decode = self.decode_buckets()
         for T in self.token_buckets:
             S = self.seq_bucket(T)
             logits, hidden = self._forward(self._dummy_inputs(T))
@@ -301,12 +311,17 @@ class ModelRunner:
                     out = sample(logits, st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode)
                 else:
                     toks = sample_tokens(logits, st, penalties=penalties, mode=mode)
-            if self.config.scheduler.num_scheduler_steps > 1:  # the multi-step token feed
+            if T in decode and blocks:  # decode blocks: token ids fed on the device
                 jax.block_until_ready(self._forward(self._dummy_inputs(T), _feed(toks, T)))
             z = np.zeros(_PROMPT_LOGPROB_ROWS, np.int32)
             lg = self._logits(self.head_params, hidden, self._put(z, last))
             out2 = token_logprobs(lg, self._put(z, last), num_logprobs=self.max_logprobs)
             jax.block_until_ready((out, toks, out2))
+        if sc.async_scheduling:  # a block's first tokens from the previous (same or larger) block
+            for Tp in decode:
+                prev = self._put(np.zeros(self.seq_bucket(Tp), np.int32), last)
+                jax.block_until_ready([_feed_rows(prev, self._put(np.zeros(T, np.int32), last))
+                                       for T in decode if T <= Tp])
         for k in _PAIR_BUCKETS[:2]:
             z = np.zeros(k, np.int32)
             self._copy_blocks(z, z)
@@ -320,7 +335,7 @@ class ModelRunner:
 
     def num_compilations(self) -> int:
         fns = [*self._stage_jits, self._logits, sample, sample_tokens, token_logprobs, kvc.copy_blocks,
-               kvc.gather_blocks, kvc.scatter_blocks, _feed]
+               kvc.gather_blocks, kvc.scatter_blocks, _feed, _feed_rows]
         return sum(f._cache_size() for f in fns)
 
     # ---- block operations (per stage: each stage's layers live on its own devices) -----------
@@ -382,11 +397,17 @@ class ModelRunner:
                 for p in parts if p]
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.dispatch(so))
+
+    def dispatch(self, so: SchedulerOutput, prev: Optional["PendingStep"] = None) -> "PendingStep":
+        """Start one step. A decode block only dispatches its device work (and starts copying its
+        tokens to the host) and returns at once; other steps run to completion here. prev: the
+        decode block still on the device whose last samples feed this block (so.feed_rows)."""
         self._apply_block_ops(so)
         if so.is_empty:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=np.zeros(0, np.int32))
-        if so.num_steps > 1:
-            return self._execute_multistep(so)
+            return PendingStep(so, out=ModelRunnerOutput(req_ids=[], sampled_token_ids=np.zeros(0, np.int32)))
+        if so.decode_block:
+            return self._dispatch_block(so, prev)
         want_lp = any(sr.sample and sr.sampling.logprobs >= 0 for sr in so.scheduled)
         dispatched = []
         for mb in self._microbatches(so):
@@ -394,22 +415,39 @@ class ModelRunner:
                                  token_buckets=self.token_buckets, seq_rows=self.seq_bucket)
             dispatched.append((mb, inp, self._forward(inp)))
         outs = [self._sample(mb, inp, logits, hidden, want_lp) for mb, inp, (logits, hidden) in dispatched]
-        return outs[0] if len(outs) == 1 else _merge(outs)
+        return PendingStep(so, out=outs[0] if len(outs) == 1 else _merge(outs))
 
-    def _execute_multistep(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def collect(self, p: "PendingStep") -> ModelRunnerOutput:
+        """The step's results on the host (waits for the device when they are not back yet)."""
+        if p.out is None:
+            host = np.stack([np.asarray(t) for t in fetch(p.sampled, self.plan, self.last)], axis=1)  # [S, K]
+            rows = p.inp.sample_rows
+            p.out = ModelRunnerOutput(req_ids=[p.so.scheduled[i].req_id for i in rows], sampled_token_ids=host[rows])
+            p.sampled = None
+        return p.out
+
+    def _dispatch_block(self, so: SchedulerOutput, prev: Optional["PendingStep"]) -> "PendingStep":
         """so.num_steps decode steps, dispatched back to back: sub-step k's input tokens are
-        sub-step k-1's samples, still on the device; one transfer brings all tokens back. The
+        sub-step k-1's samples, still on the device (sub-step 0's too when the block follows
+        `prev` under async scheduling); the tokens come back in one transfer, started here. The
         scheduler only sends requests that need no per-token host decision (no penalties,
-        logprobs, stop strings or min_tokens), so the sampling state only moves its counters."""
+        logprobs or min_tokens), so the sampling state only moves its counters."""
         K = so.num_steps
         inp = prepare_inputs(so, block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
                              token_buckets=self.token_buckets, seq_rows=self.seq_bucket, lookahead=K - 1)
         T, S, n = len(inp.token_ids), len(inp.seq_lens), inp.num_seqs
+        tokens = None
+        if so.feed_rows is not None:
+            if prev is None or prev.last is None:
+                raise ValueError("a block fed from the previous block needs that block's pending step")
+            rows = np.zeros(T, np.int32)
+            rows[:n] = so.feed_rows
+            tokens = _feed_rows(prev.last, self._put(rows, self.last))
         sb = pack_sampling([sr.sampling for sr in so.scheduled] + [None] * (S - n), S, self.max_model_len)
         assert not sb.penalties
         # The sampling arrays go over once; only the per-sequence PRNG counters move each sub-step.
         base = self._put(sb.arrays, self.last)
-        sampled, tokens = [], None
+        sampled = []
         for k in range(K):
             step_inp, st = inp, base
             if k:
@@ -421,9 +459,10 @@ class ModelRunner:
             sampled.append(toks)
             if k + 1 < K:
                 tokens = _feed(toks, T)
-        host = np.stack([np.asarray(t) for t in fetch(sampled, self.plan, self.last)], axis=1)  # [S, K]
-        rows = inp.sample_rows
-        return ModelRunnerOutput(req_ids=[so.scheduled[i].req_id for i in rows], sampled_token_ids=host[rows])
+        for t in sampled:
+            if getattr(t, "is_fully_addressable", True):
+                t.copy_to_host_async()
+        return PendingStep(so, inp=inp, sampled=sampled, last=sampled[-1])
 
     def _sample(self, so: SchedulerOutput, inp: StepInputs, logits, hidden, want_lp: bool) -> ModelRunnerOutput:
         S = len(inp.seq_lens)
@@ -486,6 +525,24 @@ class ModelRunner:
             sl = slice(off, off + n)
             out.prompt_logprobs[req_id] = (start, lp[sl], top_ids[sl], top_lps[sl], rank[sl])
             off += n
+
+
+@dataclasses.dataclass
+class PendingStep:
+    """A dispatched step: its results (out), or the device arrays they will come from."""
+
+    so: SchedulerOutput
+    out: Optional[ModelRunnerOutput] = None
+    inp: Optional[StepInputs] = None
+    sampled: Optional[list] = None  # per sub-step [S] token ids on the device
+    last: Optional[jax.Array] = None  # the last sub-step's samples (feeds a following block)
+
+
+@jax.jit
+def _feed_rows(sampled, rows):
+    """A following block's first token ids [T]: token i is the previous block's last sample of
+    row rows[i] (padding rows take row 0's: harmless, they are never read)."""
+    return sampled.astype(jnp.int32)[rows]
 
 
 @functools.partial(jax.jit, static_argnums=(1,))

@@ -248,3 +248,53 @@ def test_random_mixes_keep_invariants_and_finish(ops, caching, mode, policy, sha
     assert not s.has_unfinished_requests(), "a request starved"
     assert s.kv.pool.num_free == s.kv.pool.num_usable
     assert len(s.host_free) + len(s._host_release) == 6
+
+
+def test_async_next_block_is_built_before_the_previous_tokens_are_known():
+    s = make_sched(num_blocks=64, block_size=4, max_num_seqs=4, num_scheduler_steps=2)
+    s.add_request(req("a", [1, 2, 3], max_tokens=8, ignore_eos=False))
+    s.add_request(req("b", [4, 5], max_tokens=3))
+    step(s)  # both prefills; each has 1 output token now
+    a = s.seqs["a"]
+    first = s.schedule()
+    assert first.decode_block and first.num_steps == 2 and first.feed_rows is None
+    # b reaches max_tokens=3 inside `first`: the next block leaves it out and feeds a from row 0.
+    nxt = s.schedule_next_block(first)
+    assert [r.req_id for r in nxt.scheduled] == ["a"] and nxt.feed_rows == [0]
+    sr = nxt.scheduled[0]
+    assert sr.num_computed_tokens == a.num_computed_tokens + 2 == 3 + 2
+    assert sr.sampling.num_output_tokens == a.num_output_tokens + 2  # PRNG counter of its first token
+    assert a.sampling.num_output_tokens == 1  # the sequence's own state is not moved
+    # a's blocks cover the 2 + 2 new tokens (positions up to 7): exactly two blocks of 4.
+    assert len(a.block_ids) == 2 and sr.block_ids == a.block_ids
+    ups = s.update_from_output(first, ModelRunnerOutput(["a", "b"], np.array([[7, 8], [9, 10]], np.int32)))
+    assert [u.finish_reason for u in ups] == [None, "length"]
+    # a stops on EOS inside `nxt`; the block after it has nobody left.
+    s.add_request(req("c", [1], max_tokens=2))
+    assert s.schedule_next_block(nxt) is None  # c waits and a slot is free: the host schedules
+    ups = s.update_from_output(nxt, ModelRunnerOutput(["a"], np.array([[EOS, 11]], np.int32)))
+    assert ups[0].new_token_ids == [EOS] and ups[0].finish_reason == "stop"  # 11 came after the stop
+    check_invariants(s)
+
+
+def test_async_block_results_of_finished_sequences_are_dropped():
+    s = make_sched(num_blocks=64, block_size=4, max_num_seqs=2)  # K = 1, async on by default
+    s.add_request(req("a", [1, 2], max_tokens=10, ignore_eos=False))
+    step(s)
+    blk = s.schedule()
+    assert blk.decode_block and blk.num_steps == 1
+    nxt = s.schedule_next_block(blk)
+    assert nxt.feed_rows == [0] and nxt.scheduled[0].num_computed_tokens == 3
+    ups = s.update_from_output(blk, ModelRunnerOutput(["a"], np.array([EOS], np.int32)))
+    assert ups[0].finish_reason == "stop" and s.kv.pool.num_free == s.kv.pool.num_usable
+    assert s.update_from_output(nxt, ModelRunnerOutput(["a"], np.array([[5]], np.int32))) == []
+    assert s.schedule_next_block(nxt) is None
+    check_invariants(s)
+
+
+def test_async_scheduling_off_keeps_single_steps():
+    s = make_sched(num_blocks=64, block_size=4, async_scheduling=False)
+    s.add_request(req("a", [1, 2], max_tokens=4))
+    step(s)
+    so = s.schedule()
+    assert not so.decode_block and s.schedule_next_block(so) is None
