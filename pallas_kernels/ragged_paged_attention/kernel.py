@@ -8,9 +8,17 @@ only, e.g. 3 -> 4). The program walks its sequence's block table with an online 
 float32. The tile list is computed in the jitted wrapper from query_start_loc, so one compiled
 kernel serves every mix of prefill chunks and decodes of a bucket.
 
+Layout: the kernel reads q [T, Hq, D] and writes the output [T, Hq, D] directly, with no XLA
+pass on either. A program's query block is rows [tile start, tile start + BQ) x heads
+[h*G, h*G + Gp) of q, loaded and stored under a mask (rows past the tile's end, and the Gp - G
+lanes that are the next KV head's query heads or past Hq). The padding tokens (past
+query_start_loc[-1]) are tiled as one more sequence of context 0: their programs see no keys and
+store exact zeros, so every output element is written by exactly one program.
+
 Each loop iteration gathers a KV tile of several blocks through the block table (64-128 tokens),
 and tiles that every query row sees whole skip the causal mask. Small decode batches split each
-sequence's KV tiles over several programs (split-K) and combine the partial softmaxes after.
+sequence's KV tiles over several programs (split-K; partials [KS, T, Hq, D]) and combine the
+partial softmaxes after.
 
 Layout contract: reference.py. Tuning and measurements: docs/kernels.md, docs/benchmarks.md.
 """
@@ -57,10 +65,13 @@ def _dot(a, b, exact_f32: bool):
     return f(ah, bh) + (f(ah, bl) + f(al, bh))
 
 
-def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tables_ref, q_ref, kv_ref,  # inputs
+def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, tile_ctx_ref, block_tables_ref, q_ref, kv_ref,  # inputs
             o_ref, *ml_refs,  # outputs: o, and with split-K also the softmax max and sum per row
-            bq: int, gp: int, block_size: int, kv_tile: int, sm_scale: float, soft_cap: Optional[float],
+            bq: int, g: int, gp: int, block_size: int, kv_tile: int, sm_scale: float, soft_cap: Optional[float],
             sliding_window: Optional[int], ks: int, nt: int, heavy_first: bool):
+    # tile_*_ref [NT] int32: sequence, first query row, the sequence's query end, context length
+    # (0 for the padding tiles); q_ref [T, Hq, D]; kv_ref [2, NB*BS, Hkv, D];
+    # o_ref [T, Hq, D], or with split-K [KS, T, Hq, D] float32 and ml_refs 2 x [KS, T, Hq].
     # heavy_first: launch the last tiles first; in a causal prefill they see the most keys, so
     # the long programs start early and the short ones fill the tail of the grid.
     t = nt - 1 - pl.program_id(0) if heavy_first else pl.program_id(0)
@@ -69,14 +80,25 @@ def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tabl
     s = tile_seq_ref[t]
     q_start = tile_start_ref[t]
     q_end = tile_end_ref[t]
-    ctx = seq_lens_ref[s]
+    ctx = tile_ctx_ref[t]
     d = q_ref.shape[-1]
     rows = q_start + jnp.arange(bq, dtype=jnp.int32)  # [BQ]
     row_ok = rows < q_end
     # Position of each query row in its sequence: the queries are the last (q_end - seq_start)
     # positions of the context; q_end is the sequence's query end, so pos = ctx - (q_end - row).
     pos = ctx - (q_end - rows)  # [BQ]
-    q = q_ref[h, pl.ds(q_start, bq), :, :]  # [BQ, Gp, D] (rows past q_end are ignored)
+    # This program's block of q and of the output: rows [q_start, q_start + BQ) x heads
+    # [h*G, h*G + Gp) of [T, Hq, D]. The load is masked to the array's bounds only: rows past q_end
+    # (the next sequence's) and lanes >= G (the next KV head's query heads) are read, but every row
+    # of the softmax is independent, so they only make rows that are never stored. The store is
+    # masked to the tile's own rows and group. The two masks differ on purpose: with one mask for
+    # both, built before the loop, the mask stays live in registers across the KV loop, and the
+    # kernel was 20-25% slower on an H100 (Llama-3-8B heads, 2k prefill: 168 us against 137 us).
+    n_tok, hq = q_ref.shape[0], q_ref.shape[1]
+    q_win = (pl.ds(q_start, bq), pl.ds(h * g, gp), slice(None))
+    lane = jnp.arange(gp, dtype=jnp.int32)
+    in_bounds = _tile_mask(rows < n_tok, h * g + lane < hq if gp != g else None, gp)
+    q = pltriton.load(q_ref.at[q_win], mask=_along_d(in_bounds, d), other=0)  # [BQ, Gp, D]
     dt = q.dtype
     # Matmuls in the input dtype with float32 accumulation; float32 inputs get full precision
     # (3xTF32) so the kernel matches the reference to 1e-5.
@@ -87,10 +109,12 @@ def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tabl
     pos_m = jnp.broadcast_to(pos[:, None], (bq, gp)).reshape(bq * gp)  # [M]
     ok_m = jnp.broadcast_to(row_ok[:, None], (bq, gp)).reshape(bq * gp)
 
-    live = q_end > q_start
-    hi = jnp.minimum(ctx, jnp.max(jnp.where(row_ok, pos, 0)) + 1)  # keys [0, hi) can be seen
+    # Keys [0, hi) can be seen. A real tile has hi >= 1 (ctx >= its query count); padding and
+    # empty tiles have ctx 0, hence hi <= 0: no iterations, and they store exact zeros (and, with
+    # split-K, max _NEG and sum 0, which the combine turns into zeros).
+    hi = jnp.maximum(jnp.minimum(ctx, jnp.max(jnp.where(row_ok, pos, 0)) + 1), 0)
     min_pos = jnp.min(jnp.where(row_ok, pos, ctx))
-    n_it = jnp.where(live, (hi + kv_tile - 1) // kv_tile, 0)  # KV tiles of kv_tile tokens
+    n_it = (hi + kv_tile - 1) // kv_tile  # KV tiles of kv_tile tokens
     if sliding_window is not None:
         lo_it = jnp.maximum(min_pos - sliding_window + 1, 0) // kv_tile
         full_it = lo_it  # with a window every tile is masked
@@ -144,17 +168,25 @@ def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, seq_lens_ref, block_tabl
     carry = jax.lax.fori_loop(start, mid, functools.partial(step, masked=False), (m0, l0, a0))
     m_i, l_i, acc = jax.lax.fori_loop(mid, stop, functools.partial(step, masked=True), carry)
     out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
-    # Masked: the rows past q_end belong to the next sequence's tile.
-    row_mask = jnp.broadcast_to(row_ok[:, None, None], (bq, gp, d))
+    mine = _tile_mask(row_ok, lane < g if gp != g else None, gp)  # [BQ, Gp]: this program's to write
     if ks > 1:
         m_ref, l_ref = ml_refs
-        pltriton.store(o_ref.at[split, h, pl.ds(q_start, bq), :, :], out.reshape(bq, gp, d), mask=row_mask)
-        mask2 = jnp.broadcast_to(row_ok[:, None], (bq, gp))
-        pltriton.store(m_ref.at[split, h, pl.ds(q_start, bq), :], m_i.reshape(bq, gp), mask=mask2)
-        pltriton.store(l_ref.at[split, h, pl.ds(q_start, bq), :], l_i.reshape(bq, gp), mask=mask2)
+        pltriton.store(o_ref.at[(split,) + q_win], out.reshape(bq, gp, d), mask=_along_d(mine, d))
+        pltriton.store(m_ref.at[(split,) + q_win[:2]], m_i.reshape(bq, gp), mask=mine)
+        pltriton.store(l_ref.at[(split,) + q_win[:2]], l_i.reshape(bq, gp), mask=mine)
     else:
-        pltriton.store(o_ref.at[h, pl.ds(q_start, bq), :, :], out.reshape(bq, gp, d).astype(o_ref.dtype),
-                       mask=row_mask)
+        pltriton.store(o_ref.at[q_win], out.reshape(bq, gp, d).astype(o_ref.dtype), mask=_along_d(mine, d))
+
+
+def _tile_mask(row_ok, lane_ok, gp: int):
+    """row_ok [BQ], lane_ok [Gp] or None (every lane) -> [BQ, Gp] bool."""
+    m = row_ok[:, None] if lane_ok is None else row_ok[:, None] & lane_ok[None, :]
+    return jnp.broadcast_to(m, (row_ok.shape[0], gp))
+
+
+def _along_d(mask, d: int):
+    """[BQ, Gp] -> [BQ, Gp, D], constant along D (so Triton keeps the loads/stores vectorized)."""
+    return jnp.broadcast_to(mask[:, :, None], mask.shape + (d,))
 
 
 def _validate(q, kv_cache, block_tables, seq_lens, query_start_loc):
@@ -239,25 +271,8 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     c_bq, c_tk, c_warps, c_stages = choose_tiles(T, S, g, bs, q.dtype, d)
     bq = bq or c_bq
 
-    # Tile list: each sequence's queries cut into tiles of bq rows.
-    q_len = query_start_loc[1:] - query_start_loc[:-1]  # [S]
-    n_tiles = (q_len + bq - 1) // bq
-    cum = jnp.cumsum(n_tiles)
-    first = cum - n_tiles
-    NT = -(-T // bq) + S  # static upper bound on the number of tiles
-    tid = jnp.arange(NT, dtype=jnp.int32)
-    # compare_all: one fused comparison; the default binary search is a device while loop, which
-    # on GPUs costs a host round trip per iteration (it dominated small decode batches).
-    tile_seq = jnp.clip(jnp.searchsorted(cum, tid, side="right", method="compare_all"), 0, S - 1).astype(jnp.int32)
-    live = tid < cum[-1]
-    tile_start = query_start_loc[tile_seq] + (tid - first[tile_seq]) * bq
-    tile_end = jnp.where(live, query_start_loc[tile_seq + 1], tile_start).astype(jnp.int32)
-    tile_start = tile_start.astype(jnp.int32)
-
-    # [T, Hq, D] -> [Hkv, T + bq, Gp, D] (group padded to a power of two; bq rows of slack so a
-    # tile's row window never leaves the array).
-    qh = q.reshape(T, hkv, g, d).transpose(1, 0, 2, 3)
-    qh = jnp.pad(qh, ((0, 0), (0, bq), (0, gp - g), (0, 0)))
+    tile_seq, tile_start, tile_end, tile_ctx = _tile_list(seq_lens, query_start_loc, T, bq)
+    NT = tile_seq.shape[0]
 
     ks = kv_splits or choose_kv_splits(hkv, T, S)
     tk = kv_tile or c_tk
@@ -271,42 +286,81 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     kv_tokens = kv_cache.reshape(2, nb * bs, hkv, d)  # free: tokens of a block are contiguous
     num_warps = num_warps or c_warps
     num_stages = num_stages or c_stages
-    kernel = functools.partial(_kernel, bq=bq, gp=gp, block_size=bs, kv_tile=tk, sm_scale=sm_scale,
-                               soft_cap=soft_cap, sliding_window=sliding_window, ks=ks, nt=NT, heavy_first=heavy_first)
+    kernel = functools.partial(_kernel, bq=bq, g=g, gp=gp, block_size=bs, kv_tile=tk, sm_scale=sm_scale,
+                               soft_cap=soft_cap, sliding_window=sliding_window, ks=ks, nt=NT,
+                               heavy_first=heavy_first)
     full = lambda shape: pl.BlockSpec(shape, lambda t, h, p: (0,) * len(shape))  # noqa: E731
     kwargs = {}
     if not interpret:
         kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    # Every element of the output (and of the split-K partials) is stored by exactly one program,
+    # the padding tokens' by the padding tiles, so no buffer is zeroed first.
     if ks > 1:
-        part = (ks,) + qh.shape
+        part = (ks, T, hq, d)
         out_shape = [jax.ShapeDtypeStruct(part, jnp.float32), jax.ShapeDtypeStruct(part[:-1], jnp.float32),
                      jax.ShapeDtypeStruct(part[:-1], jnp.float32)]
         out_specs = [full(part), full(part[:-1]), full(part[:-1])]
     else:
-        out_shape, out_specs = jax.ShapeDtypeStruct(qh.shape, q.dtype), full(qh.shape)
+        out_shape, out_specs = jax.ShapeDtypeStruct(q.shape, q.dtype), full(q.shape)
     res = pl.pallas_call(
         kernel,
         grid=(NT, hkv, ks),
-        in_specs=[full((NT,)), full((NT,)), full((NT,)), full((S,)), full(block_tables.shape), full(qh.shape),
+        in_specs=[full((NT,)), full((NT,)), full((NT,)), full((NT,)), full(block_tables.shape), full(q.shape),
                   full(kv_tokens.shape)],
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
         name="ragged_paged_attention",
         **kwargs,
-    )(tile_seq, tile_start, tile_end, seq_lens, block_tables, qh, kv_tokens)
-    if ks > 1:  # combine the splits' partial softmaxes
-        o_p, m_p, l_p = res
-        m = m_p.max(axis=0)
-        w = jnp.exp2(m_p - m[None]) * l_p  # [KS, Hkv, T+bq, Gp] (maxima in log2 units)
-        den = w.sum(axis=0)
-        out = (o_p * w[..., None]).sum(axis=0) / jnp.where(den > 0, den, 1.0)[..., None]
-        out = out.astype(q.dtype)
-    else:
-        out = res
-    out = out[:, :T, :g, :].transpose(1, 0, 2, 3).reshape(T, hq, d)
-    valid = jnp.arange(T) < query_start_loc[-1]
-    return jnp.where(valid[:, None, None], out, jnp.zeros((), q.dtype))
+    )(tile_seq, tile_start, tile_end, tile_ctx, block_tables, q, kv_tokens)
+    if ks == 1:
+        return res
+    return _combine_splits(*res).astype(q.dtype)
+
+
+def _combine_splits(o_p, m_p, l_p):
+    """o_p [KS, T, Hq, D], m_p, l_p [KS, T, Hq] (maxima in log2 units) -> [T, Hq, D] float32.
+    A split that saw no keys has max _NEG, sum 0 and output 0, so it gets weight 0; a row no
+    split saw (a padding token) comes out 0."""
+    m = m_p.max(axis=0)  # [T, Hq]
+    w = jnp.exp2(m_p - m[None]) * l_p  # [KS, T, Hq]
+    den = w.sum(axis=0)
+    return (o_p * w[..., None]).sum(axis=0) / jnp.where(den > 0, den, 1.0)[..., None]
+
+
+def _tile_list(seq_lens, query_start_loc, num_tokens: int, bq: int):
+    """The kernel's work list: each sequence's queries cut into tiles of bq rows, then the
+    padding tokens [query_start_loc[-1], T) cut the same way as one more sequence of context 0.
+    The padding tiles' programs see no keys and store zeros: those rows feed the next layer's K/V
+    for the padding tokens, written into the null block 0, and must be finite (a masked KV tile
+    reading block 0 multiplies them by p = 0, and 0 x NaN = NaN). This is the cheapest zeroing:
+    the grid already holds these programs (they were idle), so it costs a few masked stores and no
+    memset or select pass over [T, Hq, D]. Tiles left over start and end at T and store nothing.
+
+    seq_lens [S], query_start_loc [S + 1] int32 -> tile_seq, tile_start, tile_end, tile_ctx,
+    each [NT] int32 with NT = ceil(T / bq) + S: the sequence (clipped to S - 1 for padding
+    tiles, whose loops never read its block table), first query row, the sequence's query end and
+    its context length.
+
+    NT is enough: sum_s ceil(q_len_s / bq) <= (N + S (bq - 1)) / bq for N real tokens, which
+    leaves at least (T - N + S) / bq tiles, >= ceil((T - N) / bq), for the padding tokens."""
+    S = seq_lens.shape[0]
+    T = num_tokens
+    q_len = query_start_loc[1:] - query_start_loc[:-1]  # [S]
+    n_tiles = (q_len + bq - 1) // bq
+    cum = jnp.cumsum(n_tiles)
+    first = cum - n_tiles
+    NT = -(-T // bq) + S  # static upper bound on the number of tiles
+    tid = jnp.arange(NT, dtype=jnp.int32)
+    # compare_all: one fused comparison; the default binary search is a device while loop, which
+    # on GPUs costs a host round trip per iteration (it dominated small decode batches).
+    tile_seq = jnp.clip(jnp.searchsorted(cum, tid, side="right", method="compare_all"), 0, S - 1).astype(jnp.int32)
+    real = tid < cum[-1]
+    pad_start = jnp.minimum(query_start_loc[-1] + (tid - cum[-1]) * bq, T)
+    tile_start = jnp.where(real, query_start_loc[tile_seq] + (tid - first[tile_seq]) * bq, pad_start)
+    tile_end = jnp.where(real, query_start_loc[tile_seq + 1], T)
+    tile_ctx = jnp.where(real, seq_lens[tile_seq], 0)
+    return tile_seq, tile_start.astype(jnp.int32), tile_end.astype(jnp.int32), tile_ctx.astype(jnp.int32)
 
 
 def write_kv(kv_cache, k, v, slot_mapping):

@@ -74,6 +74,7 @@ CASES = [
     ([7, 1, 33], [7, 513, 40], 12, 4, 64, 16),  # GQA 3 (SmolLM2), mixed prefill + decode
     ([3, 1], [515, 2048], 16, 4, 64, 64),  # GQA 4, block 64, long context
     ([17, 2], [17, 70], 16, 2, 128, 16),  # GQA 8, head_dim 128
+    ([9, 1, 1], [30, 17, 64], 12, 2, 64, 16),  # GQA 6 (padded to 8: the last head's window leaves Hq)
 ]
 
 
@@ -129,6 +130,60 @@ def test_poisoned_output_fully_written():
     ref = np.asarray(ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=0.125))
     assert np.all(np.abs(got).sum(-1) > 0)
     assert rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("kv_splits", [1, 3])
+@pytest.mark.parametrize("q_lens,pad_tokens,hq,hkv", [
+    ([1], 15, 12, 4),  # decode bucket of 16 with one live sequence: 15 padding tokens, GQA 3
+    ([5, 1], 37, 12, 2),  # more padding tokens than a tile holds, GQA 6
+    ([3, 1], 0, 8, 2),  # no padding
+])
+def test_padding_tokens_come_out_zero(q_lens, pad_tokens, hq, hkv, kv_splits):
+    """Padding tokens (past query_start_loc[-1]) are written as exact zeros even when their q is
+    NaN: the output is uninitialised (NaN in interpret mode), no wrapper pass zeroes it, and a NaN
+    there would reach the null block through the next layer's K/V."""
+    rng = np.random.default_rng(len(q_lens) + pad_tokens)
+    ctx = [c + 20 for c in q_lens]
+    q, kv, bt, sl, qsl = make_batch(rng, q_lens, ctx, hq, hkv, 64, 16, jnp.float32, pad_tokens=pad_tokens)
+    n = int(qsl[-1])
+    q = q.at[n:].set(jnp.nan)
+    got = np.asarray(K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=0.125, kv_splits=kv_splits))
+    ref = np.asarray(ragged_paged_attention_reference(q[:n], kv, bt, sl, qsl, sm_scale=0.125))
+    assert got.shape == q.shape
+    assert np.all(got[n:] == 0)
+    assert rel(got[:n], ref) < 1e-5
+
+
+@pytest.mark.parametrize("kv_splits", [1, 2])
+def test_wrapper_does_no_layout_work_on_q_or_out(kv_splits):
+    """q goes into the pallas_call as given; without split-K the call's output is the result, with
+    split-K only the combine (reductions and elementwise ops, no transpose/pad/slice) follows."""
+    rng = np.random.default_rng(1)
+    q, kv, bt, sl, qsl = make_batch(rng, [1, 1], [20, 9], 12, 4, 64, 16, jnp.float32)
+    f = lambda q: K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=0.125, kv_splits=kv_splits)  # noqa: E731
+    closed = jax.make_jaxpr(f)(q)
+    (jit_eqn,) = [e for e in closed.jaxpr.eqns if e.primitive.name in ("pjit", "jit")]
+    inner = jit_eqn.params["jaxpr"].jaxpr
+    q_var = inner.invars[0]
+    (call,) = [e for e in inner.eqns if e.primitive.name == "pallas_call"]
+    assert q_var in call.invars
+    assert [e.primitive.name for e in inner.eqns if q_var in e.invars] == ["pallas_call"]
+    if kv_splits == 1:
+        assert inner.outvars[0] is call.outvars[0]
+    after = list(_flat_eqns(inner.eqns[inner.eqns.index(call) + 1:]))
+    names = {e.primitive.name for e in after}
+    assert not names & {"transpose", "pad", "slice", "dynamic_slice", "gather", "reshape", "concatenate"}, names
+    # the combine's only select is on the [T, Hq] denominator, not a padding select on [T, Hq, D]
+    assert all(e.outvars[0].aval.ndim <= 2 for e in after if e.primitive.name == "select_n")
+
+
+def _flat_eqns(eqns):
+    """The equations, with nested jits (jnp.where is one) inlined."""
+    for e in eqns:
+        if e.primitive.name in ("pjit", "jit"):
+            yield from _flat_eqns(e.params["jaxpr"].jaxpr.eqns)
+        else:
+            yield e
 
 
 def test_validation_errors():
