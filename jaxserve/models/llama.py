@@ -6,7 +6,9 @@ Params (weights stored [in, out] so activations multiply on the left):
   layers      list of per-layer dicts (a list, not a stacked scan array: see DESIGN.md on scan
               temporaries), each:
     attn_norm [E]; wq [E, Hq*D]; wk, wv [E, Hkv*D]; (bq [Hq*D], bk, bv [Hkv*D])
-    (q_norm, k_norm [D]); wo [Hq*D, E]; mlp_norm [E]; w_gate, w_up [E, F]; w_down [F, E]
+    (q_norm, k_norm [D]); wo [Hq*D, E]; mlp_norm [E]; w_gate_up [E, 2, F] (index 0 = gate,
+    1 = up: one GEMM of width 2F, and a tensor-parallel split of F keeps each rank's gate and up
+    columns together); w_down [F, E]
   final_norm  [E]
   lm_head     [E, V]   (absent when the embeddings are tied)
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +98,7 @@ def _freeze(d):
 def param_logical_axes(cfg: LlamaConfig) -> dict:
     layer = {"attn_norm": ("norm",), "wq": ("embed", "q_heads"), "wk": ("embed", "kv_heads"),
              "wv": ("embed", "kv_heads"), "wo": ("heads_in", "embed"), "mlp_norm": ("norm",),
-             "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp_in", "embed")}
+             "w_gate_up": ("embed", "gate_up", "mlp"), "w_down": ("mlp_in", "embed")}
     if cfg.attention_bias:
         layer.update(bq=("q_heads",), bk=("kv_heads",), bv=("kv_heads",))
     if cfg.qk_norm:
@@ -112,7 +114,7 @@ def param_shapes(cfg: LlamaConfig) -> dict:
     E, F, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     hq, hkv = cfg.num_heads * D, cfg.num_kv_heads * D
     layer = {"attn_norm": (E,), "wq": (E, hq), "wk": (E, hkv), "wv": (E, hkv), "wo": (hq, E),
-             "mlp_norm": (E,), "w_gate": (E, F), "w_up": (E, F), "w_down": (F, E)}
+             "mlp_norm": (E,), "w_gate_up": (E, 2, F), "w_down": (F, E)}
     if cfg.attention_bias:
         layer.update(bq=(hq,), bk=(hkv,), bv=(hkv,))
     if cfg.qk_norm:
@@ -152,8 +154,15 @@ def _layer(lp, cfg: LlamaConfig, x, cos, sin, kv, md, backend):
                             sliding_window=cfg.sliding_window)
     x = x + o.reshape(T, -1) @ lp["wo"]
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+    x = x + _mlp(lp, h)
     return x, kv
+
+
+def _mlp(lp, h):
+    """h [T, E] -> [T, E]. gate and up are one dot of width 2F (a batch-1 decode GEMV of both
+    weights at once runs closer to peak memory bandwidth than two GEMVs of F)."""
+    gu = jnp.einsum("te,egf->tgf", h, lp["w_gate_up"])  # [T, 2, F]
+    return (jax.nn.silu(gu[:, 0]) * gu[:, 1]) @ lp["w_down"]
 
 
 def forward(params, cfg: LlamaConfig, token_ids, positions, kv_caches, md, *, attn_backend: str,
@@ -187,32 +196,48 @@ def with_max_model_len(cfg: LlamaConfig, max_model_len: int) -> LlamaConfig:
     return dataclasses.replace(cfg, max_model_len=max_model_len)
 
 
-def hf_to_params_name(name: str) -> Optional[tuple]:
-    """HF safetensors tensor name -> (path in params, transpose?) or None when unused."""
+class HFTarget(NamedTuple):
+    """Where one HF checkpoint tensor goes in params."""
+    path: tuple  # the params leaf, e.g. ("layers", 3, "wq")
+    transpose: bool  # HF stores [out, in], params [in, out]
+    # For a leaf stacked from several HF tensors (w_gate_up [E, 2, F]): the index this tensor fills
+    # along `axis` of the leaf (after the transpose); None for a leaf that is one HF tensor.
+    part: Optional[int] = None
+    axis: int = 0
+
+
+_LAYER_TABLE = {  # HF name inside model.layers.{i}. -> (params key, transpose, stacked part)
+    "input_layernorm.weight": ("attn_norm", False, None),
+    "post_attention_layernorm.weight": ("mlp_norm", False, None),
+    "self_attn.q_proj.weight": ("wq", True, None), "self_attn.k_proj.weight": ("wk", True, None),
+    "self_attn.v_proj.weight": ("wv", True, None), "self_attn.o_proj.weight": ("wo", True, None),
+    "self_attn.q_proj.bias": ("bq", False, None), "self_attn.k_proj.bias": ("bk", False, None),
+    "self_attn.v_proj.bias": ("bv", False, None), "self_attn.q_norm.weight": ("q_norm", False, None),
+    "self_attn.k_norm.weight": ("k_norm", False, None),
+    "mlp.gate_proj.weight": ("w_gate_up", True, 0), "mlp.up_proj.weight": ("w_gate_up", True, 1),
+    "mlp.down_proj.weight": ("w_down", True, None),
+}
+
+
+def hf_to_params_name(name: str) -> Optional[HFTarget]:
+    """HF safetensors tensor name -> where it goes in params, or None when unused. gate_proj and
+    up_proj [F, E] both land in w_gate_up [E, 2, F], at index 0 and 1 of axis 1."""
     if name == "model.embed_tokens.weight":
-        return ("embed",), False
+        return HFTarget(("embed",), False)
     if name == "model.norm.weight":
-        return ("final_norm",), False
+        return HFTarget(("final_norm",), False)
     if name == "lm_head.weight":
-        return ("lm_head",), True
+        return HFTarget(("lm_head",), True)
     parts = name.split(".")
     if len(parts) < 5 or parts[0] != "model" or parts[1] != "layers":
         return None
-    i = int(parts[2])
     rest = ".".join(parts[3:])
-    table = {
-        "input_layernorm.weight": ("attn_norm", False), "post_attention_layernorm.weight": ("mlp_norm", False),
-        "self_attn.q_proj.weight": ("wq", True), "self_attn.k_proj.weight": ("wk", True),
-        "self_attn.v_proj.weight": ("wv", True), "self_attn.o_proj.weight": ("wo", True),
-        "self_attn.q_proj.bias": ("bq", False), "self_attn.k_proj.bias": ("bk", False),
-        "self_attn.v_proj.bias": ("bv", False), "self_attn.q_norm.weight": ("q_norm", False),
-        "self_attn.k_norm.weight": ("k_norm", False), "mlp.gate_proj.weight": ("w_gate", True),
-        "mlp.up_proj.weight": ("w_up", True), "mlp.down_proj.weight": ("w_down", True),
-    }
-    if rest not in table:
+    if rest not in _LAYER_TABLE:
         return None
-    key, tr = table[rest]
-    return ("layers", i, key), tr
+    key, tr, part = _LAYER_TABLE[rest]
+    if part is None:
+        return HFTarget(("layers", int(parts[2]), key), tr)
+    return HFTarget(("layers", int(parts[2]), key), tr, part, axis=1)  # [E, 2, F]
 
 
 @functools.lru_cache(maxsize=None)

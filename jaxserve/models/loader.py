@@ -150,7 +150,8 @@ def _set(params: dict, path: tuple, value) -> None:
 
 
 def _place(arr: np.ndarray, dtype, sharding) -> jax.Array:
-    x = np.asarray(arr, dtype=np.float32).astype(jnp.dtype(dtype))
+    dtype = jnp.dtype(dtype)
+    x = arr if arr.dtype == dtype else np.asarray(arr, dtype=np.float32).astype(dtype)
     return put(x, sharding) if sharding is not None else jnp.asarray(x)
 
 
@@ -163,22 +164,67 @@ def _lookup(tree, path):
     return node
 
 
+def _path_str(path: tuple) -> str:
+    return "".join(f"[{k!r}]" for k in path)
+
+
+class _Stack:
+    """Host buffer, in the target dtype, for one params leaf stacked from `n` checkpoint tensors
+    along `axis` (w_gate_up [E, 2, F] from gate_proj and up_proj). Each part is cast into its slice
+    as it arrives, so the buffer is the only host copy of the parts held between them."""
+
+    def __init__(self, part_shape: tuple, n: int, axis: int, dtype):
+        self.part_shape = tuple(part_shape)
+        self.axis = axis
+        self.buf = np.empty(self.part_shape[:axis] + (n,) + self.part_shape[axis:], jnp.dtype(dtype))
+        self.names: dict[int, str] = {}  # part index -> checkpoint tensor name
+
+    def add(self, name: str, part: int, arr: np.ndarray) -> None:
+        if tuple(arr.shape) != self.part_shape:
+            raise ValueError(f"tensor {name}: shape {arr.shape}, but {', '.join(self.names.values())} has "
+                             f"{self.part_shape}; they are stacked into one weight and must match")
+        np.moveaxis(self.buf, self.axis, 0)[part] = np.asarray(arr, dtype=np.float32)
+        self.names[part] = name
+
+    @property
+    def complete(self) -> bool:
+        return len(self.names) == self.buf.shape[self.axis]
+
+    def describe(self) -> str:
+        return " + ".join(self.names[i] for i in sorted(self.names))
+
+
 def build_params(arch, tensors: Iterator[tuple[str, np.ndarray]], dtype, shardings=None,
                  transform: Optional[Callable] = None) -> dict:
-    """Place each tensor as it streams in (one host copy at a time). transform(path, array) may
-    rewrite a tensor (e.g. replicate KV heads for tensor parallelism)."""
+    """Place each tensor as it streams in (one host copy at a time). A leaf stacked from several
+    checkpoint tensors (w_gate_up from gate_proj and up_proj) waits in a host buffer until its last
+    part arrives and is then placed once, whole, with its sharding (each device receives only its
+    shard); the buffers held at once are those whose parts straddle the stream position, in
+    practice one layer's. transform(path, array) may rewrite a leaf before it is placed (e.g.
+    replicate KV heads for tensor parallelism); for a stacked leaf it sees the stacked array."""
     module = registry.model_module(arch)
     shapes = module.param_shapes(arch)
     params = jax.tree_util.tree_map(lambda _: None, shapes, is_leaf=lambda x: isinstance(x, tuple))
+    pending: dict[tuple, _Stack] = {}  # leaf path -> the parts of it seen so far
     for name, arr in tensors:
-        m = module.hf_to_params_name(name)
-        if m is None:
+        target = module.hf_to_params_name(name)
+        if target is None:
             continue
-        path, transpose = m
+        path = target.path
         if path == ("lm_head",) and arch.tie_word_embeddings:
             continue
-        if transpose:
+        if target.transpose:
             arr = arr.T
+        if target.part is not None:
+            stack = pending.get(path)
+            if stack is None:
+                n = _lookup(shapes, path)[target.axis]
+                stack = pending[path] = _Stack(arr.shape, n, target.axis, dtype)
+            stack.add(name, target.part, arr)
+            if not stack.complete:
+                continue
+            del pending[path]
+            arr, name = stack.buf, stack.describe()
         if transform is not None:
             arr = transform(path, arr)
         want = _lookup(shapes, path)
@@ -188,7 +234,9 @@ def build_params(arch, tensors: Iterator[tuple[str, np.ndarray]], dtype, shardin
     missing = [jax.tree_util.keystr(p) for p, v in
                jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0] if v is None]
     if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        partial = "".join(f"; {_path_str(p)} has only {st.describe()}, its other part is missing"
+                          for p, st in list(pending.items())[:3])
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}{partial}")
     return params
 
 

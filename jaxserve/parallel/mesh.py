@@ -23,6 +23,9 @@ RULES: dict[str, Optional[str]] = {
     "heads_in": "model",  # o_proj input (row parallel)
     "mlp": "model",
     "mlp_in": "model",  # down_proj input (row parallel)
+    # the (gate, up) axis of w_gate_up [E, 2, F]: replicated, so the split of F ("mlp") leaves
+    # every rank the gate and up columns of the same F slice
+    "gate_up": None,
     "norm": None,
     "head_dim": None,
 }

@@ -137,3 +137,51 @@ def test_gguf_unpermute_inverts_llama_cpp_permute():
     # llama.cpp's convert permutation
     permuted = w.reshape(n_head, 2, d // 2, e).swapaxes(1, 2).reshape(w.shape)
     np.testing.assert_array_equal(unpermute_qk(permuted, n_head), w)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gate_up_stacked_from_the_hf_projections(tmp_path, dtype):
+    """w_gate_up [E, 2, F] holds gate_proj.T at index 0 and up_proj.T at index 1, exactly (cast
+    like every other tensor), also when the two sit in different safetensors shards."""
+    from jaxserve.models.loader import _iter_safetensors, _safetensors_files
+
+    model, d = _save(tmp_path, "llama", shard=True)
+    with open(os.path.join(d, "config.json")) as f:
+        arch = llama.LlamaConfig.from_hf_config(json.load(f))
+    params = build_params(arch, _iter_safetensors(_safetensors_files(d)), dtype)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    for i in range(arch.num_layers):
+        gate, up = sd[f"model.layers.{i}.mlp.gate_proj.weight"], sd[f"model.layers.{i}.mlp.up_proj.weight"]
+        want = np.stack([gate.T, up.T], axis=1).astype(jnp.dtype(dtype))  # [E, 2, F]
+        got = params["layers"][i]["w_gate_up"]
+        assert got.shape == (64, 2, 96) and got.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("drop", ["up_proj", "gate_proj"])
+def test_checkpoint_missing_half_of_gate_up_is_named(tmp_path, drop):
+    from jaxserve.models.loader import _iter_safetensors, _safetensors_files
+
+    _, d = _save(tmp_path, "llama")
+    with open(os.path.join(d, "config.json")) as f:
+        arch = llama.LlamaConfig.from_hf_config(json.load(f))
+    tensors = ((n, a) for n, a in _iter_safetensors(_safetensors_files(d)) if n != f"model.layers.1.mlp.{drop}.weight")
+    kept = "up_proj" if drop == "gate_proj" else "gate_proj"
+    with pytest.raises(ValueError, match=rf"missing 1 tensors.*\['layers'\]\[1\]\['w_gate_up'\] has only "
+                                         rf"model\.layers\.1\.mlp\.{kept}\.weight, its other part is missing"):
+        build_params(arch, tensors, jnp.float32)
+
+
+def test_mlp_gate_and_up_are_one_dot():
+    """The compiled MLP has two dots: gate+up with N = 2F, and down (XLA does not merge two
+    separate gate/up dots on its own, so the layout must)."""
+    import re
+
+    import jax
+
+    E, F = 64, 96
+    lp = {"w_gate_up": jnp.zeros((E, 2, F), jnp.float32), "w_down": jnp.zeros((F, E), jnp.float32)}
+    for T in (1, 8):
+        hlo = jax.jit(llama._mlp).lower(lp, jnp.zeros((T, E), jnp.float32)).compile().as_text()
+        dots = re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} dot\(", hlo)
+        assert sorted(dots) == sorted([f"{T},{2 * F}", f"{T},{E}"]), (T, dots)

@@ -17,15 +17,19 @@ for tp, pp, dp in [(1, 1, 1), (3, 1, 1), (1, 2, 1), (1, 1, 2), (3, 2, 1)]:
     toks = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
     eng = llm.llm_engine
     replicas = getattr(eng, "replicas", [eng])
+    gate_up = replicas[0].runner.params["layers"][-1]["w_gate_up"]
     info = dict(
         tokens=toks,
         # per replica: the devices of the first and the last layer's KV cache, and its sharding spec
         kv=[[sorted(d.id for d in r.runner.kv_caches[i].devices()) for i in (0, -1)] for r in replicas],
         spec=str(replicas[0].runner.kv_caches[0].sharding.spec) if tp > 1 else None,
+        # the last layer's w_gate_up [E, 2, F]: its partition spec (none on one device) and the
+        # shapes of its shards
+        gate_up=[list(getattr(gate_up.sharding, "spec", ())), sorted({x.data.shape for x in gate_up.addressable_shards})],
         prompt_tokens=[r.get_stats().prompt_tokens_total for r in replicas],
     )
     print(f"LAYOUT {tp} {pp} {dp} " + json.dumps(info), flush=True)
-    del llm, eng, replicas
+    del llm, eng, replicas, gate_up
 for bad in (dict(tensor_parallel_size=2), dict(pipeline_parallel_size=31), dict(tensor_parallel_size=3, data_parallel_size=3)):
     try:
         LLM(**bad, **engine_kwargs("default"))

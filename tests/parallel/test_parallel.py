@@ -31,6 +31,10 @@ def test_tp_pp_dp_equal_one_device_and_bad_sizes_are_explained():
     # TP=3: the KV cache is split over the "model" axis of 3 devices
     assert res[(3, 1, 1)]["kv"] == [[[0, 1, 2], [0, 1, 2]]]
     assert "'model'" in res[(3, 1, 1)]["spec"]
+    # TP=3: w_gate_up [576, 2, 1536] split on F only, so each rank holds the gate and the up
+    # columns of the same 512 features (the tokens above check that they are the right ones)
+    assert res[(3, 1, 1)]["gate_up"] == [[None, None, "model"], [[576, 2, 512]]]
+    assert res[(1, 1, 1)]["gate_up"][1] == [[576, 2, 1536]]
     # PP=2: the first layer's cache on device 0, the last layer's on device 1
     assert res[(1, 2, 1)]["kv"] == [[[0], [1]]]
     # TP=3 x PP=2: stage 0 on devices 0-2, stage 1 on 3-5
