@@ -21,7 +21,7 @@ for B in ${BUDGETS:-2048}; do
   if [ $ok = 1 ]; then
     python3 -m jaxserve bench serve --base-url http://127.0.0.1:8000 --request-rate "$RATE" --num-prompts "$NUM" \
       --input-len 1024 --output-len 128 --vocab-size 128256 --max-model-len 2048 --json 2>&1 \
-      | tee -a "$OUT/log.txt" | grep '^{' | sed "s/^{/{\"max_num_batched_tokens\": $B, /" | tee -a "$OUT/results.jsonl"
+      | tee -a "$OUT/log.txt" | grep '^{' | sed "s/^{/{\"max_num_batched_tokens\": $B, \"serve_args\": \"${SERVE_ARGS:-}\", /" | tee -a "$OUT/results.jsonl"
   else
     echo "server with budget $B did not come up"; tail -20 "$OUT/server_$B.log"
   fi

@@ -257,6 +257,8 @@ class ModelRunner:
                 logits = {self.seq_bucket(T): o[0] for T, o in outs.items()}
                 list(pool.map(self._precompile_sampler, logits.items()))
                 list(pool.map(self._precompile_prompt_head, [o[1] for o in outs.values()]))
+                if self.config.scheduler.async_scheduling:
+                    list(pool.map(self._precompile_feed_rows, self._feed_pairs()))
             except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
                 logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
 
@@ -281,6 +283,18 @@ class ModelRunner:
         hidden = self._abstract_output(out)
         self._logits.lower(self.head_params, hidden, self._put(np.zeros(_PROMPT_LOGPROB_ROWS, np.int32),
                                                                self.last)).compile()
+
+    def _feed_pairs(self) -> list[tuple[int, int]]:
+        """(previous block's token bucket, next block's) pairs async scheduling can chain: the next
+        block holds a subset of the previous one's sequences."""
+        decode = self.decode_buckets()
+        return [(Tp, T) for Tp in decode for T in decode if T <= Tp]
+
+    def _precompile_feed_rows(self, pair) -> None:
+        Tp, T = pair
+        abstract = lambda n: jax.ShapeDtypeStruct(  # noqa: E731 (as the runtime arrays are placed)
+            (n,), jnp.int32, sharding=self.plan.replicated(self.last) if self.plan is not None else None)
+        _feed_rows.lower(abstract(self.seq_bucket(Tp)), abstract(T)).compile()
 
     def _dummy_sampling(self, S: int, penalties: bool):
         sb = pack_sampling([None] * S, S, self.max_model_len)
@@ -318,10 +332,9 @@ class ModelRunner:
             out2 = token_logprobs(lg, self._put(z, last), num_logprobs=self.max_logprobs)
             jax.block_until_ready((out, toks, out2))
         if sc.async_scheduling:  # a block's first tokens from the previous (same or larger) block
-            for Tp in decode:
-                prev = self._put(np.zeros(self.seq_bucket(Tp), np.int32), last)
-                jax.block_until_ready([_feed_rows(prev, self._put(np.zeros(T, np.int32), last))
-                                       for T in decode if T <= Tp])
+            jax.block_until_ready([_feed_rows(self._put(np.zeros(self.seq_bucket(Tp), np.int32), last),
+                                              self._put(np.zeros(T, np.int32), last))
+                                   for Tp, T in self._feed_pairs()])
         for k in _PAIR_BUCKETS[:2]:
             z = np.zeros(k, np.int32)
             self._copy_blocks(z, z)
