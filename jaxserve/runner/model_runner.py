@@ -158,17 +158,18 @@ class ModelRunner:
         return n
 
     def _activation_bytes(self) -> int:
-        """Peak temporaries of the largest step, read from XLA's memory analysis on a tiny cache."""
-        T = self.token_buckets[-1]
-        n0 = len(self.stages[0])  # the first stage's layers: its devices hold the largest activations
-        tiny = kvc.allocate(dataclasses.replace(self.kv_spec, num_layers=n0), 2,
-                            self.plan.kv_sharding(0) if self.plan is not None else None)
-        args = self._stage_args(0, self._dummy_inputs(T), tiny)
+        """Peak temporaries of the largest step, from XLA's memory analysis of the first stage
+        (its devices hold the largest activations) cut to one and to two layers on a tiny cache:
+        temporaries(L) = t(1) + (L - 1) x (t(2) - t(1)). Layers run one after another and reuse
+        their buffers, so the per-layer term is ~0 in practice, and two small compiles take ~1 s
+        where compiling the whole largest step took ~9 s of every cold start."""
+        n0 = len(self.stages[0])
         try:
-            compiled = jax.jit(functools.partial(self._stage_fn, 0)).lower(*args).compile()
-            step = int(compiled.memory_analysis().temp_size_in_bytes)
+            t1 = self._step_temp_bytes(1)
+            step = t1 if n0 == 1 else t1 + (n0 - 1) * max(0, self._step_temp_bytes(2) - t1)
         except Exception:  # memory analysis is best effort
             step = 2 * kvc.GIB
+        T = self.token_buckets[-1]
         # The sampler and prompt logprobs hold a few [rows, vocab] float32 arrays (sort, softmax);
         # GEMM autotuning at warm-up wants scratch too: keep max(2 GiB, 4%) free for it.
         rows = max(self.seq_bucket(T), _PROMPT_LOGPROB_ROWS)
@@ -178,7 +179,18 @@ class ModelRunner:
         return step + sampler + slack
 
     # ---- the jitted stages --------------------------------------------------------------------
-    def _stage_fn(self, s: int, params, kv_caches, x, positions, md, logits_indices):
+    def _step_temp_bytes(self, n: int) -> int:
+        """XLA's temporaries for the largest bucket's first stage cut to its first n layers."""
+        T = self.token_buckets[-1]
+        tiny = kvc.allocate(dataclasses.replace(self.kv_spec, num_layers=n), 2,
+                            self.plan.kv_sharding(0) if self.plan is not None else None)
+        params, kv, tok, pos, md, li = self._stage_args(0, self._dummy_inputs(T), tiny)
+        params = dict(params, layers=params["layers"][:n])
+        fn = functools.partial(self._stage_fn, 0, layers=range(n))
+        compiled = jax.jit(fn).lower(params, kv, tok, pos, md, li).compile()
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+
+    def _stage_fn(self, s: int, params, kv_caches, x, positions, md, logits_indices, layers=None):
         """One pipeline stage (the whole model when there is one stage).
 
         x: token_ids [T] on the first stage, else the previous stage's hidden [T, E];
@@ -187,7 +199,7 @@ class ModelRunner:
         first, last = s == 0, s == self.last
         hidden, kv_caches = self.module.forward(
             params, self.arch, x if first else None, positions, kv_caches, md, attn_backend=self.backends[s],
-            layers=self.stages[s], hidden=None if first else x)
+            layers=layers or self.stages[s], hidden=None if first else x)
         if not last:
             return hidden, kv_caches
         logits = self.module.compute_logits(params, self.arch, hidden[logits_indices])
