@@ -260,14 +260,38 @@ class ModelRunner:
             return self._stage_jits[s].lower(*args).compile()
 
         with ThreadPoolExecutor(max(1, self.config.warmup_compile_threads)) as pool:
+            if self.plan is None:
+                # Every abstract value is known up front (logits [S, V] float32, hidden [T, E]):
+                # one queue, the longest compiles (largest buckets) first and the many small
+                # sampler / head / feed compiles filling the threads the last steps leave idle.
+                steps = [pool.submit(compile_one, j) for j in reversed(jobs)]
+                logits = {self.seq_bucket(T): jax.ShapeDtypeStruct((self.seq_bucket(T), self.arch.vocab_size),
+                                                                   jnp.float32) for T in self.token_buckets}
+                hidden = [jax.ShapeDtypeStruct((T, self.arch.hidden_size), self.stage_params[0]["embed"].dtype)
+                          for T in self.token_buckets]
+                side = [pool.submit(self._precompile_sampler, (S, out, v))
+                        for S, out in logits.items() for v in _SAMPLER_VARIANTS]
+                side += [pool.submit(self._precompile_prompt_head, h) for h in hidden]
+                if self.config.scheduler.async_scheduling:
+                    side += [pool.submit(self._precompile_feed_rows, pair) for pair in self._feed_pairs()]
+                for f in steps:
+                    f.result()
+                try:
+                    for f in side:
+                        f.result()
+                except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
+                    logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
+                return
             compiled = list(pool.map(compile_one, jobs))
             # Then the sampler variants, once per sequence bucket, from the logits' abstract
-            # value: they too compile into the cache instead of one after another below. Only
-            # an optimization: on any failure the warm-up compiles them itself.
+            # value (its sharding as the mesh step returns it): they too compile into the cache
+            # instead of one after another below. Only an optimization: on any failure the
+            # warm-up compiles them itself.
             try:
                 outs = {T: c.out_info[0] for (T, s), c in zip(jobs, compiled) if s == self.last}
                 logits = {self.seq_bucket(T): o[0] for T, o in outs.items()}
-                list(pool.map(self._precompile_sampler, logits.items()))
+                list(pool.map(self._precompile_sampler, [(S, out, v) for S, out in logits.items()
+                                                         for v in _SAMPLER_VARIANTS]))
                 list(pool.map(self._precompile_prompt_head, [o[1] for o in outs.values()]))
                 if self.config.scheduler.async_scheduling:
                     list(pool.map(self._precompile_feed_rows, self._feed_pairs()))
@@ -281,14 +305,14 @@ class ModelRunner:
         return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding if self.plan is not None else None)
 
     def _precompile_sampler(self, item) -> None:
-        S, out = item
+        """One sampler variant (penalties, mode, logprobs) of sequence bucket S."""
+        S, out, (penalties, mode, lp) = item
         logits = self._abstract_output(out)
-        for penalties, mode, lp in _SAMPLER_VARIANTS:
-            st = SamplingTensors(**self._put(self._dummy_sampling(S, penalties).arrays, self.last))
-            if lp:
-                sample.lower(logits, st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode).compile()
-            else:
-                sample_tokens.lower(logits, st, penalties=penalties, mode=mode).compile()
+        st = SamplingTensors(**self._put(self._dummy_sampling(S, penalties).arrays, self.last))
+        if lp:
+            sample.lower(logits, st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode).compile()
+        else:
+            sample_tokens.lower(logits, st, penalties=penalties, mode=mode).compile()
 
     def _precompile_prompt_head(self, out) -> None:
         """The prompt-logprobs head of one bucket: logits of selected hidden rows."""
