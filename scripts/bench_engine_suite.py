@@ -4,7 +4,7 @@ without async scheduling, the scheduler settings switched between runs on the sa
 engine. One JSON line per result.
 
     python3 scripts/bench_engine_suite.py --steps 1 8 [--async-scheduling on off] [--mesh]
-        [--workloads b1 128x128 1024x128 1000x1000]
+        [--workloads b1 128x128 1024x128 1000x1000] [--timeline]
 
 --mesh builds the engine through the device-mesh path (ParallelPlan with tp=1, pp=1) instead of
 the single-device path, to measure what the mesh costs on one GPU.
@@ -27,7 +27,8 @@ WORKLOADS = {  # name -> (kind, input_len, output_len, num_prompts or batch)
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--model", default="llama-3-8b", help="a named config for dummy weights; 'default': the "
+                    "embedded default model's weights (CPU smoke runs)")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--async-scheduling", nargs="+", choices=("on", "off"), default=["on"])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
@@ -36,6 +37,9 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8")
     ap.add_argument("--mesh", action="store_true")
+    ap.add_argument("--timeline", action="store_true", help="also run each throughput workload once more "
+                    "(largest K) with the engine's step trace on and print where the wall time went: prefill "
+                    "steps, decode steps by batch fill, preemptions")
     ap.add_argument("--profile", metavar="DIR", help="also run each workload once more (largest K) under the "
                     "JAX profiler and print where the GPU time went")
     a = ap.parse_args()
@@ -47,7 +51,9 @@ def main():
     from jaxserve.config import engine_config_from_kwargs
     from jaxserve.engine.llm_engine import LLMEngine
 
-    kw = dict(model=a.model, load_format="dummy", max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+    default = a.model == "default"
+    kw = dict(model=None if default else a.model, load_format="auto" if default else "dummy",
+              max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
               max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=max(a.steps),
               kv_cache_dtype=a.kv_cache_dtype, async_scheduling="on" in a.async_scheduling)
     t0 = time.perf_counter()
@@ -76,6 +82,17 @@ def main():
             res.update(workload=name, num_scheduler_steps=k, async_scheduling=asyn, mesh=a.mesh, kv_cache_dtype=a.kv_cache_dtype,
                        new_compilations=eng.runner.num_compilations() - c0)
             print(json.dumps(res), flush=True)
+        if a.timeline and kind == "throughput":
+            from jaxserve.engine.trace import summarize_trace
+
+            eng.trace, t0 = [], time.time()
+            try:
+                res = run_throughput({}, dataset="random", num_prompts=n, input_len=il, output_len=ol, llm=llm)
+            finally:
+                trace, eng.trace = eng.trace, None
+            print(json.dumps(dict(kind="timeline", workload=name, num_scheduler_steps=eng.scheduler.cfg.num_scheduler_steps,
+                                  output_tokens_per_s=res["output_tokens_per_s"],
+                                  **summarize_trace(trace, start_time=t0, max_num_seqs=a.max_num_seqs))), flush=True)
         if a.profile:
             from jaxserve.bench.profile import profile
 

@@ -43,6 +43,14 @@ class StubRunner:
         return ModelRunnerOutput(req_ids=[so.scheduled[i].req_id for i in rows],
                                  sampled_token_ids=self.rng.integers(100, 400, shape).astype(np.int32))
 
+    def dispatch(self, so, prev=None):
+        from jaxserve.runner.model_runner import PendingStep
+
+        return PendingStep(so, out=self.execute(so))
+
+    def collect(self, p):
+        return p.out
+
     def num_compilations(self):
         return 0
 
@@ -54,13 +62,21 @@ def main():
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--stream", action="store_true", help="report every step (server) instead of final only")
     ap.add_argument("--num-scheduler-steps", type=int, default=1)
+    ap.add_argument("--no-async-scheduling", action="store_true")
+    ap.add_argument("--real-runner", action="store_true", help="keep the real runner (jit dispatch, transfers) on "
+                    "a 32-layer model of tiny width, whose device work is negligible: host time with dispatch")
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
-    llm = LLM("tiny", load_format="dummy", max_model_len=a.input_len + a.output_len + 16, max_num_seqs=a.num_seqs,
-              max_num_batched_tokens=max(2048, a.num_seqs), warmup=False, cpu_kv_cache_gib=0.5,
-              num_scheduler_steps=a.num_scheduler_steps)
+    from jaxserve.models import loader
+
+    loader.DUMMY_SHAPES["tiny-32l"] = dict(loader.DUMMY_SHAPES["tiny"], num_hidden_layers=32)
+    llm = LLM("tiny-32l" if a.real_runner else "tiny", load_format="dummy", max_model_len=a.input_len + a.output_len + 16,
+              max_num_seqs=a.num_seqs, max_num_batched_tokens=max(2048, a.num_seqs), warmup=a.real_runner,
+              cpu_kv_cache_gib=0.5, num_scheduler_steps=a.num_scheduler_steps,
+              async_scheduling=not a.no_async_scheduling)
     eng = llm.llm_engine
-    eng.runner = StubRunner(eng.runner)
+    if not a.real_runner:
+        eng.runner = StubRunner(eng.runner)
     rng = np.random.default_rng(1)
     for i in range(a.num_seqs):
         eng.add_request(str(i), rng.integers(100, 400, a.input_len).tolist(),

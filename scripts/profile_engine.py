@@ -28,6 +28,10 @@ def main():
     ap.add_argument("--no-trace", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--decode", nargs="+", default=["1x128", "256x256"], help="decode scenarios BATCHxCONTEXT")
+    ap.add_argument("--prefill-len", type=int, default=128, help="prompt length of the full prefill step's prompts")
+    ap.add_argument("--decode-steps", type=int, default=6, help="engine steps timed per decode scenario")
+    ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--no-warmup", action="store_true", help="compile only the buckets the scenarios use")
     ap.add_argument("--top", type=int, default=12, help="kernels listed per scenario")
     a = ap.parse_args()
 
@@ -35,7 +39,7 @@ def main():
     from jaxserve.bench.profile import profile
 
     llm = LLM(model=a.model, load_format="dummy", max_model_len=a.max_model_len, max_num_seqs=256,
-              max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=a.steps)
+              max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=a.steps, warmup=not a.no_warmup)
     eng = llm.llm_engine
     vocab = eng.model.arch.vocab_size
     rng = np.random.default_rng(0)
@@ -75,11 +79,14 @@ def main():
         return w
 
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
+    eng.scheduler.schedule_next_block = timed("schedule_next_block", eng.scheduler.schedule_next_block)
     eng.scheduler.update_from_output = timed("update_from_output", eng.scheduler.update_from_output, True)
-    eng.runner.execute = timed("runner.execute", eng.runner.execute)
-    eng.runner._forward = timed("execute/dispatch forward", eng.runner._forward)
-    for fn in ("prepare_inputs", "advance_decode", "fetch", "sample_tokens", "pack_sampling"):
-        setattr(mr, fn, timed(f"execute/{fn}", getattr(mr, fn)))
+    eng.runner.dispatch = timed("runner.dispatch", eng.runner.dispatch)
+    eng.runner.collect = timed("runner.collect (waits for the device)", eng.runner.collect)
+    eng.runner._forward = timed("dispatch/forward (puts + step call)", eng.runner._forward)
+    for fn in ("prepare_inputs", "advance_decode", "fetch", "sample_tokens", "pack_sampling", "_feed_rows"):
+        setattr(mr, fn, timed(f"dispatch/{fn}", getattr(mr, fn)))
+    eng.step = timed("engine.step (all)", eng.step)
 
     def report(name, steps_fn, num_steps):
         phase.clear()
@@ -127,15 +134,17 @@ def main():
         # Every prompt prefilled (prefill chunks of max_num_batched_tokens), then a few decodes.
         for _ in range(-(-batch * ctx // a.max_num_batched_tokens) + 3):
             eng.step()
-        report(f"decode_b{batch}_ctx{ctx}", eng.step, 6)
+        report(f"decode_b{batch}_ctx{ctx}", eng.step, a.decode_steps)
         drain()
-    # A full prefill step: 64 prompts of 128 tokens (8192 tokens), one engine step each.
+    # A full prefill step: max_num_batched_tokens / prefill_len prompts, one engine step each.
     def prefill_step():
-        add(a.max_num_batched_tokens // 128, 128, 1)
+        add(a.max_num_batched_tokens // a.prefill_len, a.prefill_len, 1)
         while eng.has_unfinished_requests():
             eng.step()
+    if a.skip_prefill:
+        return
     prefill_step()
-    report(f"prefill_{a.max_num_batched_tokens}", prefill_step, 3)
+    report(f"prefill_{a.max_num_batched_tokens}_len{a.prefill_len}", prefill_step, 3)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,14 @@ def _params():
 
 
 @pytest.fixture(scope="module")
-def results():
+def llm():
     # One engine (compiled with both features on), its scheduler switched between configurations.
-    llm = LLM(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
-              num_scheduler_steps=4, async_scheduling=True, cpu_kv_cache_gib=0.1)
+    return LLM(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+               num_scheduler_steps=4, async_scheduling=True, cpu_kv_cache_gib=0.1)
+
+
+@pytest.fixture(scope="module")
+def results(llm):
     eng = llm.llm_engine
     base = eng.scheduler.cfg
     compiles = eng.runner.num_compilations()
@@ -95,3 +99,36 @@ def test_abort_while_a_block_is_on_the_device(results):
     for i in (0, 1, 2, 4, 5):
         assert done[f"q{i}"].outputs[0].token_ids == oracle[i]
     assert eng._inflight is None and eng.scheduler.kv_usage() == 0.0
+
+
+@pytest.mark.parametrize("config", [(1, False), (4, True)])
+def test_trace_summary_accounts_for_every_token(llm, results, config):
+    """summarize_trace (the benchmark's timeline) splits a run into prefill and decode steps; its
+    token counts must add up to what the requests computed: prompt + output - 1 per request
+    (exactly with single steps; a K-step block also computes the padding steps of rows that
+    finished inside it, so at least that)."""
+    import time
+
+    from jaxserve.engine.trace import summarize_trace
+
+    eng = llm.llm_engine
+    k, asyn = config
+    eng.scheduler.cfg = dataclasses.replace(eng.scheduler.cfg, num_scheduler_steps=k, async_scheduling=asyn)
+    assert eng.reset_prefix_cache()
+    max_tokens = [5, 11, 3, 8]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    eng.trace = []
+    t0 = time.time()
+    try:
+        outs = llm.generate(PROMPTS[:4], params, use_tqdm=False)
+    finally:
+        trace, eng.trace = eng.trace, None
+    summ = summarize_trace(trace, start_time=t0, max_num_seqs=8)
+    computed = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outs)
+    counted = summ["prefill"]["tokens"] + sum(d["tokens"] for d in summ["decode"].values())
+    assert counted == computed if k == 1 else computed <= counted <= computed + 4 * (k - 1)
+    assert summ["prefill"]["steps"] >= 1 and summ["decode"]["low"]["steps"] > 0
+    steps = summ["prefill"]["steps"] + sum(d["steps"] for d in summ["decode"].values())
+    assert steps == sum(r["num_steps"] for r in trace)
+    assert abs(summ["wall_s"] - (trace[-1]["time"] - t0)) < 1e-6
+    assert summ["preemptions"] == 0

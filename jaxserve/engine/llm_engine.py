@@ -322,7 +322,7 @@ class LLMEngine:
                 self._forget(st)
         if self.trace is not None:
             rec = dict(step=self._num_steps, time=now, num_tokens=so.total_num_tokens,
-                       num_seqs=len(so.scheduled))
+                       num_seqs=len(so.scheduled), num_steps=so.num_steps)
             rec.update(self.scheduler.step_stats())
             self.trace.append(rec)
         self._drop_idle_block()
