@@ -64,10 +64,12 @@ class KVCacheManager:
                   // self.block_size)
         return max(total - have, 0)
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, computed: Optional[list[int]] = None) -> bool:
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, computed: Optional[list[int]] = None,
+                     spare: int = 0) -> bool:
+        """spare: blocks to count as free beyond the pool's (negative: already spoken for)."""
         # Cached hits that sit in the free list stop being free once touched.
         reclaimed = sum(1 for b in (computed or []) if self.pool.ref_cnt[b] == 0)
-        return self.blocks_needed(seq, num_new_tokens, computed) <= self.pool.num_free - reclaimed
+        return self.blocks_needed(seq, num_new_tokens, computed) <= self.pool.num_free - reclaimed + spare
 
     def allocate(self, seq: Sequence, num_new_tokens: int, computed: Optional[list[int]] = None) -> bool:
         """Grow seq's block table to hold num_computed + len(computed)*bs + num_new tokens.

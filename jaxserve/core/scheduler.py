@@ -158,7 +158,8 @@ class Scheduler:
         K = self.cfg.num_scheduler_steps
         if (K <= 1 and not self.cfg.async_scheduling) or self.swapped or not self.running:
             return None
-        if self._admission_possible(len(self.running)):
+        if self._admission_possible(len(self.running),
+                                    spare=-sum(self.kv.blocks_needed(seq, 1) for seq in self.running)):
             return None
         if len(self.running) > min(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens):
             return None
@@ -181,7 +182,7 @@ class Scheduler:
         if not (self.cfg.async_scheduling and prev.decode_block) or self.swapped:
             return None
         K, P = self.cfg.num_scheduler_steps, prev.num_steps
-        rows, seqs = [], []
+        rows, seqs, freed = [], [], 0
         for r, sr in enumerate(prev.scheduled):
             seq = self.seqs.get(sr.req_id)
             if seq is None or seq.status != RequestStatus.RUNNING:
@@ -190,12 +191,16 @@ class Scheduler:
             p = seq.request.params
             if (p.max_tokens is not None and seq.num_output_tokens + P >= p.max_tokens) \
                     or seq.num_tokens + P >= self.max_model_len:
-                continue  # prev's last token is its last
+                freed += sum(1 for b in seq.block_ids if self.kv.pool.ref_cnt[b] == 1)
+                continue  # prev's last token is its last: its blocks come free when prev is applied
             if not self._fits_block(seq, K, P):
                 return None
             rows.append(r)
             seqs.append(seq)
-        if not seqs or self._admission_possible(len(seqs)):
+        # The host's next schedule (prev applied) would give every continuing sequence one token
+        # before admitting: those blocks are spoken for, the finishers' blocks free.
+        if not seqs or self._admission_possible(
+                len(seqs), spare=freed - sum(self.kv.blocks_needed(seq, P + 1) for seq in seqs)):
             return None
         if sum(self.kv.blocks_needed(seq, P + K) for seq in seqs) > self.kv.pool.num_free:
             return None
@@ -209,9 +214,31 @@ class Scheduler:
                 block_ids=list(seq.block_ids), sample=True, sampling=st))
         return self._block_output(scheduled, K, rows)
 
-    def _admission_possible(self, num_running: int) -> bool:
-        """Waiting work could be admitted (or could outrank running work) with this many running."""
-        return bool(self.waiting) and (self.priority or num_running < self.cfg.max_num_seqs)
+    def _admission_possible(self, num_running: int, spare: int = 0) -> bool:
+        """The host's next full schedule could admit waiting work (or let it outrank running work),
+        with num_running sequences decoding one token each and `spare` blocks on top of the free
+        ones (negative: taken by those decodes). Mirrors _admit's checks for the head of the
+        queue, so a decode block never delays an admission the full schedule would make (a
+        sequence that stops on EOS inside a dispatched block frees its blocks one block later).
+        Without the block check, a batch shrunk by preemption (waiting work that cannot fit)
+        would run every step synchronously."""
+        if not self.waiting:
+            return False
+        if self.priority:
+            return True
+        if num_running >= self.cfg.max_num_seqs:
+            return False
+        seq = self.waiting[0]
+        if not self._sibling_ready(seq):
+            return True  # _admit skips it and tries the next: stay conservative
+        budget = self.cfg.max_num_batched_tokens - num_running
+        if budget <= 0:
+            return False
+        computed = self.kv.get_computed_blocks(seq) if seq.num_computed_tokens == 0 else []
+        remaining = seq.num_tokens - seq.num_computed_tokens - len(computed) * self.block_size
+        if not self.cfg.enable_chunked_prefill and remaining > budget:
+            return False
+        return self.kv.can_allocate(seq, min(remaining, budget, self._threshold()), computed, spare=spare)
 
     def _fits_block(self, seq: Sequence, K: int, pending: int) -> bool:
         """seq can decode K more tokens after `pending` unapplied ones without a host decision per
