@@ -154,7 +154,8 @@ class Scheduler:
         decode-only step whose successor can be dispatched before its tokens are back), when
         nothing else could run (nothing swapped out; nothing waiting, or the batch is full so
         waiting work could not be admitted anyway), all running sequences are one-token decodes
-        that need no per-token host decision, and the free blocks cover K more tokens each."""
+        that need no per-token host decision. The block is as long as the free blocks allow
+        (up to K) and one step long when a sequence has stop strings."""
         K = self.cfg.num_scheduler_steps
         if (K <= 1 and not self.cfg.async_scheduling) or self.swapped or not self.running:
             return None
@@ -163,10 +164,15 @@ class Scheduler:
             return None
         if len(self.running) > min(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens):
             return None
+        cap = K
         for seq in self.running:
-            if seq.num_computed_tokens != seq.num_tokens - 1 or not self._fits_block(seq, K, 0):
+            if seq.num_computed_tokens != seq.num_tokens - 1:
                 return None
-        if sum(self.kv.blocks_needed(seq, K) for seq in self.running) > self.kv.pool.num_free:
+            cap = min(cap, self._block_cap(seq, K, 0))
+            if cap == 0:
+                return None
+        K = self._block_len(self.running, cap, 0)
+        if K == 0:
             return None
         self.running.sort(key=self._rank)
         for seq in self.running:
@@ -182,7 +188,7 @@ class Scheduler:
         if not (self.cfg.async_scheduling and prev.decode_block) or self.swapped:
             return None
         K, P = self.cfg.num_scheduler_steps, prev.num_steps
-        rows, seqs, freed = [], [], 0
+        rows, seqs, freed, cap = [], [], 0, K
         for r, sr in enumerate(prev.scheduled):
             seq = self.seqs.get(sr.req_id)
             if seq is None or seq.status != RequestStatus.RUNNING:
@@ -193,7 +199,8 @@ class Scheduler:
                     or seq.num_tokens + P >= self.max_model_len:
                 freed += sum(1 for b in seq.block_ids if self.kv.pool.ref_cnt[b] == 1)
                 continue  # prev's last token is its last: its blocks come free when prev is applied
-            if not self._fits_block(seq, K, P):
+            cap = min(cap, self._block_cap(seq, K, P))
+            if cap == 0:
                 return None
             rows.append(r)
             seqs.append(seq)
@@ -202,7 +209,8 @@ class Scheduler:
         if not seqs or self._admission_possible(
                 len(seqs), spare=freed - sum(self.kv.blocks_needed(seq, P + 1) for seq in seqs)):
             return None
-        if sum(self.kv.blocks_needed(seq, P + K) for seq in seqs) > self.kv.pool.num_free:
+        K = self._block_len(seqs, cap, P)
+        if K == 0:
             return None
         scheduled = []
         for seq in seqs:
@@ -240,14 +248,33 @@ class Scheduler:
             return False
         return self.kv.can_allocate(seq, min(remaining, budget, self._threshold()), computed, spare=spare)
 
-    def _fits_block(self, seq: Sequence, K: int, pending: int) -> bool:
-        """seq can decode K more tokens after `pending` unapplied ones without a host decision per
-        token: no penalties, logprobs or min_tokens bans; stop strings only in one-step blocks
-        (the engine finishes the sequence after the step; a longer block would run past it)."""
+    def _block_cap(self, seq: Sequence, K: int, pending: int) -> int:
+        """How many decode steps (<= K) seq can take in one block after `pending` unapplied
+        tokens without a host decision per token; 0 when it needs one every token (penalties,
+        logprobs, min_tokens bans). Stop strings allow one-step blocks (the engine finishes the
+        sequence after the step; a longer block would run past it); the context ends at
+        max_model_len."""
         p = seq.request.params
-        return not (seq.num_tokens + pending + K > self.max_model_len or (p.stop and K > 1)
-                    or p.needs_penalties or p.logprobs is not None or p.prompt_logprobs is not None
-                    or seq.num_output_tokens + pending < p.min_tokens)
+        if p.needs_penalties or p.logprobs is not None or p.prompt_logprobs is not None \
+                or seq.num_output_tokens + pending < p.min_tokens:
+            return 0
+        return max(0, min(1 if p.stop else K, self.max_model_len - seq.num_tokens - pending))
+
+    def _block_len(self, seqs: list, cap: int, pending: int, spare: int = 0) -> int:
+        """The longest block (<= cap steps) whose new tokens' blocks fit in the free ones (plus
+        spare): near a full cache a shorter block still runs ahead of the host where a
+        K-step one would fall back to a synchronous step."""
+        free = self.kv.pool.num_free + spare
+
+        def fits(k):
+            return sum(self.kv.blocks_needed(seq, pending + k) for seq in seqs) <= free
+        if fits(cap):
+            return cap
+        lo, hi = 0, cap  # fits(lo) (pending's blocks are allocated), not fits(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
 
     def _block_output(self, scheduled: list[ScheduledRequest], K: int, rows) -> SchedulerOutput:
         out = SchedulerOutput(scheduled=scheduled, total_num_tokens=len(scheduled),

@@ -361,3 +361,34 @@ def test_async_loop_schedules_what_the_sync_scheduler_does(seed):
     s = make_sched(**kw)
     assert [x[0] for x in _drive(s, reqs(), True)] == [x[0] for x in sync]
     check_invariants(s)
+
+
+def test_block_shortens_to_what_the_free_blocks_hold():
+    """K = 4, but one free block: a 4-step block would need a new block for each of the two
+    sequences. The scheduler dispatches the 1-step block that fits (no new blocks) instead of
+    falling back to a synchronous step; with no room at all, the host preempts."""
+    s = make_sched(num_blocks=4, block_size=4, max_num_seqs=2, num_scheduler_steps=4)
+    s.add_request(req("a", [1, 2, 3], max_tokens=10))
+    s.add_request(req("b", [4, 5, 6], max_tokens=10))
+    step(s)  # prefills: 3 prompt tokens + 1 sampled = 4 tokens each, one block each
+    assert [s.seqs["a"].block_ids, s.seqs["b"].block_ids] == [[1], [2]] and s.kv.pool.num_free == 1
+    blk = s.schedule()
+    assert blk.decode_block and blk.num_steps == 1  # position 3 fits the first block
+    assert [s.seqs["a"].block_ids, s.seqs["b"].block_ids] == [[1], [2]]
+    assert s.schedule_next_block(blk) is None  # position 4 needs 2 new blocks, 1 is free
+    s.update_from_output(blk, ModelRunnerOutput(["a", "b"], np.array([[7], [8]], np.int32)))
+    so = s.schedule()
+    assert not so.decode_block and s.num_preemptions == 1  # the host's step preempts b for a
+    check_invariants(s)
+
+
+def test_stop_strings_take_one_step_blocks():
+    s = make_sched(num_blocks=32, block_size=4, max_num_seqs=2, num_scheduler_steps=4)
+    s.add_request(req("a", [1, 2, 3], max_tokens=10, stop=["x"]))
+    s.add_request(req("b", [4, 5, 6], max_tokens=10))
+    step(s)
+    blk = s.schedule()
+    assert blk.decode_block and blk.num_steps == 1 and len(blk.scheduled) == 2
+    nxt = s.schedule_next_block(blk)
+    assert nxt.num_steps == 1 and nxt.feed_rows == [0, 1]
+    check_invariants(s)
