@@ -74,9 +74,15 @@ class KVCacheManager:
     def allocate(self, seq: Sequence, num_new_tokens: int, computed: Optional[list[int]] = None) -> bool:
         """Grow seq's block table to hold num_computed + len(computed)*bs + num_new tokens.
         Returns False (and changes nothing) when the free blocks don't suffice."""
+        need = self.blocks_needed(seq, num_new_tokens, computed)
+        if not computed:  # the decode path: most steps need no new block
+            if need > self.pool.num_free:
+                return False
+            if need:
+                seq.block_ids.extend(self.pool.allocate(need))
+            return True
         if not self.can_allocate(seq, num_new_tokens, computed):
             return False
-        need = self.blocks_needed(seq, num_new_tokens, computed)
         if computed:
             self.pool.touch(computed)
             seq.block_ids.extend(computed)

@@ -8,7 +8,7 @@ to host slots). Pure Python; see docs/ARCHITECTURE.md for the block states and t
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 from collections import deque
 from typing import Optional
 
@@ -160,7 +160,7 @@ class Scheduler:
         if (K <= 1 and not self.cfg.async_scheduling) or self.swapped or not self.running:
             return None
         if self._admission_possible(len(self.running),
-                                    spare=-sum(self.kv.blocks_needed(seq, 1) for seq in self.running)):
+                                    lambda: -sum(self.kv.blocks_needed(seq, 1) for seq in self.running)):
             return None
         if len(self.running) > min(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens):
             return None
@@ -207,7 +207,7 @@ class Scheduler:
         # The host's next schedule (prev applied) would give every continuing sequence one token
         # before admitting: those blocks are spoken for, the finishers' blocks free.
         if not seqs or self._admission_possible(
-                len(seqs), spare=freed - sum(self.kv.blocks_needed(seq, P + 1) for seq in seqs)):
+                len(seqs), lambda: freed - sum(self.kv.blocks_needed(seq, P + 1) for seq in seqs)):
             return None
         K = self._block_len(seqs, cap, P)
         if K == 0:
@@ -216,18 +216,21 @@ class Scheduler:
         for seq in seqs:
             ok = self.kv.allocate(seq, P + K)
             assert ok, seq.seq_id
-            st = dataclasses.replace(seq.refresh_sampling(), num_output_tokens=seq.num_output_tokens + P)
+            # A block's sequences have no penalties and no min_tokens bans left (_block_cap).
+            st = copy.copy(seq.sampling)
+            st.num_output_tokens, st.banned_token_ids = seq.num_output_tokens + P, None
             scheduled.append(ScheduledRequest(
                 req_id=seq.seq_id, token_ids=[0], num_computed_tokens=seq.num_computed_tokens + P,
                 block_ids=list(seq.block_ids), sample=True, sampling=st))
         return self._block_output(scheduled, K, rows)
 
-    def _admission_possible(self, num_running: int, spare: int = 0) -> bool:
+    def _admission_possible(self, num_running: int, spare=lambda: 0) -> bool:
         """The host's next full schedule could admit waiting work (or let it outrank running work),
-        with num_running sequences decoding one token each and `spare` blocks on top of the free
-        ones (negative: taken by those decodes). Mirrors _admit's checks for the head of the
-        queue, so a decode block never delays an admission the full schedule would make (a
-        sequence that stops on EOS inside a dispatched block frees its blocks one block later).
+        with num_running sequences decoding one token each and spare() blocks on top of the free
+        ones (negative: taken by those decodes; computed only when the block check is reached).
+        Mirrors _admit's checks for the head of the queue, so a decode block never delays an
+        admission the full schedule would make (a sequence that stops on EOS inside a dispatched
+        block frees its blocks one block later).
         Without the block check, a batch shrunk by preemption (waiting work that cannot fit)
         would run every step synchronously."""
         if not self.waiting:
@@ -246,7 +249,7 @@ class Scheduler:
         remaining = seq.num_tokens - seq.num_computed_tokens - len(computed) * self.block_size
         if not self.cfg.enable_chunked_prefill and remaining > budget:
             return False
-        return self.kv.can_allocate(seq, min(remaining, budget, self._threshold()), computed, spare=spare)
+        return self.kv.can_allocate(seq, min(remaining, budget, self._threshold()), computed, spare=spare())
 
     def _block_cap(self, seq: Sequence, K: int, pending: int) -> int:
         """How many decode steps (<= K) seq can take in one block after `pending` unapplied
