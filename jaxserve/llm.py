@@ -20,14 +20,18 @@ class LLM:
     LLM()                                  # the embedded default model (SmolLM2-135M-Instruct)
     LLM("path/to/hf_dir" | "model.gguf" | "org/name in the local HF cache", dtype="bfloat16", ...)
     Keyword arguments are the engine's flat config names (max_model_len, max_num_seqs,
-    block_size, gpu_memory_utilization, enable_prefix_caching, seed, ...).
+    block_size, gpu_memory_utilization, enable_prefix_caching, seed, ...). Left unset on an
+    accelerator, max_num_seqs and max_num_batched_tokens take offline defaults (1024 sequences
+    on 40+ GiB devices, 256 on smaller ones; 8192 tokens per step): jaxserve/usage_defaults.py.
     """
 
     def __init__(self, model: Optional[str] = None, **kwargs: Any):
         from jaxserve.config import engine_config_from_kwargs
         from jaxserve.engine.dp_engine import make_engine
+        from jaxserve.usage_defaults import OFFLINE, apply_usage_defaults
 
         _setup_logging()
+        kwargs = apply_usage_defaults(kwargs, OFFLINE)  # bigger batches on large accelerators
         self.llm_engine = make_engine(engine_config_from_kwargs(model=model, **kwargs))
         self._counter = itertools.count()
 

@@ -45,6 +45,9 @@ def build_app(args):
                          "server per host (data parallel behind a load balancer)")
     if getattr(args, "model_tag", None) and "model" not in kwargs:
         kwargs["model"] = args.model_tag
+    from jaxserve.usage_defaults import SERVER, apply_usage_defaults
+
+    kwargs = apply_usage_defaults(kwargs, SERVER)  # short steps on accelerators (TPOT)
     llm = AsyncLLM(kwargs, max_waiting_requests=kwargs.get("max_waiting_requests"))
     llm.wait_ready()  # load + warm-up (the port opens once the model can serve)
     eng = llm.engine

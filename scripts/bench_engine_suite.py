@@ -32,8 +32,9 @@ def main():
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--async-scheduling", nargs="+", choices=("on", "off"), default=["on"])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="default: the engine's offline default (1024 on a 40+ GiB accelerator)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's (8192 offline)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8")
     ap.add_argument("--mesh", action="store_true")
@@ -56,19 +57,24 @@ def main():
               max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
               max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=max(a.steps),
               kv_cache_dtype=a.kv_cache_dtype, async_scheduling="on" in a.async_scheduling)
+    kw = {k: v for k, v in kw.items() if v is not None}  # unset: the engine's defaults
     t0 = time.perf_counter()
     if a.mesh:  # the same LLM front end over an engine placed through ParallelPlan on one device
         llm = LLM.__new__(LLM)
         import itertools
 
         llm._counter = itertools.count()
+        from jaxserve.usage_defaults import OFFLINE, apply_usage_defaults
+
+        kw = apply_usage_defaults(kw, OFFLINE)
         llm.llm_engine = LLMEngine(engine_config_from_kwargs(**kw), devices=jax.devices()[:1])
     else:
         llm = LLM(**kw)
     startup = time.perf_counter() - t0
     eng = llm.llm_engine
     print(json.dumps(dict(kind="startup", startup_s=startup, mesh=a.mesh, model=a.model,
-                          compilations=eng.runner.num_compilations())), flush=True)
+                          compilations=eng.runner.num_compilations(), max_num_seqs=eng.scheduler.cfg.max_num_seqs,
+                          max_num_batched_tokens=eng.scheduler.cfg.max_num_batched_tokens)), flush=True)
     base_cfg = eng.scheduler.cfg
     for name in a.workloads:
         kind, il, ol, n = WORKLOADS[name]
@@ -92,7 +98,7 @@ def main():
                 trace, eng.trace = eng.trace, None
             print(json.dumps(dict(kind="timeline", workload=name, num_scheduler_steps=eng.scheduler.cfg.num_scheduler_steps,
                                   output_tokens_per_s=res["output_tokens_per_s"],
-                                  **summarize_trace(trace, start_time=t0, max_num_seqs=a.max_num_seqs))), flush=True)
+                                  **summarize_trace(trace, start_time=t0, max_num_seqs=base_cfg.max_num_seqs))), flush=True)
         if a.profile:
             from jaxserve.bench.profile import profile
 

@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--trace-dir", default="/tmp/jaxserve-trace")
     ap.add_argument("--no-trace", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--decode", nargs="+", default=["1x128", "256x256"], help="decode scenarios BATCHxCONTEXT")
     ap.add_argument("--prefill-len", type=int, default=128, help="prompt length of the full prefill step's prompts")
     ap.add_argument("--decode-steps", type=int, default=6, help="engine steps timed per decode scenario")
@@ -38,7 +39,7 @@ def main():
     from jaxserve import LLM, SamplingParams
     from jaxserve.bench.profile import profile
 
-    llm = LLM(model=a.model, load_format="dummy", max_model_len=a.max_model_len, max_num_seqs=256,
+    llm = LLM(model=a.model, load_format="dummy", max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
               max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=a.steps, warmup=not a.no_warmup)
     eng = llm.llm_engine
     vocab = eng.model.arch.vocab_size
