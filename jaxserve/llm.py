@@ -21,8 +21,8 @@ class LLM:
     LLM("path/to/hf_dir" | "model.gguf" | "org/name in the local HF cache", dtype="bfloat16", ...)
     Keyword arguments are the engine's flat config names (max_model_len, max_num_seqs,
     block_size, gpu_memory_utilization, enable_prefix_caching, seed, ...). Left unset on an
-    accelerator, max_num_seqs and max_num_batched_tokens take offline defaults (1024 sequences
-    on 40+ GiB devices, 256 on smaller ones; 8192 tokens per step): jaxserve/usage_defaults.py.
+    accelerator, max_num_seqs and max_num_batched_tokens take offline defaults (256 sequences;
+    8192 tokens per step on 40+ GiB devices, 4096 on smaller ones): jaxserve/usage_defaults.py.
     """
 
     def __init__(self, model: Optional[str] = None, **kwargs: Any):

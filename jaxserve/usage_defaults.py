@@ -2,13 +2,15 @@
 contexts"): applied only to settings the user left unset, and only on accelerators — on CPU the
 config's own small defaults (128 sequences, 2048 tokens per step) stay.
 
-Why these numbers (docs/benchmarks.md, one H100): offline throughput grows with the batch
-(128 in / 128 out: 13.6k output tok/s at 256 sequences, 15.5k at 1024), and an 8192-token step
-runs its prefill GEMMs at ~730 TFLOP/s; a server instead wants short steps, because every
-prefill chunk in a step delays the decode tokens riding with it (at 16 requests/s of 1024-token
-prompts the median time per output token fell from 38 ms at a 2048-token budget to 25 ms at
-1024 and 21 ms at 512, before async scheduling), while a chunk budget of 1024 still fills the
-GEMMs well.
+Why these numbers (docs/benchmarks.md, one H100): offline, an 8192-token step runs its prefill
+GEMMs at ~730 TFLOP/s, and 256 sequences is where long requests still fit the KV cache. 1024
+sequences (vLLM's offline default on an H100) was measured too: +6-13% on 128 in / 128 out, but
+-13% on 1024 / 128 and -18% on 1000 / 1000, because a 1024-row step reserves more memory for its
+temporaries (the KV cache held 307k instead of 421k tokens) and more sequences than the cache
+holds only means preemption. A server wants short steps, because every prefill chunk in a step
+delays the decode tokens riding with it (at 16 requests/s of 1024-token prompts the median time
+per output token fell from 38 ms at a 2048-token budget to 25 ms at 1024 and 21 ms at 512, before
+async scheduling), while a chunk of 1024 rows still runs its GEMMs at ~715 TFLOP/s.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ logger = logging.getLogger("jaxserve")
 OFFLINE = "offline"  # LLM(...).generate, jaxserve generate / bench
 SERVER = "server"  # jaxserve serve
 
-_BIG_DEVICE_GIB = 40.0  # H100 / H200 / A100-80G class (the allocator's limit, not the card's size)
+_BIG_DEVICE_GIB = 40.0  # H100 / H200 / A100-80G class (the allocator's limit, not the card's size):
+# smaller devices take 4096-token steps (an 8192-token step's temporaries would crowd out the KV cache)
 
 
 def usage_defaults(context: str, platform: str, device_memory_gib: Optional[float]) -> dict:
@@ -31,7 +34,7 @@ def usage_defaults(context: str, platform: str, device_memory_gib: Optional[floa
         return {}
     big = device_memory_gib is not None and device_memory_gib >= _BIG_DEVICE_GIB
     if context == OFFLINE:
-        return dict(max_num_seqs=1024 if big else 256, max_num_batched_tokens=8192)
+        return dict(max_num_seqs=256, max_num_batched_tokens=8192 if big else 4096)
     return dict(max_num_seqs=256, max_num_batched_tokens=1024)
 
 

@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--async-scheduling", nargs="+", choices=("on", "off"), default=["on"])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     ap.add_argument("--max-num-seqs", type=int, default=None,
-                    help="default: the engine's offline default (1024 on a 40+ GiB accelerator)")
+                    help="default: the engine's offline default (256 on accelerators)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's (8192 offline)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8")
