@@ -3,11 +3,11 @@ contexts"): applied only to settings the user left unset, and only on accelerato
 config's own small defaults (128 sequences, 2048 tokens per step) stay.
 
 Why these numbers (docs/benchmarks.md, one H100): offline, an 8192-token step runs its prefill
-GEMMs at ~730 TFLOP/s, and 256 sequences is where long requests still fit the KV cache. 1024
-sequences (vLLM's offline default on an H100) was measured too: +6-13% on 128 in / 128 out, but
--13% on 1024 / 128 and -18% on 1000 / 1000, because a 1024-row step reserves more memory for its
-temporaries (the KV cache held 307k instead of 421k tokens) and more sequences than the cache
-holds only means preemption. A server wants short steps, because every prefill chunk in a step
+GEMMs at ~730 TFLOP/s, and with 256 sequences long requests still fit the KV cache (421k tokens
+of Llama-3-8B: 256 x 1152 for 1024 in / 128 out). 1024 sequences (vLLM's offline default on an
+H100) gave 15.5k instead of 13.8k output tok/s on 128 in / 128 out, but 512 requests of 1024 /
+128 would need 590k tokens (preemption), and a 1024-row step reserves ~2.5 GiB more for its
+temporaries. A server wants short steps, because every prefill chunk in a step
 delays the decode tokens riding with it (at 16 requests/s of 1024-token prompts the median time
 per output token fell from 38 ms at a 2048-token budget to 25 ms at 1024 and 21 ms at 512, before
 async scheduling), while a chunk of 1024 rows still runs its GEMMs at ~715 TFLOP/s.
@@ -38,9 +38,14 @@ def usage_defaults(context: str, platform: str, device_memory_gib: Optional[floa
     return dict(max_num_seqs=256, max_num_batched_tokens=1024)
 
 
-def _device_info() -> tuple[str, Optional[float]]:
+def _device_info(utilization: float) -> tuple[str, Optional[float]]:
     import jax
 
+    from jaxserve.runner.kv_cache import configure_xla_memory
+
+    # Asking for the device starts XLA's allocator: give it the engine's memory fraction first
+    # (the engine sets the same; set after the start it would not take effect).
+    configure_xla_memory(utilization)
     d = jax.local_devices()[0]
     try:
         stats = d.memory_stats() or {}
@@ -58,7 +63,10 @@ def apply_usage_defaults(kwargs: dict, context: str, device_info=_device_info) -
     keys = ("max_num_seqs", "max_num_batched_tokens")
     if all(kwargs.get(k) is not None for k in keys):
         return kwargs
-    platform, gib = device_info()
+    from jaxserve.config import CacheConfig
+
+    util = kwargs.get("gpu_memory_utilization")
+    platform, gib = device_info(CacheConfig.gpu_memory_utilization if util is None else util)
     extra = {k: v for k, v in usage_defaults(context, platform, gib).items() if kwargs.get(k) is None}
     if extra:
         logger.info("%s defaults for %s (%s GiB): %s", context, platform,
