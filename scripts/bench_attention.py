@@ -63,18 +63,24 @@ def batch(rng, q_lens, ctx, dtype=jnp.bfloat16):
     return q, kv, jnp.asarray(bt), jnp.asarray(np.asarray(ctx, np.int32)), jnp.asarray(qsl)
 
 
-def sweep():
+def sweep(decode_shapes=None, wide=False):
     """Tile configurations (query rows, KV tokens per iteration, warps, pipeline stages, KV splits)
     on a few decode and prefill shapes, timed with pipelined dispatch; one JSON line per (shape,
-    config)."""
+    config). decode_shapes [(batch, ctx)] replaces the default shapes (decode only); wide sweeps
+    every KV tile x stages x warps for one KV split."""
     rng = np.random.default_rng(1)
     scale = D ** -0.5
     shapes = [("decode", 1, 8192), ("decode", 32, 512), ("decode", 32, 2048), ("decode", 32, 8192),
               ("decode", 64, 2048), ("decode", 128, 2048), ("decode", 256, 2048), ("prefill", 1, 4096),
               ("prefill", 1, 8192)]
+    if decode_shapes:
+        shapes = [("decode", b, c) for b, c in decode_shapes]
     for kind, b, c in shapes:
         sets = [batch(rng, [1] * b, [c] * b) if kind == "decode" else batch(rng, [c], [c]) for _ in range(2)]
-        if kind == "decode":  # (bq, kv_tile, warps, stages, kv_splits); None = the kernel's choice
+        if kind == "decode" and wide:
+            confs = [(None, None, None, None, None)] + [(None, tk, w, st, 1) for tk in (32, 64, 128)
+                                                        for st in (2, 3, 4) for w in (2, 4)]
+        elif kind == "decode":  # (bq, kv_tile, warps, stages, kv_splits); None = the kernel's choice
             confs = [(None, None, None, None, None)] + [(None, tk, 4, 2, ks) for tk in (64, 128) for ks in (1, 2, 4)]
             confs += [(None, 128, 4, 3, 1), (None, 64, 4, 3, 2)]
         else:
@@ -102,9 +108,13 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time tile configurations on a few shapes")
     ap.add_argument("--sweep-only", action="store_true", help="only the tile sweep")
+    ap.add_argument("--sweep-decode", nargs="+", default=None, metavar="BxCTX",
+                    help="decode shapes for the sweep instead of its defaults, e.g. 256x192 1024x192")
+    ap.add_argument("--sweep-wide", action="store_true", help="every KV tile x stages x warps (one KV split)")
     args = ap.parse_args()
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.sweep_decode] if args.sweep_decode else None
     if args.sweep_only:
-        return sweep()
+        return sweep(shapes, args.sweep_wide)
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
 
     rng = np.random.default_rng(0)
@@ -164,7 +174,7 @@ def main():
                          kernel_flops=flops / t_k))
         print(json.dumps(rows[-1]), flush=True)
     if args.sweep:
-        sweep()
+        sweep(shapes, args.sweep_wide)
 
 
 if __name__ == "__main__":

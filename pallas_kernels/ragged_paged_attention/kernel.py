@@ -238,13 +238,17 @@ def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dt
     gives the matrix units 16 rows (tokens x padded group); prefill-heavy ones 128 rows over 8
     warps. KV tiles gather several blocks per iteration so each iteration issues enough loads to
     hide memory latency. Float32 inputs (3xTF32 products) use smaller tiles to fit shared memory.
-    The numbers come from the H100 sweeps in docs/benchmarks.md (bench_attention.py --sweep)."""
+    Decode takes 64-token KV tiles four deep: a short context is only a few tiles, and with
+    128-token tiles one program's two stages fill an SM's shared memory, so nothing overlaps a
+    program's first loads (H200 sweep: -13 to -17% time at 192 tokens of context, 0 to -5% at
+    512-2048; head_dim 256 keeps two stages to fit). The numbers come from the sweeps in
+    docs/benchmarks.md (bench_attention.py --sweep, --sweep-wide)."""
     gp = _next_pow2(group)
     decode = num_tokens <= 2 * num_seqs
     if jnp.dtype(dtype) == jnp.float32:
         rows, tk, warps, stages = 16 if decode else 64, 32, 4, 1
     elif decode:
-        rows, tk, warps, stages = 16, 128, 4, 2
+        rows, tk, warps, stages = 16, 64, 4, 4 if head_dim <= 128 else 2
     else:
         rows, tk, warps, stages = 128, 128 if head_dim <= 128 else 64, 8, 2
     return max(1, rows // gp), max(block_size, tk), warps, stages
