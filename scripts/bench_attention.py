@@ -63,11 +63,12 @@ def batch(rng, q_lens, ctx, dtype=jnp.bfloat16):
     return q, kv, jnp.asarray(bt), jnp.asarray(np.asarray(ctx, np.int32)), jnp.asarray(qsl)
 
 
-def sweep(decode_shapes=None, wide=False):
+def sweep(decode_shapes=None, wide=False, kv_dtype=None):
     """Tile configurations (query rows, KV tokens per iteration, warps, pipeline stages, KV splits)
     on a few decode and prefill shapes, timed with pipelined dispatch; one JSON line per (shape,
     config). decode_shapes [(batch, ctx)] replaces the default shapes (decode only); wide sweeps
-    every KV tile x stages x warps for one KV split."""
+    every KV tile x stages x warps for one KV split; kv_dtype (e.g. float8_e4m3fn) stores the
+    cache in that type (q stays bf16), as `--kv-cache-dtype fp8` does."""
     rng = np.random.default_rng(1)
     scale = D ** -0.5
     shapes = [("decode", 1, 8192), ("decode", 32, 512), ("decode", 32, 2048), ("decode", 32, 8192),
@@ -77,9 +78,12 @@ def sweep(decode_shapes=None, wide=False):
         shapes = [("decode", b, c) for b, c in decode_shapes]
     for kind, b, c in shapes:
         sets = [batch(rng, [1] * b, [c] * b) if kind == "decode" else batch(rng, [c], [c]) for _ in range(2)]
+        if kv_dtype is not None:
+            sets = [(q, kv.astype(kv_dtype), *rest) for q, kv, *rest in sets]
+        kv_bytes = jnp.dtype(sets[0][1].dtype).itemsize
         if kind == "decode" and wide:
-            confs = [(None, None, None, None, None)] + [(None, tk, w, st, 1) for tk in (32, 64, 128)
-                                                        for st in (2, 3, 4) for w in (2, 4)]
+            confs = [(None, None, None, None, None)] + [(None, tk, w, st, 1) for tk in (32, 64, 128, 256)
+                                                        for st in (2, 3, 4) for w in (2, 4, 8)]
         elif kind == "decode":  # (bq, kv_tile, warps, stages, kv_splits); None = the kernel's choice
             confs = [(None, None, None, None, None)] + [(None, tk, 4, 2, ks) for tk in (64, 128) for ks in (1, 2, 4)]
             confs += [(None, 128, 4, 3, 1), (None, 64, 4, 3, 2)]
@@ -96,11 +100,11 @@ def sweep(decode_shapes=None, wide=False):
                                       stages=st, kv_splits=ks, error=str(e)[:160])), flush=True)
                 continue
             if kind == "decode":
-                perf = dict(tb_per_s=(b * c * HKV * D * 4 + 4 * b * HQ * D) / t / 1e12)
+                perf = dict(tb_per_s=(b * c * HKV * D * 2 * kv_bytes + 4 * b * HQ * D) / t / 1e12)
             else:
                 perf = dict(tflop_per_s=4 * HQ * D * c * (c + 1) / 2 / t / 1e12)
             print(json.dumps(dict(kind="sweep", shape=kind, batch=b, ctx=c, bq=bq, kv_tile=tk, warps=w, stages=st,
-                                  kv_splits=ks, pipelined_ms=t * 1e3, **perf)), flush=True)
+                                  kv_splits=ks, kv_dtype=str(sets[0][1].dtype), pipelined_ms=t * 1e3, **perf)), flush=True)
 
 
 def main():
@@ -111,10 +115,11 @@ def main():
     ap.add_argument("--sweep-decode", nargs="+", default=None, metavar="BxCTX",
                     help="decode shapes for the sweep instead of its defaults, e.g. 256x192 1024x192")
     ap.add_argument("--sweep-wide", action="store_true", help="every KV tile x stages x warps (one KV split)")
+    ap.add_argument("--sweep-kv-dtype", default=None, help="cache dtype for the sweep, e.g. float8_e4m3fn")
     args = ap.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.sweep_decode] if args.sweep_decode else None
     if args.sweep_only:
-        return sweep(shapes, args.sweep_wide)
+        return sweep(shapes, args.sweep_wide, args.sweep_kv_dtype)
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
 
     rng = np.random.default_rng(0)
@@ -174,7 +179,7 @@ def main():
                          kernel_flops=flops / t_k))
         print(json.dumps(rows[-1]), flush=True)
     if args.sweep:
-        sweep(shapes, args.sweep_wide)
+        sweep(shapes, args.sweep_wide, args.sweep_kv_dtype)
 
 
 if __name__ == "__main__":
