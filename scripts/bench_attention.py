@@ -63,12 +63,13 @@ def batch(rng, q_lens, ctx, dtype=jnp.bfloat16):
     return q, kv, jnp.asarray(bt), jnp.asarray(np.asarray(ctx, np.int32)), jnp.asarray(qsl)
 
 
-def sweep(decode_shapes=None, wide=False, kv_dtype=None):
+def sweep(decode_shapes=None, wide=False, kv_dtype=None, fp8_widen_to=None):
     """Tile configurations (query rows, KV tokens per iteration, warps, pipeline stages, KV splits)
     on a few decode and prefill shapes, timed with pipelined dispatch; one JSON line per (shape,
     config). decode_shapes [(batch, ctx)] replaces the default shapes (decode only); wide sweeps
     every KV tile x stages x warps for one KV split; kv_dtype (e.g. float8_e4m3fn) stores the
-    cache in that type (q stays bf16), as `--kv-cache-dtype fp8` does."""
+    cache in that type (q stays bf16), as `--kv-cache-dtype fp8` does; fp8_widen_to is passed to
+    the kernel (the dtype float8 tiles are widened to)."""
     rng = np.random.default_rng(1)
     scale = D ** -0.5
     shapes = [("decode", 1, 8192), ("decode", 32, 512), ("decode", 32, 2048), ("decode", 32, 8192),
@@ -92,7 +93,7 @@ def sweep(decode_shapes=None, wide=False, kv_dtype=None):
                      (32, 128, 8, 3, 1), (16, 128, 4, 2, 1), (64, 64, 8, 2, 1)]
         for bq, tk, w, st, ks in confs:
             f = jax.jit(functools.partial(K.ragged_paged_attention, sm_scale=scale, bq=bq, kv_tile=tk,
-                                          num_warps=w, num_stages=st, kv_splits=ks))
+                                          num_warps=w, num_stages=st, kv_splits=ks, fp8_widen_to=fp8_widen_to))
             try:
                 t = timeit_pipelined(f, sets, iters=20)
             except Exception as e:  # a config Triton cannot build (e.g. shared memory): report, go on
@@ -104,7 +105,8 @@ def sweep(decode_shapes=None, wide=False, kv_dtype=None):
             else:
                 perf = dict(tflop_per_s=4 * HQ * D * c * (c + 1) / 2 / t / 1e12)
             print(json.dumps(dict(kind="sweep", shape=kind, batch=b, ctx=c, bq=bq, kv_tile=tk, warps=w, stages=st,
-                                  kv_splits=ks, kv_dtype=str(sets[0][1].dtype), pipelined_ms=t * 1e3, **perf)), flush=True)
+                                  kv_splits=ks, kv_dtype=str(sets[0][1].dtype), fp8_widen_to=fp8_widen_to,
+                                  pipelined_ms=t * 1e3, **perf)), flush=True)
 
 
 def main():
@@ -116,10 +118,12 @@ def main():
                     help="decode shapes for the sweep instead of its defaults, e.g. 256x192 1024x192")
     ap.add_argument("--sweep-wide", action="store_true", help="every KV tile x stages x warps (one KV split)")
     ap.add_argument("--sweep-kv-dtype", default=None, help="cache dtype for the sweep, e.g. float8_e4m3fn")
+    ap.add_argument("--sweep-fp8-widen", default=None, choices=("float16", "bfloat16"),
+                    help="the kernel's fp8_widen_to for the sweep (default: q's dtype)")
     args = ap.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.sweep_decode] if args.sweep_decode else None
     if args.sweep_only:
-        return sweep(shapes, args.sweep_wide, args.sweep_kv_dtype)
+        return sweep(shapes, args.sweep_wide, args.sweep_kv_dtype, args.sweep_fp8_widen)
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
 
     rng = np.random.default_rng(0)
@@ -179,7 +183,7 @@ def main():
                          kernel_flops=flops / t_k))
         print(json.dumps(rows[-1]), flush=True)
     if args.sweep:
-        sweep(shapes, args.sweep_wide, args.sweep_kv_dtype)
+        sweep(shapes, args.sweep_wide, args.sweep_kv_dtype, args.sweep_fp8_widen)
 
 
 if __name__ == "__main__":

@@ -68,12 +68,15 @@ def _dot(a, b, exact_f32: bool):
 def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, tile_ctx_ref, block_tables_ref, q_ref, kv_ref,  # inputs
             o_ref, *ml_refs,  # outputs: o, and with split-K also the softmax max and sum per row
             bq: int, g: int, gp: int, block_size: int, kv_tile: int, sm_scale: float, soft_cap: Optional[float],
-            sliding_window: Optional[int], ks: int, nt: int, heavy_first: bool):
+            sliding_window: Optional[int], ks: int, nt: int, heavy_first: bool, widen_to=None):
     # tile_*_ref [NT] int32: sequence, first query row, the sequence's query end, context length
     # (0 for the padding tiles); q_ref [T, Hq, D]; kv_ref [2, NB*BS, Hkv, D];
     # o_ref [T, Hq, D], or with split-K [KS, T, Hq, D] float32 and ml_refs 2 x [KS, T, Hq].
     # heavy_first: launch the last tiles first; in a causal prefill they see the most keys, so
     # the long programs start early and the short ones fill the tail of the grid.
+    # widen_to: with a float8 cache, the dtype its tiles are widened to and the dots run in
+    # (None: q's dtype); float16 is one hardware conversion per pair of float8 values on
+    # Hopper, where float8 -> bfloat16 is not.
     t = nt - 1 - pl.program_id(0) if heavy_first else pl.program_id(0)
     h = pl.program_id(1)
     split = pl.program_id(2)
@@ -99,7 +102,7 @@ def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, tile_ctx_ref, block_tabl
     lane = jnp.arange(gp, dtype=jnp.int32)
     in_bounds = _tile_mask(rows < n_tok, h * g + lane < hq if gp != g else None, gp)
     q = pltriton.load(q_ref.at[q_win], mask=_along_d(in_bounds, d), other=0)  # [BQ, Gp, D]
-    dt = q.dtype
+    dt = q.dtype if widen_to is None else jnp.dtype(widen_to)
     # Matmuls in the input dtype with float32 accumulation; float32 inputs get full precision
     # (3xTF32) so the kernel matches the reference to 1e-5.
     exact = dt == jnp.float32
@@ -256,15 +259,19 @@ def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dt
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret", "bq",
                                              "kv_splits", "kv_tile", "num_warps", "num_stages",
-                                             "heavy_first"))
+                                             "heavy_first", "fp8_widen_to"))
 def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, *, sm_scale: float,
                            soft_cap: Optional[float] = None, sliding_window: Optional[int] = None,
                            interpret: Optional[bool] = None, bq: Optional[int] = None,
                            kv_splits: Optional[int] = None, kv_tile: Optional[int] = None,
                            num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                           heavy_first: bool = True):
-    """q [T, Hq, D]; kv_cache [2, NB, BS, Hkv, D] -> [T, Hq, D]; semantics of reference.py."""
+                           heavy_first: bool = True, fp8_widen_to: Optional[str] = None):
+    """q [T, Hq, D]; kv_cache [2, NB, BS, Hkv, D] -> [T, Hq, D]; semantics of reference.py.
+    fp8_widen_to ("float16"): with a float8 cache and 16-bit q, widen K/V tiles to that dtype and
+    run both dots in it (default: q's dtype)."""
     _validate(q, kv_cache, block_tables, seq_lens, query_start_loc)
+    if fp8_widen_to not in (None, "float16", "bfloat16"):
+        raise ValueError(f"fp8_widen_to must be None, 'float16' or 'bfloat16', got {fp8_widen_to!r}")
     if interpret is None:
         interpret = jax.devices()[0].platform != "gpu"
     T, hq, d = q.shape
@@ -290,9 +297,10 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     kv_tokens = kv_cache.reshape(2, nb * bs, hkv, d)  # free: tokens of a block are contiguous
     num_warps = num_warps or c_warps
     num_stages = num_stages or c_stages
+    widen = fp8_widen_to if kv_cache.dtype in FP8_DTYPES and q.dtype != jnp.float32 else None
     kernel = functools.partial(_kernel, bq=bq, g=g, gp=gp, block_size=bs, kv_tile=tk, sm_scale=sm_scale,
                                soft_cap=soft_cap, sliding_window=sliding_window, ks=ks, nt=NT,
-                               heavy_first=heavy_first)
+                               heavy_first=heavy_first, widen_to=widen)
     full = lambda shape: pl.BlockSpec(shape, lambda t, h, p: (0,) * len(shape))  # noqa: E731
     kwargs = {}
     if not interpret:

@@ -225,16 +225,24 @@ def test_kv_write_kernel_equals_scatter(dtype, T):
 
 
 @pytest.mark.parametrize("cache_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
-@pytest.mark.parametrize("q_dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_kernel_reads_a_float8_cache(cache_dtype, q_dtype, tol):
-    """A float8 KV cache (--kv-cache-dtype fp8): the kernel widens each loaded tile and matches
-    the reference reading the same float8 cache."""
+@pytest.mark.parametrize("q_dtype,tol,widen", [(jnp.float32, 1e-5, None), (jnp.bfloat16, 2e-2, None),
+                                               (jnp.bfloat16, 2e-2, "float16")])
+def test_kernel_reads_a_float8_cache(cache_dtype, q_dtype, tol, widen):
+    """A float8 KV cache (--kv-cache-dtype fp8): the kernel widens each loaded tile (to q's dtype,
+    or to float16 with fp8_widen_to) and matches the reference reading the same float8 cache."""
     q, kv, bt, sl, qsl = make_batch(np.random.default_rng(11), [7, 1, 33], [7, 513, 40], 12, 4, 64, 16, jnp.float32)
     q, kv = q.astype(q_dtype), kv.astype(cache_dtype)
     ref = ragged_paged_attention_reference(q, kv, bt, sl, qsl, sm_scale=0.125)
-    got = K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=0.125)
+    got = K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=0.125, fp8_widen_to=widen)
+    assert got.dtype == q.dtype
     n = int(qsl[-1])
     assert rel(np.asarray(got.astype(jnp.float32))[:n], np.asarray(ref.astype(jnp.float32))[:n]) < tol
+
+
+def test_fp8_widen_to_is_checked():
+    q, kv, bt, sl, qsl = make_batch(np.random.default_rng(1), [1], [20], 4, 2, 64, 16, jnp.bfloat16)
+    with pytest.raises(ValueError, match="fp8_widen_to"):
+        K.ragged_paged_attention(q, kv.astype(jnp.float8_e4m3fn), bt, sl, qsl, sm_scale=0.125, fp8_widen_to="int8")
 
 
 def test_float8_writes_clip_to_the_format_range():
