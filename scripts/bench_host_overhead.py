@@ -4,6 +4,9 @@ output processing), with the device work replaced by a stub that samples instant
 Decode-heavy steps of a large batch must cost far less host time than the device step they feed
 (an 8B decode step at batch 256 is ~10 ms on an H100), or the GPU waits on Python. Run:
     python scripts/bench_host_overhead.py --num-seqs 256 --output-len 128 [--profile]
+With --real-runner it also reports the host time of runner.dispatch (input staging, transfers,
+jit dispatch); run it against another tree with `cd TREE && PYTHONPATH=$PWD python
+/path/to/this/script --real-runner` for a same-machine A/B.
 """
 from __future__ import annotations
 
@@ -75,8 +78,19 @@ def main():
               cpu_kv_cache_gib=0.5, num_scheduler_steps=a.num_scheduler_steps,
               async_scheduling=not a.no_async_scheduling)
     eng = llm.llm_engine
+    dispatch_s = []  # with the real runner: host time of runner.dispatch for full-batch decode blocks
     if not a.real_runner:
         eng.runner = StubRunner(eng.runner)
+    else:
+        real_dispatch = eng.runner.dispatch
+
+        def timed_dispatch(so, prev=None):
+            t0 = time.perf_counter()
+            p = real_dispatch(so, prev)
+            if so.decode_block and len(so.scheduled) == a.num_seqs:
+                dispatch_s.append(time.perf_counter() - t0)
+            return p
+        eng.runner.dispatch = timed_dispatch
     rng = np.random.default_rng(1)
     for i in range(a.num_seqs):
         eng.add_request(str(i), rng.integers(100, 400, a.input_len).tolist(),
@@ -102,6 +116,9 @@ def main():
     per_tok = t_decode / max(tok_decode, 1) * a.num_seqs  # host seconds per decode position of the batch
     print(f"steps={steps} full-batch decode rounds={n_decode} host ms per batch-token={1e3 * per_tok:.2f} "
           f"(us/seq {1e6 * per_tok / a.num_seqs:.1f}) stream={a.stream} num_scheduler_steps={a.num_scheduler_steps}")
+    if dispatch_s:  # staging, host-to-device transfers and jit dispatch of one decode block
+        print(f"runner.dispatch of a full decode block: median {1e3 * np.median(dispatch_s):.3f} ms, "
+              f"p10 {1e3 * np.percentile(dispatch_s, 10):.3f} ms over {len(dispatch_s)}")
 
 
 if __name__ == "__main__":

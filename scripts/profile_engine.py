@@ -112,14 +112,14 @@ def main():
     import jax
     import jax.numpy as jnp
 
-    from jaxserve.runner.sampler import SamplingTensors, sample, sample_tokens
+    from jaxserve.runner.sampler import sample, sample_tokens
     from jaxserve.runner.sampling_inputs import pack_sampling
 
     sb = pack_sampling([None] * 256, 256, 2048)
-    st = SamplingTensors(**{k: jnp.asarray(v) for k, v in sb.arrays.items()})
+    st = [jnp.asarray(a) for a in sb.packed()]
     lgs = [jax.random.normal(jax.random.PRNGKey(i), (256, vocab), jnp.float32) for i in range(2)]
-    fns = dict(sample=lambda x: sample(x, st, penalties=False, num_logprobs=eng.runner.max_logprobs),
-               sample_tokens=lambda x: sample_tokens(x, st, penalties=False, mode="greedy"))
+    fns = dict(sample=lambda x: sample(x, *st, penalties=False, num_logprobs=eng.runner.max_logprobs),
+               sample_tokens=lambda x: sample_tokens(x, *st, penalties=False, mode="greedy"))
     times = {}
     for name, f in fns.items():
         jax.block_until_ready(f(lgs[0]))

@@ -23,9 +23,9 @@ from jaxserve.config import EngineConfig
 from jaxserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from jaxserve.models.attention import AttentionBackend, AttentionMetadata
 from jaxserve.runner import kv_cache as kvc
-from jaxserve.runner.input_batch import (StepInputs, advance_decode, geometric_buckets, pick_bucket,
-                                         prepare_inputs)
-from jaxserve.runner.sampler import SamplingTensors, sample, sample_tokens, token_logprobs
+from jaxserve.runner.input_batch import (StepInputs, advance_decode, geometric_buckets, pack_step_meta,
+                                         pick_bucket, prepare_inputs, step_meta_layout)
+from jaxserve.runner.sampler import sample, sample_tokens, token_logprobs
 from jaxserve.runner.sampling_inputs import pack_sampling
 from jaxserve.parallel.plan import fetch, put, split_layers
 
@@ -184,19 +184,20 @@ class ModelRunner:
         T = self.token_buckets[-1]
         tiny = kvc.allocate(dataclasses.replace(self.kv_spec, num_layers=n), 2,
                             self.plan.kv_sharding(0) if self.plan is not None else None)
-        params, kv, tok, pos, md, li = self._stage_args(0, self._dummy_inputs(T), tiny)
+        params, kv, tok, meta = self._stage_args(0, self._dummy_inputs(T), tiny)
         params = dict(params, layers=params["layers"][:n])
         fn = functools.partial(self._stage_fn, 0, layers=range(n))
-        compiled = jax.jit(fn).lower(params, kv, tok, pos, md, li).compile()
+        compiled = jax.jit(fn).lower(params, kv, tok, meta).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
-    def _stage_fn(self, s: int, params, kv_caches, x, positions, md, logits_indices, layers=None):
+    def _stage_fn(self, s: int, params, kv_caches, x, meta, layers=None):
         """One pipeline stage (the whole model when there is one stage).
 
         x: token_ids [T] on the first stage, else the previous stage's hidden [T, E];
-        logits_indices [S]. Returns ((logits [S, V], hidden [T, E]) on the last stage, else
-        hidden [T, E]; and this stage's kv_caches)."""
+        meta: the step's metadata packed by input_batch.pack_step_meta. Returns ((logits [S, V],
+        hidden [T, E]) on the last stage, else hidden [T, E]; and this stage's kv_caches)."""
         first, last = s == 0, s == self.last
+        positions, md, logits_indices = _unpack_meta(meta, x.shape[0], self.max_blocks_per_seq)
         hidden, kv_caches = self.module.forward(
             params, self.arch, x if first else None, positions, kv_caches, md, attn_backend=self.backends[s],
             layers=layers or self.stages[s], hidden=None if first else x)
@@ -217,18 +218,19 @@ class ModelRunner:
         """The arguments of stage s, transferred exactly as in serving (warm-up and execute share
         this, so warm-up fills the jit cache entries that serving hits). tokens: token ids already
         on a device (multi-step decoding feeds the last sampled tokens back)."""
-        tok, pos, md, li = self._stage_inputs(s, inp)
-        if s > 0:
-            tok = jax.device_put(x, self.plan.replicated(s))  # the previous stage's hidden state
-        elif tokens is not None:
-            tok = tokens if self.plan is None else jax.device_put(tokens, self.plan.replicated(0))
-        return (self.stage_params[s], kv, tok, pos, md, li)
+        if s > 0 or tokens is not None:
+            meta = self._stage_meta(s, inp)
+            if s > 0:
+                tok = jax.device_put(x, self.plan.replicated(s))  # the previous stage's hidden state
+            else:
+                tok = tokens if self.plan is None else jax.device_put(tokens, self.plan.replicated(0))
+        else:
+            tok, meta = self._put((inp.token_ids, pack_step_meta(inp)), s)
+        return (self.stage_params[s], kv, tok, meta)
 
-    def _stage_inputs(self, s: int, inp: StepInputs):
-        tok, pos, slots, bt, sl, qsl, li = self._put(
-            (inp.token_ids, inp.positions, inp.slot_mapping, inp.block_tables, inp.seq_lens,
-             inp.query_start_loc, inp.logits_indices), s)
-        return tok, pos, AttentionMetadata(slot_mapping=slots, block_tables=bt, seq_lens=sl, query_start_loc=qsl), li
+    def _stage_meta(self, s: int, inp: StepInputs):
+        """The step's metadata on stage s's devices: one int32 vector, one transfer."""
+        return self._put(pack_step_meta(inp), s)
 
     def _forward(self, inp: StepInputs, tokens=None):
         """Dispatch every stage for one (micro)batch; returns (logits, hidden) without waiting."""
@@ -253,10 +255,9 @@ class ModelRunner:
             if s == 0:
                 args = self._stage_args(0, inp, self._kv(0))
             else:  # the previous stage's hidden state, as an abstract value
-                _, pos, md, li = self._stage_inputs(s, inp)
                 x = jax.ShapeDtypeStruct((T, self.arch.hidden_size), self.stage_params[0]["embed"].dtype,
                                          sharding=self.plan.replicated(s))
-                args = (self.stage_params[s], self._kv(s), x, pos, md, li)
+                args = (self.stage_params[s], self._kv(s), x, self._stage_meta(s, inp))
             return self._stage_jits[s].lower(*args).compile()
 
         with ThreadPoolExecutor(max(1, self.config.warmup_compile_threads)) as pool:
@@ -308,11 +309,11 @@ class ModelRunner:
         """One sampler variant (penalties, mode, logprobs) of sequence bucket S."""
         S, out, (penalties, mode, lp) = item
         logits = self._abstract_output(out)
-        st = SamplingTensors(**self._put(self._dummy_sampling(S, penalties).arrays, self.last))
+        st = self._put(self._dummy_sampling(S, penalties).packed(), self.last)
         if lp:
-            sample.lower(logits, st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode).compile()
+            sample.lower(logits, *st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode).compile()
         else:
-            sample_tokens.lower(logits, st, penalties=penalties, mode=mode).compile()
+            sample_tokens.lower(logits, *st, penalties=penalties, mode=mode).compile()
 
     def _precompile_prompt_head(self, out) -> None:
         """The prompt-logprobs head of one bucket: logits of selected hidden rows."""
@@ -356,11 +357,11 @@ class ModelRunner:
             S = self.seq_bucket(T)
             logits, hidden = self._forward(self._dummy_inputs(T))
             for penalties, mode, lp in _SAMPLER_VARIANTS:
-                st = SamplingTensors(**self._put(self._dummy_sampling(S, penalties).arrays, last))
+                st = self._put(self._dummy_sampling(S, penalties).packed(), last)
                 if lp:
-                    out = sample(logits, st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode)
+                    out = sample(logits, *st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode)
                 else:
-                    toks = sample_tokens(logits, st, penalties=penalties, mode=mode)
+                    toks = sample_tokens(logits, *st, penalties=penalties, mode=mode)
             if T in decode and blocks:  # decode blocks: token ids fed on the device
                 jax.block_until_ready(self._forward(self._dummy_inputs(T), _feed(toks, T)))
             z = np.zeros(_PROMPT_LOGPROB_ROWS, np.int32)
@@ -495,16 +496,16 @@ class ModelRunner:
         sb = pack_sampling([sr.sampling for sr in so.scheduled] + [None] * (S - n), S, self.max_model_len)
         assert not sb.penalties
         # The sampling arrays go over once; only the per-sequence PRNG counters move each sub-step.
-        base = self._put(sb.arrays, self.last)
+        packed, counters = self._put(sb.packed(), self.last)
         sampled = []
         for k in range(K):
-            step_inp, st = inp, base
+            step_inp = inp
             if k:
                 pos, slots, sl = advance_decode(inp, k, self.block_size)
                 step_inp = dataclasses.replace(inp, positions=pos, slot_mapping=slots, seq_lens=sl)
-                st = dict(base, counters=self._put(sb.arrays["counters"] + np.int32(k), self.last))
+                counters = self._put(sb.arrays["counters"] + np.int32(k), self.last)
             logits, _ = self._forward(step_inp, tokens)
-            toks = sample_tokens(logits, SamplingTensors(**st), penalties=False, mode=sb.mode)
+            toks = sample_tokens(logits, packed, counters, penalties=False, mode=sb.mode)
             sampled.append(toks)
             if k + 1 < K:
                 tokens = _feed(toks, T)
@@ -520,14 +521,14 @@ class ModelRunner:
         for i in rows:
             states[i] = so.scheduled[i].sampling
         sb = pack_sampling(states, S, self.max_model_len)
-        st = SamplingTensors(**self._put(sb.arrays, self.last))
+        st = self._put(sb.packed(), self.last)
         # One device-to-host transfer: the token ids, plus logprobs only when someone asked (the
         # logprob work itself runs only then).
         if want_lp:
-            res = sample(logits, st, penalties=sb.penalties, num_logprobs=self.max_logprobs, mode="filtered")
+            res = sample(logits, *st, penalties=sb.penalties, num_logprobs=self.max_logprobs, mode="filtered")
             toks, lp, rank, top_ids, top_lps = fetch(res, self.plan, self.last)
         else:
-            toks = fetch(sample_tokens(logits, st, penalties=sb.penalties, mode=sb.mode), self.plan, self.last)
+            toks = fetch(sample_tokens(logits, *st, penalties=sb.penalties, mode=sb.mode), self.plan, self.last)
         out = ModelRunnerOutput(req_ids=[so.scheduled[i].req_id for i in rows],
                                 sampled_token_ids=np.asarray(toks)[rows])
         if want_lp:
@@ -585,6 +586,20 @@ class PendingStep:
     inp: Optional[StepInputs] = None
     sampled: Optional[list] = None  # per sub-step [S] token ids on the device
     last: Optional[jax.Array] = None  # the last sub-step's samples (feeds a following block)
+
+
+def _unpack_meta(meta, num_tokens: int, max_blocks_per_seq: int):
+    """pack_step_meta's vector [2T + S*MB + 3S + 1] -> (positions [T], AttentionMetadata,
+    logits_indices [S]); static slices, which XLA folds into their consumers."""
+    sizes = step_meta_layout(meta.shape[0], num_tokens, max_blocks_per_seq)
+    parts, o = [], 0
+    for n in sizes:
+        parts.append(meta[o:o + n])
+        o += n
+    pos, slots, bt, sl, qsl, li = parts
+    md = AttentionMetadata(slot_mapping=slots, block_tables=bt.reshape(sizes[3], max_blocks_per_seq), seq_lens=sl,
+                           query_start_loc=qsl)
+    return pos, md, li
 
 
 @jax.jit

@@ -21,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxserve.runner.sampling_inputs import MAX_BIAS_ENTRIES, PACKED_FIELDS
+
 _NEG_INF = -jnp.inf
 
 
@@ -42,6 +44,28 @@ class SamplingTensors:
     repetition: jax.Array  # [S] f32
     prompt_ids: jax.Array  # [S, L] int32 prompt token ids (-1 padding); [S, 0] when no penalties
     output_ids: jax.Array  # [S, L] int32 generated token ids (-1 padding); [S, 0] when no penalties
+
+
+def unpack_sampling(packed, counters) -> SamplingTensors:
+    """SamplingBatch.packed()'s int32 vector [S * (8 + 2W + 2L)] and counters [S] -> the
+    SamplingTensors (static slices and bit-casts; L, the penalty history width, follows from
+    the length)."""
+    S, W = counters.shape[0], MAX_BIAS_ENTRIES
+    L, rem = divmod(packed.shape[0] // S - 8 - 2 * W, 2)
+    if rem or L < 0 or packed.shape[0] % S:
+        raise ValueError(f"packed sampling arrays of length {packed.shape[0]} do not fit {S} rows")
+    widths = dict(bias_ids=W, bias_vals=W, prompt_ids=L, output_ids=L)
+    dtypes = dict(temperature=jnp.float32, top_p=jnp.float32, min_p=jnp.float32, seeds=jnp.uint32,
+                  presence=jnp.float32, frequency=jnp.float32, repetition=jnp.float32, bias_vals=jnp.float32)
+    fields, o = {}, 0
+    for name in PACKED_FIELDS:
+        w = widths.get(name, 1)
+        x = packed[o:o + S * w]
+        o += S * w
+        if name in dtypes:
+            x = jax.lax.bitcast_convert_type(x, dtypes[name])
+        fields[name] = x.reshape(S, w) if name in widths else x
+    return SamplingTensors(counters=counters, **fields)
 
 
 def _scatter_rows(shape, ids, vals):
@@ -126,9 +150,11 @@ def _filtered(scaled, t: SamplingTensors):
 
 
 @functools.partial(jax.jit, static_argnames=("penalties", "num_logprobs", "mode"))
-def sample(logits, t: SamplingTensors, *, penalties: bool, num_logprobs: int, mode: str = "filtered"):
-    """logits [S, V] -> (tokens [S] int32, logprob [S] f32, rank [S] int32,
-    top_ids [S, K] int32, top_lps [S, K] f32), K = num_logprobs (0: empty)."""
+def sample(logits, packed, counters, *, penalties: bool, num_logprobs: int, mode: str = "filtered"):
+    """logits [S, V], the sampling arrays as SamplingBatch.packed() gives them -> (tokens [S]
+    int32, logprob [S] f32, rank [S] int32, top_ids [S, K] int32, top_lps [S, K] f32),
+    K = num_logprobs (0: empty)."""
+    t = unpack_sampling(packed, counters)
     raw = logits.astype(jnp.float32)
     tokens = _choose(_process(raw, t, penalties), t, mode)
     s = logits.shape[0]
@@ -144,10 +170,11 @@ def sample(logits, t: SamplingTensors, *, penalties: bool, num_logprobs: int, mo
 
 
 @functools.partial(jax.jit, static_argnames=("penalties", "mode"))
-def sample_tokens(logits, t: SamplingTensors, *, penalties: bool, mode: str = "filtered"):
+def sample_tokens(logits, packed, counters, *, penalties: bool, mode: str = "filtered"):
     """logits [S, V] -> tokens [S] int32: sample() without the logprob work (a log-softmax, a
     rank count and a top-k over the vocabulary per row), for steps where nobody asked for
     logprobs. Same tokens as sample()."""
+    t = unpack_sampling(packed, counters)
     return _choose(_process(logits, t, penalties), t, mode)
 
 

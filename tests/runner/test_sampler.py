@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxserve.core.sched_output import SamplingState
-from jaxserve.runner.sampler import SamplingTensors, sample, sample_tokens
+from jaxserve.runner.sampler import SamplingTensors, sample, sample_tokens, unpack_sampling
 from jaxserve.runner.sampling_inputs import pack_sampling
 
 V = 64
@@ -20,11 +20,11 @@ def _state(**kw):
 
 def _run(logits, states, history=32, k=5):
     sb = pack_sampling(states, len(states), history)
-    st = SamplingTensors(**sb.arrays)
-    out = sample(jnp.asarray(logits), st, penalties=sb.penalties, num_logprobs=k)
+    st = sb.packed()
+    out = sample(jnp.asarray(logits), *st, penalties=sb.penalties, num_logprobs=k)
     # The tokens-only variant in the mode the host picks for this batch (greedy / random /
     # filtered) must pick the very same tokens as the general one.
-    fast = sample_tokens(jnp.asarray(logits), st, penalties=sb.penalties, mode=sb.mode)
+    fast = sample_tokens(jnp.asarray(logits), *st, penalties=sb.penalties, mode=sb.mode)
     np.testing.assert_array_equal(np.asarray(fast), np.asarray(out[0]))
     return [np.asarray(o) for o in out]
 
@@ -118,3 +118,20 @@ def test_host_picks_the_cheapest_exact_mode():
     lg = _logits(3, seed=11)
     tok = _run(lg, [_state(temperature=0.0), _state(seed=3), _state(temperature=0.0)])[0]
     assert tok[0] == lg[0].argmax() and tok[2] == lg[2].argmax()
+
+
+@pytest.mark.parametrize("penalized", [False, True])
+def test_packed_sampling_arrays_unpack_bit_exact(penalized):
+    """SamplingBatch.packed() -> unpack_sampling gives back every field with its dtype and bits
+    (floats such as -inf biases and top_p included), with and without penalty histories."""
+    states = [_state(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=2 ** 32 - 3,
+                     num_output_tokens=4, logit_bias={3: 2.5}, banned_token_ids=[7],
+                     presence_penalty=0.5 if penalized else 0.0, prompt_token_ids=[1, 2], output_token_ids=[9]),
+              None, _state(temperature=0.0, num_output_tokens=9)]
+    sb = pack_sampling(states, 3, 16)
+    t = unpack_sampling(*(jnp.asarray(a) for a in sb.packed()))
+    assert isinstance(t, SamplingTensors)
+    for name, want in sb.arrays.items():
+        got = np.asarray(getattr(t, name))
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=name)
