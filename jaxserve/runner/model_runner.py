@@ -218,14 +218,14 @@ class ModelRunner:
         """The arguments of stage s, transferred exactly as in serving (warm-up and execute share
         this, so warm-up fills the jit cache entries that serving hits). tokens: token ids already
         on a device (multi-step decoding feeds the last sampled tokens back)."""
-        if s > 0 or tokens is not None:
+        if s == 0 and tokens is None:  # token ids and metadata from the host: one batched put
+            tok, meta = self._put((inp.token_ids, pack_step_meta(inp)), s)
+        else:
             meta = self._stage_meta(s, inp)
             if s > 0:
                 tok = jax.device_put(x, self.plan.replicated(s))  # the previous stage's hidden state
             else:
                 tok = tokens if self.plan is None else jax.device_put(tokens, self.plan.replicated(0))
-        else:
-            tok, meta = self._put((inp.token_ids, pack_step_meta(inp)), s)
         return (self.stage_params[s], kv, tok, meta)
 
     def _stage_meta(self, s: int, inp: StepInputs):

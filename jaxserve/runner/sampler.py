@@ -50,21 +50,20 @@ def unpack_sampling(packed, counters) -> SamplingTensors:
     """SamplingBatch.packed()'s int32 vector [S * (8 + 2W + 2L)] and counters [S] -> the
     SamplingTensors (static slices and bit-casts; L, the penalty history width, follows from
     the length)."""
-    S, W = counters.shape[0], MAX_BIAS_ENTRIES
-    L, rem = divmod(packed.shape[0] // S - 8 - 2 * W, 2)
+    S = counters.shape[0]
+    fixed = sum(MAX_BIAS_ENTRIES if w == "W" else w for _, _, w in PACKED_FIELDS if w != "L")
+    n_hist = sum(w == "L" for _, _, w in PACKED_FIELDS)
+    L, rem = divmod(packed.shape[0] // S - fixed, n_hist)
     if rem or L < 0 or packed.shape[0] % S:
         raise ValueError(f"packed sampling arrays of length {packed.shape[0]} do not fit {S} rows")
-    widths = dict(bias_ids=W, bias_vals=W, prompt_ids=L, output_ids=L)
-    dtypes = dict(temperature=jnp.float32, top_p=jnp.float32, min_p=jnp.float32, seeds=jnp.uint32,
-                  presence=jnp.float32, frequency=jnp.float32, repetition=jnp.float32, bias_vals=jnp.float32)
     fields, o = {}, 0
-    for name in PACKED_FIELDS:
-        w = widths.get(name, 1)
-        x = packed[o:o + S * w]
-        o += S * w
-        if name in dtypes:
-            x = jax.lax.bitcast_convert_type(x, dtypes[name])
-        fields[name] = x.reshape(S, w) if name in widths else x
+    for name, dtype, w in PACKED_FIELDS:
+        n = {"W": MAX_BIAS_ENTRIES, "L": L}.get(w, w)
+        x = packed[o:o + S * n]
+        o += S * n
+        if dtype != "int32":
+            x = jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
+        fields[name] = x if w == 1 else x.reshape(S, n)
     return SamplingTensors(counters=counters, **fields)
 
 

@@ -13,9 +13,12 @@ MAX_BIAS_ENTRIES = 128
 
 
 # The fields that travel packed into one int32 vector (all 4-byte types, bit-cast), in this
-# order; `counters` travels alone, since a decode block's sub-steps change only it.
-PACKED_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seeds", "presence", "frequency", "repetition",
-                 "bias_ids", "bias_vals", "prompt_ids", "output_ids")
+# order, as (name, dtype, width per row: 1, "W" = MAX_BIAS_ENTRIES or "L" = the penalty history);
+# `counters` travels alone, since a decode block's sub-steps change only it.
+PACKED_FIELDS = (("temperature", "float32", 1), ("top_k", "int32", 1), ("top_p", "float32", 1),
+                 ("min_p", "float32", 1), ("seeds", "uint32", 1), ("presence", "float32", 1),
+                 ("frequency", "float32", 1), ("repetition", "float32", 1), ("bias_ids", "int32", "W"),
+                 ("bias_vals", "float32", "W"), ("prompt_ids", "int32", "L"), ("output_ids", "int32", "L"))
 
 
 @dataclass
@@ -32,7 +35,7 @@ class SamplingBatch:
         counters [S]): two host-to-device transfers instead of thirteen; sampler.unpack_sampling
         takes them apart on the device."""
         flat = np.concatenate([np.ascontiguousarray(self.arrays[f]).view(np.int32).reshape(-1)
-                               for f in PACKED_FIELDS])
+                               for f, _, _ in PACKED_FIELDS])
         return flat, self.arrays["counters"]
 
 
