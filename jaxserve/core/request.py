@@ -26,7 +26,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort", "error")
+        return self in _FINISHED
+
+
+_FINISHED = frozenset(m for m in RequestStatus if m.value in ("stop", "length", "abort", "error"))
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Sequence:
         self.index = index
         self.seq_id = request.request_id if request.params.n == 1 else f"{request.request_id}-{index}"
         self.token_ids: list[int] = list(request.prompt_token_ids)
+        self._num_prompt = len(request.prompt_token_ids)  # the prompt never changes (hot path reads)
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.block_hashes: list = []  # hash chain of this sequence's full blocks
@@ -71,15 +75,15 @@ class Sequence:
 
     @property
     def num_prompt_tokens(self) -> int:
-        return len(self.request.prompt_token_ids)
+        return self._num_prompt
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self._num_prompt:]
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) - self._num_prompt
 
     @property
     def num_tokens(self) -> int:

@@ -8,7 +8,6 @@ to host slots). Pure Python; see docs/ARCHITECTURE.md for the block states and t
 """
 from __future__ import annotations
 
-import copy
 from collections import deque
 from typing import Optional
 
@@ -217,7 +216,7 @@ class Scheduler:
             ok = self.kv.allocate(seq, P + K)
             assert ok, seq.seq_id
             # A block's sequences have no penalties and no min_tokens bans left (_block_cap).
-            st = copy.copy(seq.sampling)
+            st = seq.sampling.clone()
             st.num_output_tokens, st.banned_token_ids = seq.num_output_tokens + P, None
             scheduled.append(ScheduledRequest(
                 req_id=seq.seq_id, token_ids=[0], num_computed_tokens=seq.num_computed_tokens + P,
@@ -455,7 +454,7 @@ class Scheduler:
         fin = seq.status.value if seq.status.finished else None
         return SeqUpdate(seq.request.request_id, seq.index, seq.seq_id, new, fin,
                          seq.stop_reason if fin else None, seq.num_cached_tokens,
-                         seq.request.finished)
+                         fin is not None and seq.request.finished)  # a running sequence: not finished
 
     def _finish(self, seq: Sequence, status: RequestStatus) -> None:
         if seq.status.finished:
