@@ -5,6 +5,7 @@ one background thread.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -287,9 +288,9 @@ class LLMEngine:
         rows = {rid: i for i, rid in enumerate(ro.req_ids)}
         self._take_prompt_logprobs(ro)
         changed: dict[str, _ReqState] = {}
-        updates = list(self.scheduler.update_from_output(so, ro))
+        updates = collections.deque(self.scheduler.update_from_output(so, ro))
         while updates:
-            u = updates.pop(0)
+            u = updates.popleft()
             st = self._requests.get(u.request_id)
             if st is None:
                 continue
