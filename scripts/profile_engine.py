@@ -34,13 +34,15 @@ def main():
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--no-warmup", action="store_true", help="compile only the buckets the scenarios use")
     ap.add_argument("--top", type=int, default=12, help="kernels listed per scenario")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8")
     a = ap.parse_args()
 
     from jaxserve import LLM, SamplingParams
     from jaxserve.bench.profile import profile
 
     llm = LLM(model=a.model, load_format="dummy", max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-              max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=a.steps, warmup=not a.no_warmup)
+              max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=a.steps, warmup=not a.no_warmup,
+              kv_cache_dtype=a.kv_cache_dtype)
     eng = llm.llm_engine
     vocab = eng.model.arch.vocab_size
     rng = np.random.default_rng(0)
@@ -95,7 +97,8 @@ def main():
         for _ in range(num_steps):
             steps_fn()
         wall = (time.perf_counter() - t0) / num_steps
-        res = dict(kind="profile_step", scenario=name, xla_flags=flags, wall_ms_per_step=wall * 1e3,
+        res = dict(kind="profile_step", scenario=name, xla_flags=flags, kv_cache_dtype=a.kv_cache_dtype,
+                   wall_ms_per_step=wall * 1e3,
                    num_scheduler_steps=a.steps,
                    host_ms_per_step={k: round(v * 1e3 / num_steps, 3) for k, v in phase.most_common()})
         if not a.no_trace:

@@ -81,6 +81,11 @@ class ModelRunner:
         self.max_num_seqs = sc.max_num_seqs
         self.max_logprobs = config.max_logprobs
         cache_dtype = kvc.cache_dtype(config.cache.kv_cache_dtype, dtype)
+        if self.platform == "cpu" and cache_dtype != jnp.dtype(dtype):
+            logger.warning("kv_cache_dtype=%s on the CPU: XLA's CPU backend has no float8 arithmetic and "
+                           "re-types the whole cache on every write (~0.4 s per step for a 1 GiB cache); "
+                           "a float8 cache is for GPUs (use kv_cache_dtype='auto' here, or a small "
+                           "cpu_kv_cache_gib)", config.cache.kv_cache_dtype)
         self.kv_spec = kvc.KVCacheSpec(self.arch.num_layers, self.arch.num_kv_heads, self.arch.head_dim,
                                        self.block_size, cache_dtype)
         self._stage_jits = [jax.jit(functools.partial(self._stage_fn, s), donate_argnums=(1,))

@@ -34,6 +34,17 @@ def to_cache_dtype(x, dtype):
     return x.astype(dtype)
 
 
+def _bits(x):
+    """A float8 array viewed as uint8 (same bits), anything else as is. Backends without native
+    float8 arithmetic (XLA on CPU) widen a float8 operand of a scatter, gather or loop to float16
+    *whole*; on the uint8 view those ops move bytes, and only the gathered blocks are widened."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint8) if x.dtype in FP8_DTYPES else x
+
+
+def _unbits(x, dtype):
+    return jax.lax.bitcast_convert_type(x, dtype) if jnp.dtype(dtype) in FP8_DTYPES else x
+
+
 def write_kv(kv_cache, k, v, slot_mapping):
     """Scatter this step's K/V into their cache slots.
 
@@ -43,10 +54,10 @@ def write_kv(kv_cache, k, v, slot_mapping):
                   the null block 0, which is never read unmasked.
     """
     two, nb, bs, hkv, d = kv_cache.shape
-    flat = kv_cache.reshape(two, nb * bs, hkv, d)
-    kv = to_cache_dtype(jnp.stack([k, v]), kv_cache.dtype)  # [2, T, Hkv, D]
+    flat = _bits(kv_cache).reshape(two, nb * bs, hkv, d)
+    kv = _bits(to_cache_dtype(jnp.stack([k, v]), kv_cache.dtype))  # [2, T, Hkv, D]
     flat = flat.at[:, slot_mapping].set(kv)
-    return flat.reshape(two, nb, bs, hkv, d)
+    return _unbits(flat.reshape(two, nb, bs, hkv, d), kv_cache.dtype)
 
 
 def token_layout(query_start_loc, seq_lens, num_tokens):
@@ -87,12 +98,13 @@ def ragged_paged_attention_reference(
     n_blocks = (jnp.max(ctx) + bs - 1) // bs
     # Float32 inputs get true float32 products (XLA's default on GPUs rounds them to TF32).
     prec = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    cache_bits = _bits(kv_cache)
 
     def body(j, carry):
         m, l, acc = carry  # [T,Hkv,G], [T,Hkv,G], [T,Hkv,G,D]
         blk = my_blocks[:, j]  # [T]
-        k = kv_cache[0, blk].astype(jnp.float32)  # [T, BS, Hkv, D]
-        v = kv_cache[1, blk].astype(jnp.float32)
+        k = _unbits(cache_bits[0, blk], kv_cache.dtype).astype(jnp.float32)  # [T, BS, Hkv, D]
+        v = _unbits(cache_bits[1, blk], kv_cache.dtype).astype(jnp.float32)
         s = jnp.einsum("thgd,tbhd->thgb", qg, k, precision=prec)  # [T, Hkv, G, BS]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
