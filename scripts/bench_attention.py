@@ -109,6 +109,36 @@ def sweep(decode_shapes=None, wide=False, kv_dtype=None, fp8_widen_to=None):
                                   pipelined_ms=t * 1e3, **perf)), flush=True)
 
 
+def mixed(specs, kv_dtype=None, fp8_widen_to="float16"):
+    """Prefill steps with decodes riding along, as the engine's mixed steps are: each spec
+    "PxL+DxC" is P prompts of L tokens (a whole prompt, causal) and D decodes at C tokens of
+    context. Times the kernel with the decodes in their own launch (split_decodes, the default
+    for such buckets) and in the prefill tiles, pipelined, and checks both against the reference."""
+    rng = np.random.default_rng(2)
+    scale = D ** -0.5
+    ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=scale))
+    for spec in specs:
+        pre, dec = spec.split("+")
+        p, n = (int(x) for x in pre.split("x"))
+        nd, c = (int(x) for x in dec.split("x"))
+        q_lens, ctx = [n] * p + [1] * nd, [n] * p + [c] * nd
+        order = rng.permutation(len(q_lens))  # decodes and prompts interleaved, as a step's rows are
+        q_lens, ctx = [q_lens[i] for i in order], [ctx[i] for i in order]
+        sets = [batch(rng, q_lens, ctx) for _ in range(2)]
+        if kv_dtype is not None:
+            sets = [(q, kv.astype(kv_dtype), *rest) for q, kv, *rest in sets]
+        want = ref(*sets[0]).astype(jnp.float32)
+        row = dict(kind="mixed", spec=spec, tokens=sum(q_lens), kv_dtype=str(sets[0][1].dtype))
+        for split in (True, False):
+            f = jax.jit(functools.partial(K.ragged_paged_attention, sm_scale=scale, split_decodes=split,
+                                          fp8_widen_to=fp8_widen_to))
+            got = f(*sets[0]).astype(jnp.float32)
+            row[f"rel_err_split_{split}"] = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+            row[f"ms_split_{split}"] = timeit_pipelined(f, sets, iters=20) * 1e3
+        row["split_over_one_launch"] = row["ms_split_True"] / row["ms_split_False"]
+        print(json.dumps(row), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -118,9 +148,17 @@ def main():
                     help="decode shapes for the sweep instead of its defaults, e.g. 256x192 1024x192")
     ap.add_argument("--sweep-wide", action="store_true", help="every KV tile x stages x warps (one KV split)")
     ap.add_argument("--sweep-kv-dtype", default=None, help="cache dtype for the sweep, e.g. float8_e4m3fn")
-    ap.add_argument("--sweep-fp8-widen", default=None, choices=("float16", "bfloat16"),
-                    help="the kernel's fp8_widen_to for the sweep (default: q's dtype)")
+    ap.add_argument("--sweep-fp8-widen", default="float16", choices=("float16", "bfloat16", "none"),
+                    help="the kernel's fp8_widen_to for --sweep and --mixed (none: q's dtype; default: the "
+                         "kernel's, float16)")
+    ap.add_argument("--mixed", nargs="+", default=None, metavar="PxL+DxC",
+                    help="only time mixed prefill+decode batches, e.g. 7x1024+256x1100 (decodes in their "
+                         "own launch vs in the prefill tiles)")
     args = ap.parse_args()
+    if args.sweep_fp8_widen == "none":
+        args.sweep_fp8_widen = None
+    if args.mixed:
+        return mixed(args.mixed, args.sweep_kv_dtype, args.sweep_fp8_widen)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.sweep_decode] if args.sweep_decode else None
     if args.sweep_only:
         return sweep(shapes, args.sweep_wide, args.sweep_kv_dtype, args.sweep_fp8_widen)

@@ -259,16 +259,24 @@ def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dt
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret", "bq",
                                              "kv_splits", "kv_tile", "num_warps", "num_stages",
-                                             "heavy_first", "fp8_widen_to"))
+                                             "heavy_first", "fp8_widen_to", "split_decodes"))
 def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, *, sm_scale: float,
                            soft_cap: Optional[float] = None, sliding_window: Optional[int] = None,
                            interpret: Optional[bool] = None, bq: Optional[int] = None,
                            kv_splits: Optional[int] = None, kv_tile: Optional[int] = None,
                            num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                           heavy_first: bool = True, fp8_widen_to: Optional[str] = None):
+                           heavy_first: bool = True, fp8_widen_to: Optional[str] = "float16",
+                           split_decodes: Optional[bool] = None):
     """q [T, Hq, D]; kv_cache [2, NB, BS, Hkv, D] -> [T, Hq, D]; semantics of reference.py.
-    fp8_widen_to ("float16"): with a float8 cache and 16-bit q, widen K/V tiles to that dtype and
-    run both dots in it (default: q's dtype)."""
+
+    fp8_widen_to: with a float8 cache and 16-bit q, the dtype K/V tiles are widened to and both
+    dots run in (None: q's dtype). float16 by default: Hopper converts a pair of e4m3 values to
+    float16 in one instruction but not to bfloat16, and the decode kernel is issue-bound
+    (docs/kernels.md); q and the probabilities are well inside float16's range.
+    split_decodes (default: on for prefill-heavy buckets): sequences whose queries fit one decode
+    tile (a decode riding along a prefill step) run in a second launch with the decode tiles,
+    instead of each taking a prefill tile of 128 matrix rows of which G are real. The two launches
+    write disjoint rows of one buffer. bq, kv_tile, num_warps and num_stages set the main launch."""
     _validate(q, kv_cache, block_tables, seq_lens, query_start_loc)
     if fp8_widen_to not in (None, "float16", "bfloat16"):
         raise ValueError(f"fp8_widen_to must be None, 'float16' or 'bfloat16', got {fp8_widen_to!r}")
@@ -278,33 +286,55 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     _, _, bs, hkv, _ = kv_cache.shape
     S = seq_lens.shape[0]
     g = hq // hkv
-    gp = _next_pow2(g)
     c_bq, c_tk, c_warps, c_stages = choose_tiles(T, S, g, bs, q.dtype, d)
-    bq = bq or c_bq
-
-    tile_seq, tile_start, tile_end, tile_ctx = _tile_list(seq_lens, query_start_loc, T, bq)
-    NT = tile_seq.shape[0]
-
     ks = kv_splits or choose_kv_splits(hkv, T, S)
-    tk = kv_tile or c_tk
+    main = (bq or c_bq, kv_tile or c_tk, num_warps or c_warps, num_stages or c_stages)
+    tk = main[1]
     if tk % bs or tk & (tk - 1):
         raise ValueError(f"kv_tile must be a power-of-two multiple of block_size {bs}, got {tk}")
-    per_tile = tk // bs
+    decode_bucket = T <= 2 * S
+    if split_decodes is None:
+        split_decodes = not decode_bucket
+    split_decodes = split_decodes and ks == 1
+    side = choose_tiles(S, S, g, bs, q.dtype, d) if split_decodes else None  # the decode launch's tiles
+    per_tile = max(tk, side[1] if side else tk) // bs
     mb = block_tables.shape[1]
     if mb % per_tile:  # whole tiles of block-table columns (padding points at the null block 0)
         block_tables = jnp.pad(block_tables, ((0, 0), (0, per_tile - mb % per_tile)))
     nb = kv_cache.shape[1]
     kv_tokens = kv_cache.reshape(2, nb * bs, hkv, d)  # free: tokens of a block are contiguous
-    num_warps = num_warps or c_warps
-    num_stages = num_stages or c_stages
     widen = fp8_widen_to if kv_cache.dtype in FP8_DTYPES and q.dtype != jnp.float32 else None
-    kernel = functools.partial(_kernel, bq=bq, g=g, gp=gp, block_size=bs, kv_tile=tk, sm_scale=sm_scale,
+    launch = functools.partial(_launch, q, kv_tokens, block_tables, g=g, bs=bs, sm_scale=sm_scale, soft_cap=soft_cap,
+                               sliding_window=sliding_window, heavy_first=heavy_first, widen=widen,
+                               interpret=interpret)
+    if not split_decodes:
+        tiles = _tile_list(seq_lens, query_start_loc, T, main[0])
+        res = launch(tiles, *main, ks=ks)
+        return res if ks == 1 else _combine_splits(*res).astype(q.dtype)
+    q_len = query_start_loc[1:] - query_start_loc[:-1]  # [S]
+    short = q_len <= side[0]  # one decode tile holds all of the sequence's queries
+    # Decode launch first: one tile per short sequence, nothing else stored; then the main launch
+    # over the other sequences and the padding tokens, storing into the same buffer.
+    out = launch(_tile_list(seq_lens, query_start_loc, T, side[0], include=short, pad=False, num_tiles=S),
+                 *side, ks=1)
+    return launch(_tile_list(seq_lens, query_start_loc, T, main[0], include=~short), *main, ks=1, into=out)
+
+
+def _launch(q, kv_tokens, block_tables, tiles, bq: int, tk: int, warps: int, stages: int, *, ks: int, g: int,
+            bs: int, sm_scale, soft_cap, sliding_window, heavy_first: bool, widen, interpret: bool, into=None):
+    """One pallas_call over a tile list (tile_seq, tile_start, tile_end, tile_ctx, each [NT]).
+    into: an output buffer [T, Hq, D] the call stores into (aliased, so its rows this call does not
+    own keep what an earlier launch stored). Returns [T, Hq, D], or with ks > 1 the partials."""
+    NT = tiles[0].shape[0]
+    T, hq, d = q.shape
+    hkv = kv_tokens.shape[2]
+    kernel = functools.partial(_kernel, bq=bq, g=g, gp=_next_pow2(g), block_size=bs, kv_tile=tk, sm_scale=sm_scale,
                                soft_cap=soft_cap, sliding_window=sliding_window, ks=ks, nt=NT,
                                heavy_first=heavy_first, widen_to=widen)
     full = lambda shape: pl.BlockSpec(shape, lambda t, h, p: (0,) * len(shape))  # noqa: E731
     kwargs = {}
     if not interpret:
-        kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+        kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=warps, num_stages=stages)
     # Every element of the output (and of the split-K partials) is stored by exactly one program,
     # the padding tokens' by the padding tiles, so no buffer is zeroed first.
     if ks > 1:
@@ -314,20 +344,28 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
         out_specs = [full(part), full(part[:-1]), full(part[:-1])]
     else:
         out_shape, out_specs = jax.ShapeDtypeStruct(q.shape, q.dtype), full(q.shape)
-    res = pl.pallas_call(
+    in_specs = [full((NT,))] * 4 + [full(block_tables.shape), full(q.shape), full(kv_tokens.shape)]
+    args = (*tiles, block_tables, q, kv_tokens)
+    if into is not None:
+        in_specs.append(full(q.shape))
+        args += (into,)
+        kwargs["input_output_aliases"] = {len(args) - 1: 0}
+        kernel = functools.partial(_drop_aliased_input, kernel, len(args) - 1)
+    return pl.pallas_call(
         kernel,
         grid=(NT, hkv, ks),
-        in_specs=[full((NT,)), full((NT,)), full((NT,)), full((NT,)), full(block_tables.shape), full(q.shape),
-                  full(kv_tokens.shape)],
+        in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
         name="ragged_paged_attention",
         **kwargs,
-    )(tile_seq, tile_start, tile_end, tile_ctx, block_tables, q, kv_tokens)
-    if ks == 1:
-        return res
-    return _combine_splits(*res).astype(q.dtype)
+    )(*args)
+
+
+def _drop_aliased_input(kernel, index, *refs):
+    """The aliased output buffer is an input only to carry the earlier launch's rows: not read."""
+    return kernel(*refs[:index], *refs[index + 1:])
 
 
 def _combine_splits(o_p, m_p, l_p):
@@ -340,7 +378,8 @@ def _combine_splits(o_p, m_p, l_p):
     return (o_p * w[..., None]).sum(axis=0) / jnp.where(den > 0, den, 1.0)[..., None]
 
 
-def _tile_list(seq_lens, query_start_loc, num_tokens: int, bq: int):
+def _tile_list(seq_lens, query_start_loc, num_tokens: int, bq: int, include=None, pad: bool = True,
+               num_tiles: Optional[int] = None):
     """The kernel's work list: each sequence's queries cut into tiles of bq rows, then the
     padding tokens [query_start_loc[-1], T) cut the same way as one more sequence of context 0.
     The padding tiles' programs see no keys and store zeros: those rows feed the next layer's K/V
@@ -348,6 +387,9 @@ def _tile_list(seq_lens, query_start_loc, num_tokens: int, bq: int):
     reading block 0 multiplies them by p = 0, and 0 x NaN = NaN). This is the cheapest zeroing:
     the grid already holds these programs (they were idle), so it costs a few masked stores and no
     memset or select pass over [T, Hq, D]. Tiles left over start and end at T and store nothing.
+    include [S] bool: only these sequences get tiles (the others are another launch's); pad=False:
+    no padding tiles either (every tile past the real ones stores nothing); num_tiles: NT when a
+    smaller bound is known (one decode tile per sequence: S).
 
     seq_lens [S], query_start_loc [S + 1] int32 -> tile_seq, tile_start, tile_end, tile_ctx,
     each [NT] int32 with NT = ceil(T / bq) + S: the sequence (clipped to S - 1 for padding
@@ -360,15 +402,17 @@ def _tile_list(seq_lens, query_start_loc, num_tokens: int, bq: int):
     T = num_tokens
     q_len = query_start_loc[1:] - query_start_loc[:-1]  # [S]
     n_tiles = (q_len + bq - 1) // bq
+    if include is not None:
+        n_tiles = jnp.where(include, n_tiles, 0)
     cum = jnp.cumsum(n_tiles)
     first = cum - n_tiles
-    NT = -(-T // bq) + S  # static upper bound on the number of tiles
+    NT = num_tiles or -(-T // bq) + S  # static upper bound on the number of tiles
     tid = jnp.arange(NT, dtype=jnp.int32)
     # compare_all: one fused comparison; the default binary search is a device while loop, which
     # on GPUs costs a host round trip per iteration (it dominated small decode batches).
     tile_seq = jnp.clip(jnp.searchsorted(cum, tid, side="right", method="compare_all"), 0, S - 1).astype(jnp.int32)
     real = tid < cum[-1]
-    pad_start = jnp.minimum(query_start_loc[-1] + (tid - cum[-1]) * bq, T)
+    pad_start = jnp.minimum(query_start_loc[-1] + (tid - cum[-1]) * bq, T) if pad else T
     tile_start = jnp.where(real, query_start_loc[tile_seq] + (tid - first[tile_seq]) * bq, pad_start)
     tile_end = jnp.where(real, query_start_loc[tile_seq + 1], T)
     tile_ctx = jnp.where(real, seq_lens[tile_seq], 0)

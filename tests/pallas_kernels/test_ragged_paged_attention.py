@@ -258,3 +258,25 @@ def test_float8_writes_clip_to_the_format_range():
     flat = want.reshape(2, -1, 2, 64)
     assert flat[0, 16].min() == -448 and flat[0, 40].max() == 448  # clipped, not NaN
     assert abs(flat[1, 17, 0, 0] - 0.3) < 0.02  # e4m3: 3 mantissa bits
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4)])
+def test_decodes_in_a_prefill_bucket_take_their_own_launch(hq, hkv):
+    """A prefill-heavy bucket with decodes riding along: the decodes run in a second launch with
+    decode tiles (split_decodes), storing into the same output; both ways match the reference,
+    padding rows come out zero, and the split is two pallas_calls."""
+    rng = np.random.default_rng(21)
+    q_lens = [1, 40, 1, 1, 3, 17, 1]
+    ctx = [90, 40, 7, 300, 50, 60, 1]
+    q, kv, bt, sl, qsl = make_batch(rng, q_lens, ctx, hq, hkv, 64, 16, jnp.float32, pad_tokens=9)
+    n = int(qsl[-1])
+    q = q.at[n:].set(jnp.nan)
+    ref = np.asarray(ragged_paged_attention_reference(q[:n], kv, bt, sl, qsl, sm_scale=0.125))
+    f = lambda q, split: K.ragged_paged_attention(q, kv, bt, sl, qsl, sm_scale=0.125, split_decodes=split)  # noqa: E731
+    for split in (None, True, False):
+        got = np.asarray(f(q, split))
+        assert np.all(got[n:] == 0), split
+        assert rel(got[:n], ref) < 1e-5, split
+    calls = lambda split: sum(e.primitive.name == "pallas_call"  # noqa: E731
+                              for e in _flat_eqns(jax.make_jaxpr(lambda q: f(q, split))(q).jaxpr.eqns))
+    assert calls(None) == 2 and calls(False) == 1
