@@ -234,7 +234,7 @@ def choose_kv_splits(num_kv_heads: int, num_tokens: int, num_seqs: int) -> int:
 
 
 def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dtype,
-                 head_dim: int = 128) -> tuple[int, int, int, int]:
+                 head_dim: int = 128, kv_dtype=None) -> tuple[int, int, int, int]:
     """(query tokens per tile, KV tokens per iteration, warps, pipeline stages) for a bucket.
 
     Decode-heavy buckets (about one token per sequence) use the smallest query tile that still
@@ -244,12 +244,17 @@ def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dt
     Decode takes 64-token KV tiles four deep: a short context is only a few tiles, and with
     128-token tiles one program's two stages fill an SM's shared memory, so nothing overlaps a
     program's first loads (H200 sweep: -13 to -17% time at 192 tokens of context, 0 to -5% at
-    512-2048; head_dim 256 keeps two stages to fit). The numbers come from the sweeps in
+    512-2048; head_dim 256 keeps two stages to fit). A float8 cache (widened to float16 in the
+    kernel) decodes with two warps three deep: half the threads issue the same loads, and at 256 x
+    1328 that took 0.82x the time of four warps (H200, bench_attention.py --sweep-wide
+    --sweep-kv-dtype float8_e4m3fn). The numbers come from the sweeps in
     docs/benchmarks.md (bench_attention.py --sweep, --sweep-wide)."""
     gp = _next_pow2(group)
     decode = num_tokens <= 2 * num_seqs
     if jnp.dtype(dtype) == jnp.float32:
         rows, tk, warps, stages = 16 if decode else 64, 32, 4, 1
+    elif decode and kv_dtype is not None and jnp.dtype(kv_dtype) in FP8_DTYPES and head_dim <= 128:
+        rows, tk, warps, stages = 16, 64, 2, 3
     elif decode:
         rows, tk, warps, stages = 16, 64, 4, 4 if head_dim <= 128 else 2
     else:
@@ -286,7 +291,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     _, _, bs, hkv, _ = kv_cache.shape
     S = seq_lens.shape[0]
     g = hq // hkv
-    c_bq, c_tk, c_warps, c_stages = choose_tiles(T, S, g, bs, q.dtype, d)
+    c_bq, c_tk, c_warps, c_stages = choose_tiles(T, S, g, bs, q.dtype, d, kv_cache.dtype)
     ks = kv_splits or choose_kv_splits(hkv, T, S)
     main = (bq or c_bq, kv_tile or c_tk, num_warps or c_warps, num_stages or c_stages)
     tk = main[1]
@@ -296,7 +301,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     if split_decodes is None:
         split_decodes = not decode_bucket
     split_decodes = split_decodes and ks == 1
-    side = choose_tiles(S, S, g, bs, q.dtype, d) if split_decodes else None  # the decode launch's tiles
+    side = choose_tiles(S, S, g, bs, q.dtype, d, kv_cache.dtype) if split_decodes else None  # the decode launch's tiles
     per_tile = max(tk, side[1] if side else tk) // bs
     mb = block_tables.shape[1]
     if mb % per_tile:  # whole tiles of block-table columns (padding points at the null block 0)
