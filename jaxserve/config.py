@@ -39,9 +39,16 @@ class ModelConfig:
     served_model_name: Optional[str] = None
     chat_template: Optional[str] = None  # a Jinja template string or a path to a file holding one
     revision: Optional[str] = None
+    # "fp8": the layer projections are quantized to float8 e4m3 after loading (per-channel weight
+    # scales, per-token activation scales; models/quant.py). None: the checkpoint's dtype.
+    quantization: Optional[str] = None
 
     def __post_init__(self):
         _check(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        _check(self.quantization in (None, "fp8"),
+               f"quantization={self.quantization!r} is not supported: jaxserve quantizes an unquantized "
+               f"(bf16/fp16) checkpoint to 8-bit floats itself with quantization='fp8' (--quantization fp8); "
+               f"for AWQ/GPTQ models load the original unquantized checkpoint instead")
         _check(self.load_format in _LOAD_FORMATS,
                f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         _check(self.max_model_len is None or self.max_model_len > 0,

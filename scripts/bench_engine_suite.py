@@ -37,6 +37,7 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's (8192 offline)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8")
+    ap.add_argument("--quantization", default=None, choices=("fp8",), help="float8 weights (models/quant.py)")
     ap.add_argument("--mesh", action="store_true")
     ap.add_argument("--timeline", action="store_true", help="also run each throughput workload once more "
                     "(largest K) with the engine's step trace on and print where the wall time went: prefill "
@@ -56,7 +57,8 @@ def main():
     kw = dict(model=None if default else a.model, load_format="auto" if default else "dummy",
               max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
               max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=max(a.steps),
-              kv_cache_dtype=a.kv_cache_dtype, async_scheduling="on" in a.async_scheduling)
+              kv_cache_dtype=a.kv_cache_dtype, async_scheduling="on" in a.async_scheduling,
+              quantization=a.quantization)
     kw = {k: v for k, v in kw.items() if v is not None}  # unset: the engine's defaults
     t0 = time.perf_counter()
     if a.mesh:  # the same LLM front end over an engine placed through ParallelPlan on one device
@@ -72,7 +74,8 @@ def main():
         llm = LLM(**kw)
     startup = time.perf_counter() - t0
     eng = llm.llm_engine
-    print(json.dumps(dict(kind="startup", startup_s=startup, mesh=a.mesh, model=a.model,
+    print(json.dumps(dict(kind="startup", startup_s=startup, mesh=a.mesh, model=a.model, quantization=a.quantization,
+                          kv_cache_tokens=eng.runner.num_blocks * eng.scheduler.block_size,
                           compilations=eng.runner.num_compilations(), max_num_seqs=eng.scheduler.cfg.max_num_seqs,
                           max_num_batched_tokens=eng.scheduler.cfg.max_num_batched_tokens)), flush=True)
     base_cfg = eng.scheduler.cfg
@@ -86,7 +89,7 @@ def main():
             else:
                 res = run_throughput({}, dataset="random", num_prompts=n, input_len=il, output_len=ol, llm=llm)
             res.update(workload=name, num_scheduler_steps=k, async_scheduling=asyn, mesh=a.mesh, kv_cache_dtype=a.kv_cache_dtype,
-                       new_compilations=eng.runner.num_compilations() - c0)
+                       quantization=a.quantization, new_compilations=eng.runner.num_compilations() - c0)
             print(json.dumps(res), flush=True)
         if a.timeline and kind == "throughput":
             from jaxserve.engine.trace import summarize_trace

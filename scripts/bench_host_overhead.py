@@ -68,13 +68,17 @@ def main():
     ap.add_argument("--no-async-scheduling", action="store_true")
     ap.add_argument("--real-runner", action="store_true", help="keep the real runner (jit dispatch, transfers) on "
                     "a 32-layer model of tiny width, whose device work is negligible: host time with dispatch")
+    ap.add_argument("--num-prompts", type=int, default=None,
+                    help="requests to add (default: --num-seqs); more than --num-seqs keeps prefill steps coming")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: max(2048, --num-seqs)")
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
     from jaxserve.models import loader
 
     loader.DUMMY_SHAPES["tiny-32l"] = dict(loader.DUMMY_SHAPES["tiny"], num_hidden_layers=32)
     llm = LLM("tiny-32l" if a.real_runner else "tiny", load_format="dummy", max_model_len=a.input_len + a.output_len + 16,
-              max_num_seqs=a.num_seqs, max_num_batched_tokens=max(2048, a.num_seqs), warmup=a.real_runner,
+              max_num_seqs=a.num_seqs, max_num_batched_tokens=a.max_num_batched_tokens or max(2048, a.num_seqs),
+              warmup=a.real_runner,
               cpu_kv_cache_gib=0.5, num_scheduler_steps=a.num_scheduler_steps,
               async_scheduling=not a.no_async_scheduling)
     eng = llm.llm_engine
@@ -92,20 +96,31 @@ def main():
             return p
         eng.runner.dispatch = timed_dispatch
     rng = np.random.default_rng(1)
-    for i in range(a.num_seqs):
+    for i in range(a.num_prompts or a.num_seqs):
         eng.add_request(str(i), rng.integers(100, 400, a.input_len).tolist(),
                         SamplingParams(max_tokens=a.output_len, ignore_eos=True, temperature=1.0), stream=a.stream)
     prof = cProfile.Profile() if a.profile else None
     steps, t_decode, n_decode, tok_decode = 0, 0.0, 0, 0
+    prefill_s = []  # host seconds of steps that carry prompt tokens (what a GPU waits on between them)
+    seen = []  # the scheduler outputs dispatched during one engine step
+    inner_dispatch = eng.runner.dispatch
+
+    def recording_dispatch(so, prev=None):
+        seen.append(so)
+        return inner_dispatch(so, prev)
+    eng.runner.dispatch = recording_dispatch
     if prof:
         prof.enable()
     while eng.has_unfinished_requests():
         t0 = time.perf_counter()
         so_before = eng.scheduler.num_running
         gen0 = eng.get_stats().generation_tokens_total
+        seen.clear()
         eng.step()
         dt = time.perf_counter() - t0
         steps += 1
+        if any(so.total_num_tokens > len(so.scheduled) for so in seen):
+            prefill_s.append(dt)
         if so_before == a.num_seqs:  # a full decode step
             t_decode += dt
             n_decode += 1
@@ -116,6 +131,9 @@ def main():
     per_tok = t_decode / max(tok_decode, 1) * a.num_seqs  # host seconds per decode position of the batch
     print(f"steps={steps} full-batch decode rounds={n_decode} host ms per batch-token={1e3 * per_tok:.2f} "
           f"(us/seq {1e6 * per_tok / a.num_seqs:.1f}) stream={a.stream} num_scheduler_steps={a.num_scheduler_steps}")
+    if prefill_s:
+        print(f"steps with prompt tokens: {len(prefill_s)}, host ms median {1e3 * np.median(prefill_s):.2f}, "
+              f"mean {1e3 * np.mean(prefill_s):.2f}")
     if dispatch_s:  # staging, host-to-device transfers and jit dispatch of one decode block
         print(f"runner.dispatch of a full decode block: median {1e3 * np.median(dispatch_s):.3f} ms, "
               f"p10 {1e3 * np.percentile(dispatch_s, 10):.3f} ms over {len(dispatch_s)}")

@@ -37,3 +37,10 @@ def test_kv_cache_too_small_names_the_setting():
 def test_unknown_engine_argument():
     with pytest.raises(TypeError, match="max_num_seqs"):
         LLM(max_num_seq=4)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "int4"])
+def test_unsupported_quantization_names_the_supported_one(method):
+    with pytest.raises(ValueError) as e:
+        LLM(quantization=method, warmup=False)
+    assert method in str(e.value) and "fp8" in str(e.value)

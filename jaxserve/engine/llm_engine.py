@@ -114,6 +114,10 @@ class LLMEngine:
                            shardings_fn=lambda arch: self.plan.param_shardings(registry.model_module(arch), arch))
         t0 = time.perf_counter()
         self.model = load_model(mc, self.dtype, **load_kw)
+        if mc.quantization is not None:
+            from jaxserve.models.quant import quantize_params
+
+            quantize_params(self.model.params, mc.quantization)
         arch = self.model.arch
         limit = arch.max_position_embeddings
         if mc.max_model_len is not None and mc.max_model_len > limit:
@@ -130,7 +134,8 @@ class LLMEngine:
         self.tokenizer = self.model.tokenizer
         self.model_name = mc.served_model_name or self.model.name
         self.eos_token_ids = frozenset(self.model.eos_token_ids)
-        logger.info("loaded %s (%s, %d layers) in %.1f s", self.model_name, dtype_name, arch.num_layers,
+        logger.info("loaded %s (%s%s, %d layers) in %.1f s", self.model_name, dtype_name,
+                    f", {mc.quantization} weights" if mc.quantization else "", arch.num_layers,
                     time.perf_counter() - t0)
         self.runner = ModelRunner(config, self.model, max_model_len=self.max_model_len, dtype=self.dtype,
                                   plan=self.plan)

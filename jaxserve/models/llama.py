@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.models.attention import paged_attention
+from jaxserve.models.quant import linear
 from jaxserve.models.rope import apply_rope, cos_sin, rope_inv_freq
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -137,9 +138,9 @@ def _layer(lp, cfg: LlamaConfig, x, cos, sin, kv, md, backend):
     T = x.shape[0]
     D = cfg.head_dim
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = h @ lp["wq"]  # [T, Hq*D]
-    k = h @ lp["wk"]  # [T, Hkv*D]
-    v = h @ lp["wv"]
+    q = linear(h, lp["wq"])  # [T, Hq*D]
+    k = linear(h, lp["wk"])  # [T, Hkv*D]
+    v = linear(h, lp["wv"])
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = q.reshape(T, -1, D)  # [T, Hq, D]
@@ -152,7 +153,7 @@ def _layer(lp, cfg: LlamaConfig, x, cos, sin, kv, md, backend):
     k = apply_rope(k, cos, sin)
     o, kv = paged_attention(q, k, v, kv, md, backend=backend, sm_scale=D ** -0.5,
                             sliding_window=cfg.sliding_window)
-    x = x + o.reshape(T, -1) @ lp["wo"]
+    x = x + linear(o.reshape(T, -1), lp["wo"])
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     x = x + _mlp(lp, h)
     return x, kv
@@ -160,9 +161,10 @@ def _layer(lp, cfg: LlamaConfig, x, cos, sin, kv, md, backend):
 
 def _mlp(lp, h):
     """h [T, E] -> [T, E]. gate and up are one dot of width 2F (a batch-1 decode GEMV of both
-    weights at once runs closer to peak memory bandwidth than two GEMVs of F)."""
-    gu = jnp.einsum("te,egf->tgf", h, lp["w_gate_up"])  # [T, 2, F]
-    return (jax.nn.silu(gu[:, 0]) * gu[:, 1]) @ lp["w_down"]
+    weights at once runs closer to peak memory bandwidth than two GEMVs of F). Weights are
+    [in, out] arrays or float8 ones (models/quant.py)."""
+    gu = linear(h, lp["w_gate_up"])  # [T, 2, F]
+    return linear(jax.nn.silu(gu[:, 0]) * gu[:, 1], lp["w_down"])
 
 
 def forward(params, cfg: LlamaConfig, token_ids, positions, kv_caches, md, *, attn_backend: str,

@@ -1,0 +1,93 @@
+"""8-bit floating-point weights (`quantization="fp8"`, vLLM's `--quantization fp8`).
+
+A bf16/fp16 checkpoint is quantized on the device after loading: every projection weight of a
+layer (q, k, v, o, gate+up, down) becomes float8 e4m3 with one float32 scale per output channel
+(scale = max |w| over the input dimension / 448). Activations are quantized per token at run
+time (dynamic scales), so the matrix units run float8 x float8 with float32 accumulation: on
+Hopper twice the bf16 FLOP rate, and half the weight bytes for memory-bound decode steps.
+Embeddings, the LM head and norms stay in the model dtype.
+
+Stored layout: a quantized weight is a dict {"q": [N, K] float8 (output channels first, the
+layout the GPU's float8 GEMM takes without a transpose), "s": [N] float32}; the fused gate+up
+[E, 2, F] becomes q [2, F, E], s [2, F]. `linear` takes either form, so the model code is the
+same for both.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+QUANTIZED = ("wq", "wk", "wv", "wo", "w_gate_up", "w_down")  # the layer weights that are quantized
+METHODS = ("fp8",)
+
+
+def quantize_weight(w):
+    """w [K, ...out] (input dimension first, as the model stores it) -> {"q": [...out, K] float8,
+    "s": [...out] float32}, one scale per output channel."""
+    wf = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(wf), axis=0)  # [...out]
+    s = jnp.maximum(amax, 1e-12) / FP8_MAX
+    q = (jnp.moveaxis(wf, 0, -1) / s[..., None]).astype(FP8)  # |values| <= 448: no clipping needed
+    return {"q": q, "s": s}
+
+
+def dequantize(qw):
+    """{"q": [...out, K], "s": [...out]} -> [K, ...out] float32 (tests and reference)."""
+    return jnp.moveaxis(qw["q"].astype(jnp.float32) * qw["s"][..., None], -1, 0)
+
+
+def is_quantized(w) -> bool:
+    return isinstance(w, dict)
+
+
+def linear(x, w):
+    """x [T, K] @ w -> [T, N...] in x's dtype; w is [K, N...] or a quantized weight."""
+    if not is_quantized(w):
+        if w.ndim == 2:
+            return x @ w
+        return jnp.einsum("tk,k...->t...", x, w)
+    q, s = w["q"], w["s"]
+    out_shape = q.shape[:-1]
+    q2 = q.reshape(-1, q.shape[-1])  # [N, K]
+    xf = x.astype(jnp.float32)
+    sx = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), 1e-12) / FP8_MAX  # [T] per-token scale
+    xq = (xf / sx[:, None]).astype(FP8)
+    # float8 x float8 -> bf16 with float32 accumulation; the output dims contract on both
+    # operands' last axis (x [T, K], q [N, K]): the "TN" GEMM the GPU's float8 path runs as is.
+    y = jax.lax.dot_general(xq, q2, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
+    y = y.astype(jnp.float32) * sx[:, None] * s.reshape(-1)[None, :]
+    return y.astype(x.dtype).reshape((x.shape[0],) + out_shape)
+
+
+def _quantized_sharding(sh, ndim: int):
+    """The sharding of {"q", "s"} from the bf16 weight's NamedSharding (input axis moved last)."""
+    if not isinstance(sh, NamedSharding):
+        return None
+    spec = tuple(sh.spec) + (None,) * (ndim - len(sh.spec))
+    return {"q": NamedSharding(sh.mesh, P(*spec[1:], spec[0])), "s": NamedSharding(sh.mesh, P(*spec[1:]))}
+
+
+def quantize_params(params: dict, method: str) -> dict:
+    """Quantize the layer projections of a loaded model in place of the originals, one tensor
+    at a time (each bf16 tensor is freed as soon as its float8 copy exists, so the peak is the
+    bf16 model plus one tensor). Shardings follow the originals."""
+    if method not in METHODS:
+        raise ValueError(f"quantization must be one of {METHODS}, got {method!r}")
+    fns = {}
+    for lp in params["layers"]:
+        for name in QUANTIZED:
+            w = lp.get(name)
+            if w is None or is_quantized(w):
+                continue
+            sh = _quantized_sharding(getattr(w, "sharding", None), w.ndim)
+            key = (w.shape, str(w.dtype), str(sh))
+            if key not in fns:
+                fns[key] = jax.jit(quantize_weight, out_shardings=sh) if sh is not None else jax.jit(quantize_weight)
+            lp[name] = fns[key](w)
+            del w
+    # The engine sizes its KV cache from the memory in use next: let the bf16 originals go first.
+    jax.block_until_ready(params)
+    return params
