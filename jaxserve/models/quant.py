@@ -55,9 +55,11 @@ def linear(x, w):
     xf = x.astype(jnp.float32)
     sx = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), 1e-12) / FP8_MAX  # [T] per-token scale
     xq = (xf / sx[:, None]).astype(FP8)
-    # float8 x float8 -> bf16 with float32 accumulation; the output dims contract on both
+    # float8 x float8 with float32 accumulation, written in the model's 16-bit dtype (float32 for a
+    # float32 model, so tensor-parallel partial sums stay exact); the output dims contract on both
     # operands' last axis (x [T, K], q [N, K]): the "TN" GEMM the GPU's float8 path runs as is.
-    y = jax.lax.dot_general(xq, q2, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
+    out = jnp.float32 if x.dtype == jnp.float32 else x.dtype
+    y = jax.lax.dot_general(xq, q2, (((1,), (1,)), ((), ())), preferred_element_type=out)
     y = y.astype(jnp.float32) * sx[:, None] * s.reshape(-1)[None, :]
     return y.astype(x.dtype).reshape((x.shape[0],) + out_shape)
 
@@ -83,7 +85,7 @@ def quantize_params(params: dict, method: str) -> dict:
             if w is None or is_quantized(w):
                 continue
             sh = _quantized_sharding(getattr(w, "sharding", None), w.ndim)
-            key = (w.shape, str(w.dtype), str(sh))
+            key = (w.shape, str(w.dtype), sh["q"] if sh else None)  # a sharding names its devices
             if key not in fns:
                 fns[key] = jax.jit(quantize_weight, out_shardings=sh) if sh is not None else jax.jit(quantize_weight)
             lp[name] = fns[key](w)

@@ -30,6 +30,16 @@ for tp, pp, dp in [(1, 1, 1), (3, 1, 1), (1, 2, 1), (1, 1, 2), (3, 2, 1)]:
     )
     print(f"LAYOUT {tp} {pp} {dp} " + json.dumps(info), flush=True)
     del llm, eng, replicas, gate_up
+# float8 weights: the sharded projections (per-channel scales of a row-parallel weight reduce over
+# its sharded input axis) must give the one-device float8 tokens
+for tp, pp in [(1, 1), (3, 2)]:
+    llm = LLM(tensor_parallel_size=tp, pipeline_parallel_size=pp, quantization="fp8", **engine_kwargs("default"))
+    toks = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+    wo = llm.llm_engine.runner.params["layers"][0]["wo"]
+    info = dict(tokens=toks, wo=[str(wo["q"].dtype), list(getattr(wo["q"].sharding, "spec", ()))],
+                wo_scales=[float(x) for x in wo["s"]][:64], wo_q=[float(x) for x in wo["q"][:4, :].ravel()])
+    print(f"QLAYOUT {tp} {pp} " + json.dumps(info), flush=True)
+    del llm, wo
 for bad in (dict(tensor_parallel_size=2), dict(pipeline_parallel_size=31), dict(tensor_parallel_size=3, data_parallel_size=3)):
     try:
         LLM(**bad, **engine_kwargs("default"))

@@ -42,6 +42,17 @@ def test_tp_pp_dp_equal_one_device_and_bad_sizes_are_explained():
     # DP=2: two replicas on their own devices, both given work by the least-loaded router
     assert res[(1, 1, 2)]["kv"] == [[[0], [0]], [[1], [1]]]
     assert all(n > 0 for n in res[(1, 1, 2)]["prompt_tokens"])
+    # float8 weights: TP=3 x PP=2 gives the one-device float8 first tokens (the weights and their
+    # scales are the same; later tokens may part: a float32 rounding difference between sharded and
+    # whole sums can move an activation across an e4m3 rounding boundary, a 1/16 step); wo
+    # [K=576 sharded, E] is stored [E, K] with the shards on its last axis
+    q = {tuple(int(x) for x in line.split(" ", 3)[1:3]): json.loads(line.split(" ", 3)[3])
+         for line in out.stdout.splitlines() if line.startswith("QLAYOUT ")}
+    assert [t[0] for t in q[(3, 2)]["tokens"]] == [t[0] for t in q[(1, 1)]["tokens"]]
+    # a row-parallel weight's per-channel scales reduce over all its shards: the same as one device's
+    assert q[(3, 2)]["wo_scales"] == q[(1, 1)]["wo_scales"] and q[(3, 2)]["wo_q"] == q[(1, 1)]["wo_q"]
+    assert q[(1, 1)]["wo"][0] == "float8_e4m3fn" and q[(3, 2)]["wo"][1] == [None, "model"]
+    assert sum(a[0] == b[0] for a, b in zip(q[(1, 1)]["tokens"], one)) >= 3  # first tokens as unquantized
     errors = [line for line in out.stdout.splitlines() if line.startswith("ERROR ")]
     assert len(errors) == 3, out.stdout
     assert "tensor_parallel_size=2 does not divide the model's 9 attention heads; sizes that work: [1, 3, 9]" in errors[0]
