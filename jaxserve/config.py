@@ -18,6 +18,7 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _POLICIES = ("fcfs", "priority")
 _PREEMPTION = ("recompute", "swap")
 _ATTN_BACKENDS = ("auto", "reference", "pallas")
+_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -42,8 +43,22 @@ class ModelConfig:
     # "fp8": the layer projections are quantized to float8 e4m3 after loading (per-channel weight
     # scales, per-token activation scales; models/quant.py). None: the checkpoint's dtype.
     quantization: Optional[str] = None
+    # Overrides of the checkpoint's config.json (vLLM's --rope-scaling / --rope-theta), e.g.
+    # {"rope_type": "dynamic", "factor": 4.0} to run past max_position_embeddings; the longest
+    # context then grows by the factor (linear, dynamic, yarn).
+    rope_scaling: Optional[dict] = None
+    rope_theta: Optional[float] = None
 
     def __post_init__(self):
+        if self.rope_scaling is not None:
+            sc = self.rope_scaling
+            kind = sc.get("rope_type", sc.get("type")) if isinstance(sc, dict) else None
+            _check(kind in _ROPE_TYPES,
+                   f"rope_scaling must be a dict with rope_type in {_ROPE_TYPES}, got {sc!r}")
+            _check(kind == "default" or (isinstance(sc.get("factor"), (int, float)) and sc["factor"] >= 1),
+                   f"rope_scaling needs a numeric factor >= 1 (e.g. {{'rope_type': 'dynamic', 'factor': 4.0}}), "
+                   f"got {sc!r}")
+        _check(self.rope_theta is None or self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         _check(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         _check(self.quantization in (None, "fp8"),
                f"quantization={self.quantization!r} is not supported: jaxserve quantizes an unquantized "

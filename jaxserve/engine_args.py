@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 
 from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
@@ -19,6 +20,17 @@ def _arg_type(tp):
     return base
 
 
+def _json_dict(text: str) -> dict:
+    """A dict-valued flag takes JSON: --rope-scaling '{"rope_type": "dynamic", "factor": 4.0}'."""
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e.msg})") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return v
+
+
 def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool = False) -> None:
     g = parser.add_argument_group("engine")
     for cls in _SECTIONS:
@@ -29,6 +41,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not dataclasses.MISSING else None
             tp = _arg_type(hints[f.name])
+            if tp is dict:
+                tp = _json_dict
             if tp is bool:
                 g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                help=f"(default: {default})")

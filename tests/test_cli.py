@@ -65,3 +65,19 @@ def test_serve_refuses_multihost_before_loading():
 
     with pytest.raises(SystemExit, match="does not support --num-processes > 1"):
         server_cli.main(["--num-processes", "2", "--coordinator-address", "127.0.0.1:1"])
+
+
+def test_dict_flags_take_json():
+    import argparse
+
+    import pytest
+
+    from jaxserve.engine_args import add_engine_args, engine_kwargs_from_args
+
+    ap = argparse.ArgumentParser()
+    add_engine_args(ap)
+    a = ap.parse_args(["--rope-scaling", '{"rope_type": "dynamic", "factor": 4.0}', "--rope-theta", "500000"])
+    kw = engine_kwargs_from_args(a)
+    assert kw["rope_scaling"] == {"rope_type": "dynamic", "factor": 4.0} and kw["rope_theta"] == 500000.0
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--rope-scaling", "dynamic"])

@@ -44,3 +44,30 @@ def test_unsupported_quantization_names_the_supported_one(method):
     with pytest.raises(ValueError) as e:
         LLM(quantization=method, warmup=False)
     assert method in str(e.value) and "fp8" in str(e.value)
+
+
+def test_rope_scaling_extends_the_context_and_bad_values_are_explained():
+    """LLM(rope_scaling=...) as in vLLM's long-context recipe: the checkpoint's positions times
+    the factor become the limit, the model runs with that scaling, and a length past it (or a bad
+    scaling) names the fix."""
+    import numpy as np
+
+    from jaxserve.models.rope import rope_inv_freq
+
+    with pytest.raises(ValueError, match="rope_scaling") as e:
+        LLM(max_model_len=20000, warmup=False)  # SmolLM2: 8192 positions
+    assert "'factor': 3" in str(e.value)
+    for bad in ({"rope_type": "ntk"}, {"type": "dynamic"}, {"rope_type": "linear", "factor": 0.5}, "dynamic"):
+        with pytest.raises(ValueError, match="rope_scaling"):
+            LLM(rope_scaling=bad, warmup=False)
+    sc = {"type": "dynamic", "factor": 2.0}
+    llm = LLM(rope_scaling=sc, max_model_len=12000, max_num_seqs=2, warmup=False)
+    arch = llm.llm_engine.model.arch
+    assert arch.context_limit == 16384 and llm.llm_engine.max_model_len == 12000
+    inv, _ = arch.rope()
+    np.testing.assert_array_equal(inv, rope_inv_freq(arch.rope_theta, arch.head_dim, sc, 8192, 12000)[0])
+    assert not np.allclose(inv, rope_inv_freq(arch.rope_theta, arch.head_dim, None, 8192, 12000)[0])
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    with pytest.raises(ValueError, match="max_model_len=20000"):
+        LLM(rope_scaling=sc, max_model_len=20000, warmup=False)

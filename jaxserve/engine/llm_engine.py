@@ -119,11 +119,13 @@ class LLMEngine:
 
             quantize_params(self.model.params, mc.quantization)
         arch = self.model.arch
-        limit = arch.max_position_embeddings
+        limit = arch.context_limit
         if mc.max_model_len is not None and mc.max_model_len > limit:
             raise ValueError(
-                f"max_model_len={mc.max_model_len} is larger than the model supports "
-                f"(max_position_embeddings={limit}); pass max_model_len <= {limit}")
+                f"max_model_len={mc.max_model_len} is larger than the model supports ({limit} positions: "
+                f"max_position_embeddings={arch.max_position_embeddings}, rope_scaling={arch.rope_scaling_dict}); "
+                f"pass max_model_len <= {limit}, or extend the context with rope_scaling, e.g. "
+                f"rope_scaling={{'rope_type': 'dynamic', 'factor': {-(-mc.max_model_len // arch.max_position_embeddings)}}}")
         self.max_model_len = mc.max_model_len or limit
         sc = config.scheduler
         if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < self.max_model_len:

@@ -60,6 +60,20 @@ class LlamaConfig:
     def rope_scaling_dict(self) -> Optional[dict]:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
+    @property
+    def context_limit(self) -> int:
+        """The longest context the model's positions support: max_position_embeddings, times the
+        factor of a linear / dynamic rope scaling (yarn: of its original length), as vLLM derives
+        it; a llama3 scaling's checkpoint already states its extended length."""
+        sc = self.rope_scaling_dict or {}
+        kind = sc.get("rope_type", sc.get("type"))
+        if kind in ("linear", "dynamic") and sc.get("factor"):
+            return int(self.max_position_embeddings * float(sc["factor"]))
+        if kind == "yarn" and sc.get("factor"):
+            orig = sc.get("original_max_position_embeddings") or self.max_position_embeddings
+            return max(self.max_position_embeddings, int(orig * float(sc["factor"])))
+        return self.max_position_embeddings
+
     @classmethod
     def from_hf_config(cls, c: dict) -> "LlamaConfig":
         arch = (c.get("architectures") or ["LlamaForCausalLM"])[0]

@@ -344,9 +344,28 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
 
 
 def _arch(cfg: dict, mc: ModelConfig, max_model_len: Optional[int]):
+    cfg = _with_overrides(cfg, mc)
     module = registry.module_for_hf_config(cfg)
     arch = module.LlamaConfig.from_hf_config(cfg)
-    return dataclasses.replace(arch, max_model_len=max_model_len or mc.max_model_len or arch.max_position_embeddings)
+    return dataclasses.replace(arch, max_model_len=max_model_len or mc.max_model_len or arch.context_limit)
+
+
+def _with_overrides(cfg: dict, mc: ModelConfig) -> dict:
+    """The checkpoint's config with the user's rope_scaling / rope_theta (vLLM's flags of the
+    same names) in place of its own."""
+    if mc.rope_scaling is None and mc.rope_theta is None:
+        return cfg
+    cfg = dict(cfg)
+    params = cfg.pop("rope_parameters", None) or {}  # newer configs keep rope_theta in here
+    if "rope_theta" not in cfg and params.get("rope_theta") is not None:
+        cfg["rope_theta"] = params["rope_theta"]
+    if mc.rope_scaling is not None:
+        cfg["rope_scaling"] = dict(mc.rope_scaling)
+    elif params:
+        cfg["rope_parameters"] = params
+    if mc.rope_theta is not None:
+        cfg["rope_theta"] = float(mc.rope_theta)
+    return cfg
 
 
 def _finish_arch(arch, arch_fn, transform_fn):
