@@ -59,6 +59,9 @@ class KVCacheManager:
 
     # ---- allocation -------------------------------------------------------------------------
     def blocks_needed(self, seq: Sequence, num_new_tokens: int, computed: Optional[list[int]] = None) -> int:
+        if not computed:  # the hot path (every running sequence, every step)
+            need = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_ids)
+            return need if need > 0 else 0
         have = len(seq.block_ids) + len(computed or [])
         total = -(-(seq.num_computed_tokens + num_new_tokens + len(computed or []) * self.block_size)
                   // self.block_size)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Optional
 
+import numpy as np
+
 from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.core.kv_cache_manager import KVCacheManager
 from jaxserve.core.request import Request, RequestStatus, Sequence, SeqUpdate
@@ -193,9 +195,7 @@ class Scheduler:
             if seq is None or seq.status != RequestStatus.RUNNING:
                 continue  # finished or aborted since prev was scheduled
             assert seq.num_computed_tokens == sr.num_computed_tokens, sr.req_id  # prev not applied yet
-            p = seq.request.params
-            if (p.max_tokens is not None and seq.num_output_tokens + P >= p.max_tokens) \
-                    or seq.num_tokens + P >= self.max_model_len:
+            if len(seq.token_ids) + P >= (seq.stop_check or self._stop_check(seq))[1]:  # max_tokens / model len
                 freed += sum(1 for b in seq.block_ids if self.kv.pool.ref_cnt[b] == 1)
                 continue  # prev's last token is its last: its blocks come free when prev is applied
             cap = min(cap, self._block_cap(seq, K, P))
@@ -256,11 +256,11 @@ class Scheduler:
         logprobs, min_tokens bans). Stop strings allow one-step blocks (the engine finishes the
         sequence after the step; a longer block would run past it); the context ends at
         max_model_len."""
-        p = seq.request.params
-        if p.needs_penalties or p.logprobs is not None or p.prompt_logprobs is not None \
-                or seq.num_output_tokens + pending < p.min_tokens:
+        _, _, min_len, kind = seq.stop_check or self._stop_check(seq)
+        n = len(seq.token_ids)
+        if kind == 0 or n + pending < min_len:
             return 0
-        return max(0, min(1 if p.stop else K, self.max_model_len - seq.num_tokens - pending))
+        return max(0, min(1 if kind == 1 else K, self.max_model_len - n - pending))
 
     def _block_len(self, seqs: list, cap: int, pending: int, spare: int = 0) -> int:
         """The longest block (<= cap steps) whose new tokens' blocks fit in the free ones (plus
@@ -391,7 +391,7 @@ class Scheduler:
     def update_from_output(self, so: SchedulerOutput, out: ModelRunnerOutput) -> list[SeqUpdate]:
         if so.decode_block:
             return self._update_multistep(so, out)
-        sampled = {rid: int(t) for rid, t in zip(out.req_ids, out.sampled_token_ids)}
+        sampled = dict(zip(out.req_ids, np.asarray(out.sampled_token_ids).tolist()))
         updates = []
         for sr in so.scheduled:
             seq = self.seqs.get(sr.req_id)
@@ -403,7 +403,7 @@ class Scheduler:
                 continue
             tok = sampled[sr.req_id]
             seq.token_ids.append(tok)
-            reason = self._check_stop(seq, tok)
+            reason = self._stops(seq, tok)
             if reason is not None:
                 self._finish(seq, reason)
             updates.append(self._update(seq, [tok]))
@@ -413,19 +413,19 @@ class Scheduler:
         """Each sequence takes its K tokens up to the first stop; tokens sampled after a stop
         are dropped (the sequence is finished and its blocks freed)."""
         rows = {rid: r for r, rid in enumerate(out.req_ids)}
+        sampled = np.asarray(out.sampled_token_ids).tolist()  # Python ints: [S][K] (or [S])
         updates = []
         for sr in so.scheduled:
             seq = self.seqs.get(sr.req_id)
             if seq is None or seq.status != RequestStatus.RUNNING:
                 continue
             new = []
-            row = out.sampled_token_ids[rows[sr.req_id]]  # [K] (a scalar from a one-step caller)
-            for t in (row if getattr(row, "ndim", 0) else (row,)):
-                tok = int(t)
+            row = sampled[rows[sr.req_id]]  # [K] (a scalar from a one-step caller)
+            for tok in (row if isinstance(row, list) else (row,)):
                 seq.num_computed_tokens += 1  # the token fed in at this sub-step is now cached
                 seq.token_ids.append(tok)
                 new.append(tok)
-                reason = self._check_stop(seq, tok)
+                reason = self._stops(seq, tok)
                 if reason is not None:
                     self._finish(seq, reason)
                     break
@@ -433,6 +433,32 @@ class Scheduler:
                 self.kv.cache_computed(seq)
             updates.append(self._update(seq, new))
         return updates
+
+    def _stop_check(self, seq: Sequence) -> tuple:
+        """What the hot paths need of a sequence's parameters, computed once: (ids that can stop
+        it, the length it ends at (max_tokens, max_model_len), the length below which stop ids do
+        not count (min_tokens), its block kind: 0 = a host decision every token (penalties,
+        logprobs), 1 = stop strings (one-step blocks), 2 = free)."""
+        p = seq.request.params
+        ids = set(p.stop_token_ids)
+        if not p.ignore_eos:
+            ids |= set(seq.request.eos_token_ids)
+        limit = self.max_model_len
+        if p.max_tokens is not None:
+            limit = min(limit, seq.num_prompt_tokens + p.max_tokens)
+        kind = 0 if p.needs_penalties or p.logprobs is not None or p.prompt_logprobs is not None else \
+            1 if p.stop else 2
+        seq.stop_check = (frozenset(ids), limit, seq.num_prompt_tokens + p.min_tokens, kind)
+        return seq.stop_check
+
+    def _stops(self, seq: Sequence, tok: int) -> Optional[RequestStatus]:
+        """_check_stop for the token just appended, with a fast path for the common answer (no
+        stop): a cached set of the ids that can stop the sequence and the length it ends at."""
+        ids, limit, min_len, _ = seq.stop_check or self._stop_check(seq)
+        n = len(seq.token_ids)
+        if n < limit and (tok not in ids or n < min_len):
+            return None
+        return self._check_stop(seq, tok)
 
     def _check_stop(self, seq: Sequence, tok: int) -> Optional[RequestStatus]:
         p = seq.request.params

@@ -6,6 +6,7 @@ Pure numpy (no jax): the runner turns these into device arrays. Every step is pa
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,8 +77,14 @@ def prepare_inputs(
     logits_indices = np.zeros(S, np.int32)
     sample_rows = []
 
-    off = 0
     bs = block_size
+    if num_tokens == num_seqs:  # a decode step (one token per sequence): whole-array writes
+        _fill_decodes(sched.scheduled, bs, max_blocks_per_seq, lookahead, token_ids, positions, slot_mapping,
+                      block_tables, seq_lens, qsl, logits_indices)
+        sample_rows = [i for i, sr in enumerate(sched.scheduled) if sr.sample]
+        return StepInputs(token_ids, positions, slot_mapping, block_tables, seq_lens, qsl,
+                          logits_indices, num_tokens, num_seqs, sample_rows)
+    off = 0
     for i, sr in enumerate(sched.scheduled):
         n = len(sr.token_ids)
         start = sr.num_computed_tokens
@@ -107,6 +114,31 @@ def prepare_inputs(
     assert off == num_tokens, (off, num_tokens)
     return StepInputs(token_ids, positions, slot_mapping, block_tables, seq_lens, qsl,
                       logits_indices, num_tokens, num_seqs, sample_rows)
+
+
+def _fill_decodes(scheduled, bs: int, max_blocks: int, lookahead: int, token_ids, positions, slot_mapping,
+                  block_tables, seq_lens, qsl, logits_indices) -> None:
+    """prepare_inputs for n one-token sequences: the per-row Python work is list building, and
+    each array is written once (per-row numpy writes cost ~1 us each, 5-6 per row)."""
+    n = len(scheduled)
+    starts = [sr.num_computed_tokens for sr in scheduled]
+    nblks = [-(-(st + 1 + lookahead) // bs) for st in starts]
+    for sr, nb in zip(scheduled, nblks):
+        if nb > max_blocks or nb > len(sr.block_ids):
+            raise ValueError(f"sequence {sr.req_id} needs {nb} blocks, has {len(sr.block_ids)}, "
+                             f"table width {max_blocks}")
+    token_ids[:n] = [sr.token_ids[0] for sr in scheduled]
+    positions[:n] = starts
+    slot_mapping[:n] = [sr.block_ids[st // bs] * bs + st % bs for sr, st in zip(scheduled, starts)]
+    flat = list(itertools.chain.from_iterable(sr.block_ids[:nb] for sr, nb in zip(scheduled, nblks)))
+    counts = np.asarray(nblks, np.int64)
+    rows = np.repeat(np.arange(n), counts)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
+    block_tables[rows, cols] = flat
+    seq_lens[:n] = positions[:n] + 1
+    qsl[1:n + 1] = np.arange(1, n + 1)
+    qsl[n + 1:] = n
+    logits_indices[:n] = np.arange(n)
 
 
 def pack_step_meta(inp: StepInputs) -> np.ndarray:

@@ -45,3 +45,49 @@ def test_meta_layout_rejects_a_vector_of_the_wrong_length():
     assert step_meta_layout(2 * T + S * MB + 3 * S + 1, T, MB) == (T, T, S * MB, S, S + 1, S)
     with pytest.raises(ValueError, match="does not fit"):
         step_meta_layout(2 * T + S * MB + 3 * S, T, MB)
+
+
+def _oracle(reqs, bs, mb, T, S, lookahead):
+    """prepare_inputs' arrays, one token at a time."""
+    tok, pos, slots = np.zeros(T, np.int32), np.zeros(T, np.int32), np.arange(T, dtype=np.int32) % bs
+    bt, sl, qsl, li = np.zeros((S, mb), np.int32), np.zeros(S, np.int32), np.zeros(S + 1, np.int32), np.zeros(S, np.int32)
+    off = 0
+    for i, r in enumerate(reqs):
+        for j, t in enumerate(r.token_ids):
+            p = r.num_computed_tokens + j
+            tok[off], pos[off], slots[off] = t, p, r.block_ids[p // bs] * bs + p % bs
+            off += 1
+        n = -(-(r.num_computed_tokens + len(r.token_ids) + lookahead) // bs)
+        bt[i, :n] = r.block_ids[:n]
+        sl[i], qsl[i + 1], li[i] = r.num_computed_tokens + len(r.token_ids), off, off - 1
+    qsl[len(reqs) + 1:] = off
+    return tok, pos, slots, bt, sl, qsl, li
+
+
+@pytest.mark.parametrize("lookahead", [0, 5])
+@pytest.mark.parametrize("decode_only", [True, False])
+def test_prepare_inputs_matches_a_token_by_token_oracle(lookahead, decode_only):
+    """Decode steps take a whole-array path, mixed steps a per-sequence one: both give the
+    oracle's arrays, and a sequence short of blocks is refused on both."""
+    rng = np.random.default_rng(3)
+    bs, mb = 4, 9
+    lookahead = lookahead if decode_only else 0  # multi-step lookahead is for decode blocks only
+    reqs = []
+    for i in range(11):
+        computed = int(rng.integers(0, 20))
+        n = 1 if decode_only or i % 3 else int(rng.integers(2, 6))
+        blocks = rng.permutation(np.arange(1, 60))[:-(-(computed + n + lookahead) // bs)].tolist()
+        reqs.append(ScheduledRequest(f"r{i}", rng.integers(5, 90, n).tolist(), computed, blocks, i % 4 != 1, _state()))
+    so = SchedulerOutput(scheduled=reqs, total_num_tokens=sum(len(r.token_ids) for r in reqs))
+    kw = dict(block_size=bs, max_blocks_per_seq=mb, token_buckets=(16, 64), seq_rows=lambda T: 16,
+              lookahead=lookahead)
+    inp = prepare_inputs(so, **kw)
+    want = _oracle(reqs, bs, mb, len(inp.token_ids), 16, kw["lookahead"])
+    got = (inp.token_ids, inp.positions, inp.slot_mapping, inp.block_tables, inp.seq_lens, inp.query_start_loc,
+           inp.logits_indices)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert inp.sample_rows == [i for i in range(11) if i % 4 != 1]
+    reqs[4].block_ids = reqs[4].block_ids[:-1]
+    with pytest.raises(ValueError, match="r4 needs"):
+        prepare_inputs(so, **kw)
