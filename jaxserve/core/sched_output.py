@@ -11,6 +11,9 @@ from typing import Optional
 import numpy as np
 
 
+PENDING_TOKEN = -1  # a token id not known yet when the step was scheduled (async scheduling)
+
+
 @dataclass
 class ScheduledRequest:
     """One sequence's share of a step."""
@@ -81,6 +84,10 @@ class SchedulerOutput:
     # device. Its sequences' first tokens are not known on the host (token_ids holds a placeholder):
     # sequence i takes the previous block's last sampled token of row feed_rows[i].
     feed_rows: Optional[list[int]] = None
+    # Async scheduling after a prefill / mixed step: rows whose one token is PENDING_TOKEN, the
+    # token the previous step samples for that sequence; the engine writes it into the staged
+    # inputs once the previous step's tokens are back, before this step is dispatched.
+    pending_token_rows: Optional[list[int]] = None
 
     @property
     def is_empty(self) -> bool:

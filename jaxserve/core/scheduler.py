@@ -16,7 +16,7 @@ import numpy as np
 from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.core.kv_cache_manager import KVCacheManager
 from jaxserve.core.request import Request, RequestStatus, Sequence, SeqUpdate
-from jaxserve.core.sched_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from jaxserve.core.sched_output import PENDING_TOKEN, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:
@@ -41,7 +41,8 @@ class Scheduler:
         self.swapped: deque[Sequence] = deque()
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
-        self.num_async_blocks = 0  # decode blocks scheduled before the previous one's tokens were back
+        self.num_async_blocks = 0  # steps scheduled before the previous one's tokens were back
+        self.num_async_mixed = 0  # of which after a prefill / mixed step (schedule_next_step)
         self._step_preempted: list[str] = []
         self._step_hits = 0
         self._step_swaps = (0, 0)
@@ -222,6 +223,73 @@ class Scheduler:
                 req_id=seq.seq_id, token_ids=[0], num_computed_tokens=seq.num_computed_tokens + P,
                 block_ids=list(seq.block_ids), sample=True, sampling=st))
         return self._block_output(scheduled, K, rows)
+
+    def schedule_next_step(self, prev: SchedulerOutput) -> Optional[SchedulerOutput]:
+        """Async scheduling of the step after a prefill / mixed step `prev`, while prev is still
+        on the device: the host's usual schedule, made on the state prev will leave (its chunks
+        computed, a PENDING_TOKEN for each token it samples), then that projection undone so
+        prev's results apply as usual (a decode block when every row is a plain decode, whose
+        successors then chain on the device). A sequence whose pending token is its last (max_tokens,
+        max_model_len) sits this step out; one that stops on EOS or a stop string computes one
+        row more (discarded). The engine writes the pending tokens into the staged inputs once
+        prev's tokens are back (`pending_token_rows`). None when the next step needs the host's
+        full view: preemption, swaps, the priority policy, or a sequence that needs a host
+        decision every token (penalties, logprobs)."""
+        if not self.cfg.async_scheduling or prev.decode_block or self.swapped or self.priority \
+                or prev.swap_in or prev.swap_out or prev.copy_blocks or self._step_preempted:
+            return None
+        live = []
+        for sr in prev.scheduled:
+            seq = self.seqs.get(sr.req_id)
+            if seq is None or seq.status != RequestStatus.RUNNING:
+                continue  # finished or aborted since prev was scheduled
+            if (seq.stop_check or self._stop_check(seq))[3] == 0:
+                return None
+            assert seq.num_computed_tokens == sr.num_computed_tokens, sr.req_id  # prev not applied yet
+            live.append((seq, sr))
+        if any((s.stop_check or self._stop_check(s))[3] == 0 for s in self.running):
+            return None  # a running sequence prev did not carry needs host decisions
+        projected, ending = [], []
+        for seq, sr in live:
+            sc = seq.stop_check
+            seq.num_computed_tokens += len(sr.token_ids)
+            if sr.sample:
+                seq.token_ids.append(PENDING_TOKEN)
+                if len(seq.token_ids) >= sc[1]:
+                    ending.append(seq)
+            projected.append((seq, len(sr.token_ids), sr.sample))
+        for seq in ending:
+            self.running.remove(seq)
+        try:
+            # No preemption on a projection: every running sequence's next chunk must fit.
+            budget = self.cfg.max_num_batched_tokens
+            need = sum(self.kv.blocks_needed(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
+                       for seq in self.running)
+            if need > self.kv.pool.num_free:
+                return None
+            out = self.schedule()  # a decode block when every row is a plain decode
+        finally:
+            self._undo_projection(projected, ending)
+        assert not out.swap_out and not self._step_preempted
+        if out.is_empty:
+            return None
+        rows = []
+        for i, sr in enumerate(out.scheduled):
+            if sr.token_ids and sr.token_ids[-1] == PENDING_TOKEN:
+                assert len(sr.token_ids) == 1, sr.req_id
+                sr.sampling = sr.sampling.clone()  # the sequence's state object moves on when prev applies
+                rows.append(i)
+        out.pending_token_rows = rows
+        self.num_async_blocks += 1
+        self.num_async_mixed += 1
+        return out
+
+    def _undo_projection(self, projected: list, ending: list) -> None:
+        for seq, n, sampled in projected:
+            seq.num_computed_tokens -= n
+            if sampled:
+                seq.token_ids.pop()
+        self.running.extend(ending)
 
     def _admission_possible(self, num_running: int, spare=lambda: 0) -> bool:
         """The host's next full schedule could admit waiting work (or let it outrank running work),

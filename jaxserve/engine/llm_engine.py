@@ -273,19 +273,28 @@ class LLMEngine:
             self._inflight = None
         else:
             so = self.scheduler.schedule()
-            for sr in so.scheduled:  # the runner needs the prompt for prompt logprobs
-                st_ = sr.sampling
-                if st_.prompt_logprobs >= 0 and not st_.prompt_token_ids:
-                    owner = self._owner(sr.req_id)
-                    if owner is not None:
-                        st_.prompt_token_ids = self._requests[owner[0]].prompt_token_ids
+            self._fill_prompt_ids(so)
             if so.is_empty and not (so.swap_in or so.swap_out or so.copy_blocks):
                 return outputs
             pending = self.runner.dispatch(so)
-        nxt = self.scheduler.schedule_next_block(so) if so.decode_block else None
-        if nxt is not None:
-            self._inflight = (nxt, self.runner.dispatch(nxt, pending))
-        ro = self.runner.collect(pending)
+        if so.decode_block:
+            nxt = self.scheduler.schedule_next_block(so)
+            if nxt is not None:
+                self._inflight = (nxt, self.runner.dispatch(nxt, pending))
+            ro = self.runner.collect(pending)
+        else:
+            # A prefill / mixed step on the device: schedule and stage the next step meanwhile;
+            # its rows that continue a sequence of this step get this step's tokens once back.
+            nxt = self.scheduler.schedule_next_step(so) if pending.out is None else None
+            staged = None
+            if nxt is not None:
+                self._fill_prompt_ids(nxt)
+                if not nxt.decode_block and self.runner.async_step(nxt):
+                    staged = self.runner.stage(nxt)
+            ro = self.runner.collect(pending)
+            if nxt is not None:
+                _write_pending_tokens(nxt, staged, ro)
+                self._inflight = (nxt, self.runner.dispatch(nxt, inp=staged))
         self._num_steps += 1
         now = time.time()
         for sr in so.scheduled:
@@ -335,6 +344,15 @@ class LLMEngine:
             self.trace.append(rec)
         self._drop_idle_block()
         return outputs
+
+    def _fill_prompt_ids(self, so) -> None:
+        """The runner needs the prompt for prompt logprobs."""
+        for sr in so.scheduled:
+            st_ = sr.sampling
+            if st_.prompt_logprobs >= 0 and not st_.prompt_token_ids:
+                owner = self._owner(sr.req_id)
+                if owner is not None:
+                    st_.prompt_token_ids = self._requests[owner[0]].prompt_token_ids
 
     def _drop_idle_block(self) -> None:
         """A dispatched block whose sequences have all finished or been aborted: wait for it
@@ -409,3 +427,19 @@ class LLMEngine:
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
             num_preemptions_total=s.num_preemptions, num_compilations=self.runner.num_compilations(),
             num_steps=self._num_steps, num_async_steps=s.num_async_blocks)
+
+
+def _write_pending_tokens(so, staged, ro) -> None:
+    """A step scheduled ahead of its predecessor's results: its rows holding PENDING_TOKEN take
+    the token the predecessor sampled for that sequence (in the scheduled request, and in the
+    staged inputs when there are any: a one-token row sits at its query start)."""
+    rows = so.pending_token_rows or ()
+    if not rows:
+        return
+    sampled = dict(zip(ro.req_ids, np.asarray(ro.sampled_token_ids).reshape(len(ro.req_ids), -1)[:, -1].tolist()))
+    for i in rows:
+        sr = so.scheduled[i]
+        tok = sampled[sr.req_id]
+        sr.token_ids = [tok]
+        if staged is not None:
+            staged.token_ids[staged.query_start_loc[i]] = tok

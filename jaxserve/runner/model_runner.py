@@ -454,15 +454,41 @@ class ModelRunner:
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.dispatch(so))
 
-    def dispatch(self, so: SchedulerOutput, prev: Optional["PendingStep"] = None) -> "PendingStep":
-        """Start one step. A decode block only dispatches its device work (and starts copying its
-        tokens to the host) and returns at once; other steps run to completion here. prev: the
-        decode block still on the device whose last samples feed this block (so.feed_rows)."""
+    def stage(self, so: SchedulerOutput) -> StepInputs:
+        """The host arrays of a step that async_step allows (staged while the step before it is
+        still on the device; pass them to dispatch)."""
+        return prepare_inputs(so, block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
+                              token_buckets=self.token_buckets, seq_rows=self.seq_bucket)
+
+    def async_step(self, so: SchedulerOutput) -> bool:
+        """Whether a prefill / mixed step can be dispatched without waiting for its tokens: one
+        pipeline stage, and nobody asked for logprobs (those come back with the tokens)."""
+        return len(self.stages) == 1 and not any(
+            (sr.sample and sr.sampling.logprobs >= 0) or sr.sampling.prompt_logprobs >= 0 for sr in so.scheduled)
+
+    def dispatch(self, so: SchedulerOutput, prev: Optional["PendingStep"] = None,
+                 inp: Optional[StepInputs] = None) -> "PendingStep":
+        """Start one step. A decode block, and a step async_step allows, only dispatch their device
+        work (and start copying the tokens to the host) and return at once; other steps run to
+        completion here. prev: the decode block still on the device whose last samples feed this
+        block (so.feed_rows). inp: the step's inputs, staged already (stage)."""
         self._apply_block_ops(so)
         if so.is_empty:
             return PendingStep(so, out=ModelRunnerOutput(req_ids=[], sampled_token_ids=np.zeros(0, np.int32)))
         if so.decode_block:
             return self._dispatch_block(so, prev)
+        if self.async_step(so):
+            inp = inp if inp is not None else self.stage(so)
+            logits, _ = self._forward(inp)
+            S = len(inp.seq_lens)
+            states = [None] * S
+            for i in inp.sample_rows:
+                states[i] = so.scheduled[i].sampling
+            sb = pack_sampling(states, S, self.max_model_len)
+            toks = sample_tokens(logits, *self._put(sb.packed(), self.last), penalties=sb.penalties, mode=sb.mode)
+            if getattr(toks, "is_fully_addressable", True):
+                toks.copy_to_host_async()
+            return PendingStep(so, inp=inp, sampled=[toks], last=toks)
         want_lp = any(sr.sample and sr.sampling.logprobs >= 0 for sr in so.scheduled)
         dispatched = []
         for mb in self._microbatches(so):
@@ -477,6 +503,7 @@ class ModelRunner:
         if p.out is None:
             host = np.stack([np.asarray(t) for t in fetch(p.sampled, self.plan, self.last)], axis=1)  # [S, K]
             rows = p.inp.sample_rows
+            host = host if p.so.decode_block else host[:, 0]  # a single step: [S]
             p.out = ModelRunnerOutput(req_ids=[p.so.scheduled[i].req_id for i in rows], sampled_token_ids=host[rows])
             p.sampled = None
         return p.out
