@@ -153,7 +153,7 @@ class LLMEngine:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._num_steps = 0
-        self._inflight = None  # (SchedulerOutput, PendingStep): a decode block already dispatched
+        self._inflight = None  # (SchedulerOutput, PendingStep): the next step, already dispatched
         self.trace: Optional[list] = None  # set to [] to record per-step scheduler stats
 
     @classmethod
@@ -264,9 +264,11 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One step's results. Under async scheduling a decode block may already be on the device
-        (dispatched by the previous call): then this call takes its results, after dispatching
-        the block that follows it when the scheduler can tell what that is without them."""
+        """One step's results. Under async scheduling the step may already be on the device
+        (dispatched by the previous call): then this call takes its results, after scheduling
+        the step that follows it when the scheduler can tell what that is without them (a decode
+        block is dispatched at once, its tokens fed on the device; any other step is staged, and
+        dispatched once this step's tokens are written into it)."""
         outputs, self._pending = self._pending, []
         if self._inflight is not None:
             so, pending = self._inflight
@@ -436,7 +438,7 @@ def _write_pending_tokens(so, staged, ro) -> None:
     rows = so.pending_token_rows or ()
     if not rows:
         return
-    sampled = dict(zip(ro.req_ids, np.asarray(ro.sampled_token_ids).reshape(len(ro.req_ids), -1)[:, -1].tolist()))
+    sampled = dict(zip(ro.req_ids, np.asarray(ro.sampled_token_ids).tolist()))  # a single step: [n]
     for i in rows:
         sr = so.scheduled[i]
         tok = sampled[sr.req_id]
