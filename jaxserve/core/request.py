@@ -63,7 +63,7 @@ class Sequence:
         self.num_preemptions = 0
         self.stop_reason: Union[int, str, None] = None
         self.host_blocks: list[int] = []  # swap slots while SWAPPED
-        self.stop_check = None  # the scheduler's cached (stop ids, length limit) for this sequence
+        self.stop_check = None  # the scheduler's cached StopCheck for this sequence
         p = request.params
         self.seed = (request.seed + index * _SEED_STRIDE) & 0x7FFFFFFF
         self.sampling = SamplingState(

@@ -9,7 +9,7 @@ to host slots). Pure Python; see docs/ARCHITECTURE.md for the block states and t
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -17,6 +17,15 @@ from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.core.kv_cache_manager import KVCacheManager
 from jaxserve.core.request import Request, RequestStatus, Sequence, SeqUpdate
 from jaxserve.core.sched_output import PENDING_TOKEN, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+
+
+class StopCheck(NamedTuple):
+    """What the hot paths need of a sequence's parameters, computed once per sequence."""
+
+    ids: frozenset  # token ids that can stop it (stop_token_ids, EOS unless ignore_eos)
+    limit: int  # the length it ends at (prompt + max_tokens, max_model_len)
+    min_len: int  # below this length stop ids do not count (prompt + min_tokens)
+    kind: int  # 0: a host decision every token (penalties, logprobs); 1: stop strings; 2: free
 
 
 class Scheduler:
@@ -196,7 +205,7 @@ class Scheduler:
             if seq is None or seq.status != RequestStatus.RUNNING:
                 continue  # finished or aborted since prev was scheduled
             assert seq.num_computed_tokens == sr.num_computed_tokens, sr.req_id  # prev not applied yet
-            if len(seq.token_ids) + P >= (seq.stop_check or self._stop_check(seq))[1]:  # max_tokens / model len
+            if len(seq.token_ids) + P >= self._stop_check(seq).limit:  # max_tokens / model len
                 freed += sum(1 for b in seq.block_ids if self.kv.pool.ref_cnt[b] == 1)
                 continue  # prev's last token is its last: its blocks come free when prev is applied
             cap = min(cap, self._block_cap(seq, K, P))
@@ -243,19 +252,18 @@ class Scheduler:
             seq = self.seqs.get(sr.req_id)
             if seq is None or seq.status != RequestStatus.RUNNING:
                 continue  # finished or aborted since prev was scheduled
-            if (seq.stop_check or self._stop_check(seq))[3] == 0:
+            if self._stop_check(seq).kind == 0:
                 return None
             assert seq.num_computed_tokens == sr.num_computed_tokens, sr.req_id  # prev not applied yet
             live.append((seq, sr))
-        if any((s.stop_check or self._stop_check(s))[3] == 0 for s in self.running):
+        if any(self._stop_check(s).kind == 0 for s in self.running):
             return None  # a running sequence prev did not carry needs host decisions
         projected, ending = [], []
         for seq, sr in live:
-            sc = seq.stop_check
             seq.num_computed_tokens += len(sr.token_ids)
             if sr.sample:
                 seq.token_ids.append(PENDING_TOKEN)
-                if len(seq.token_ids) >= sc[1]:
+                if len(seq.token_ids) >= seq.stop_check.limit:
                     ending.append(seq)
             projected.append((seq, len(sr.token_ids), sr.sample))
         for seq in ending:
@@ -324,7 +332,7 @@ class Scheduler:
         logprobs, min_tokens bans). Stop strings allow one-step blocks (the engine finishes the
         sequence after the step; a longer block would run past it); the context ends at
         max_model_len."""
-        _, _, min_len, kind = seq.stop_check or self._stop_check(seq)
+        _, _, min_len, kind = self._stop_check(seq)
         n = len(seq.token_ids)
         if kind == 0 or n + pending < min_len:
             return 0
@@ -502,11 +510,10 @@ class Scheduler:
             updates.append(self._update(seq, new))
         return updates
 
-    def _stop_check(self, seq: Sequence) -> tuple:
-        """What the hot paths need of a sequence's parameters, computed once: (ids that can stop
-        it, the length it ends at (max_tokens, max_model_len), the length below which stop ids do
-        not count (min_tokens), its block kind: 0 = a host decision every token (penalties,
-        logprobs), 1 = stop strings (one-step blocks), 2 = free)."""
+    def _stop_check(self, seq: Sequence) -> StopCheck:
+        """The sequence's StopCheck (cached on it: its parameters never change)."""
+        if seq.stop_check is not None:
+            return seq.stop_check
         p = seq.request.params
         ids = set(p.stop_token_ids)
         if not p.ignore_eos:
@@ -516,13 +523,13 @@ class Scheduler:
             limit = min(limit, seq.num_prompt_tokens + p.max_tokens)
         kind = 0 if p.needs_penalties or p.logprobs is not None or p.prompt_logprobs is not None else \
             1 if p.stop else 2
-        seq.stop_check = (frozenset(ids), limit, seq.num_prompt_tokens + p.min_tokens, kind)
+        seq.stop_check = StopCheck(frozenset(ids), limit, seq.num_prompt_tokens + p.min_tokens, kind)
         return seq.stop_check
 
     def _stops(self, seq: Sequence, tok: int) -> Optional[RequestStatus]:
         """_check_stop for the token just appended, with a fast path for the common answer (no
         stop): a cached set of the ids that can stop the sequence and the length it ends at."""
-        ids, limit, min_len, _ = seq.stop_check or self._stop_check(seq)
+        ids, limit, min_len, _ = self._stop_check(seq)
         n = len(seq.token_ids)
         if n < limit and (tok not in ids or n < min_len):
             return None

@@ -480,12 +480,8 @@ class ModelRunner:
         if self.async_step(so):
             inp = inp if inp is not None else self.stage(so)
             logits, _ = self._forward(inp)
-            S = len(inp.seq_lens)
-            states = [None] * S
-            for i in inp.sample_rows:
-                states[i] = so.scheduled[i].sampling
-            sb = pack_sampling(states, S, self.max_model_len)
-            toks = sample_tokens(logits, *self._put(sb.packed(), self.last), penalties=sb.penalties, mode=sb.mode)
+            sb, st = self._sampling_inputs(so, inp)
+            toks = sample_tokens(logits, *st, penalties=sb.penalties, mode=sb.mode)
             if getattr(toks, "is_fully_addressable", True):
                 toks.copy_to_host_async()
             return PendingStep(so, inp=inp, sampled=[toks], last=toks)
@@ -546,14 +542,18 @@ class ModelRunner:
                 t.copy_to_host_async()
         return PendingStep(so, inp=inp, sampled=sampled, last=sampled[-1])
 
-    def _sample(self, so: SchedulerOutput, inp: StepInputs, logits, hidden, want_lp: bool) -> ModelRunnerOutput:
+    def _sampling_inputs(self, so: SchedulerOutput, inp: StepInputs):
+        """The sampling arrays of a step's sampling rows, packed (host) and put on the device."""
         S = len(inp.seq_lens)
-        rows = inp.sample_rows
         states = [None] * S
-        for i in rows:
+        for i in inp.sample_rows:
             states[i] = so.scheduled[i].sampling
         sb = pack_sampling(states, S, self.max_model_len)
-        st = self._put(sb.packed(), self.last)
+        return sb, self._put(sb.packed(), self.last)
+
+    def _sample(self, so: SchedulerOutput, inp: StepInputs, logits, hidden, want_lp: bool) -> ModelRunnerOutput:
+        rows = inp.sample_rows
+        sb, st = self._sampling_inputs(so, inp)
         # One device-to-host transfer: the token ids, plus logprobs only when someone asked (the
         # logprob work itself runs only then).
         if want_lp:
