@@ -119,8 +119,15 @@ class SchedulerConfig:
     # EOS or a stop string computes one step (block) more, discarded; a request that arrives
     # meanwhile is admitted one step (block) later.
     async_scheduling: bool = True
+    # Growth-aware admission (FCFS): while sequences run, a waiting one is admitted only if the
+    # free blocks left after its whole prompt still hold the next N tokens of every running
+    # sequence and of itself (or the rest of each one's output, when shorter). Admitting a
+    # prompt whose growth the cache cannot hold only buys a preemption and its recomputation a
+    # few steps later. 0: admit whenever the next chunk fits (vLLM's behaviour).
+    admission_headroom_tokens: int = 256
 
     def __post_init__(self):
+        _check(self.admission_headroom_tokens >= 0, "admission_headroom_tokens must be >= 0")
         _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         _check(self.max_num_batched_tokens >= 1,
                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")

@@ -2,12 +2,14 @@
 contexts"): applied only to settings the user left unset, and only on accelerators — on CPU the
 config's own small defaults (128 sequences, 2048 tokens per step) stay.
 
-Why these numbers (docs/benchmarks.md, one H100): offline, an 8192-token step runs its prefill
-GEMMs at ~730 TFLOP/s, and with 256 sequences long requests still fit the KV cache (421k tokens
-of Llama-3-8B: 256 x 1152 for 1024 in / 128 out). 1024 sequences (vLLM's offline default on an
-H100) gave 15.5k instead of 13.8k output tok/s on 128 in / 128 out, but 512 requests of 1024 /
-128 would need 590k tokens (preemption), and a 1024-row step reserves ~2.5 GiB more for its
-temporaries. A server wants short steps, because every prefill chunk in a step
+Why these numbers (docs/benchmarks.md): offline, an 8192-token step runs its prefill GEMMs at
+~730 TFLOP/s, and decode steps of 1024 rows run theirs near that rate where 256-row steps do not
+(qkv and o projections of 256 rows fill half the SMs): on an H200, 1024 sequences gave 16.5k
+output tok/s on 128 in / 128 out against 14.3k at 256, and the same on 1024 / 128 and 1000 / 1000
+(2026-11-30, third session). 1024 sequences used to cost where prompts are long on an H100 (27
+preemptions on 1024 / 128 with 421k tokens of cache): the scheduler's admission headroom
+(SchedulerConfig.admission_headroom_tokens) now admits a prompt only when the running
+sequences' growth still fits. A server wants short steps, because every prefill chunk in a step
 delays the decode tokens riding with it (at 16 requests/s of 1024-token prompts the median time
 per output token fell from 38 ms at a 2048-token budget to 25 ms at 1024 and 21 ms at 512, before
 async scheduling), while a chunk of 1024 rows still runs its GEMMs at ~715 TFLOP/s.
@@ -34,7 +36,8 @@ def usage_defaults(context: str, platform: str, device_memory_gib: Optional[floa
         return {}
     big = device_memory_gib is not None and device_memory_gib >= _BIG_DEVICE_GIB
     if context == OFFLINE:
-        return dict(max_num_seqs=256, max_num_batched_tokens=8192 if big else 4096)
+        return dict(max_num_seqs=1024, max_num_batched_tokens=8192) if big else \
+            dict(max_num_seqs=256, max_num_batched_tokens=4096)
     return dict(max_num_seqs=256, max_num_batched_tokens=1024)
 
 

@@ -5,6 +5,7 @@ engine. One JSON line per result.
 
     python3 scripts/bench_engine_suite.py --steps 1 8 [--async-scheduling on off] [--mesh]
         [--workloads b1 128x128 1024x128 1000x1000] [--timeline]
+        [--admission-headroom-tokens 0 256] [--num-gpu-blocks-override N]
 
 --mesh builds the engine through the device-mesh path (ParallelPlan with tp=1, pp=1) instead of
 the single-device path, to measure what the mesh costs on one GPU.
@@ -38,6 +39,11 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8")
     ap.add_argument("--quantization", default=None, choices=("fp8",), help="float8 weights (models/quant.py)")
+    ap.add_argument("--admission-headroom-tokens", type=int, nargs="+", default=[None],
+                    help="scheduler admission headroom(s) to run each workload with, switched on the same "
+                    "engine (default: the engine's)")
+    ap.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                    help="KV cache blocks (of 16 tokens), e.g. 26300 for an H100's ~421k tokens of Llama-3-8B")
     ap.add_argument("--mesh", action="store_true")
     ap.add_argument("--timeline", action="store_true", help="also run each throughput workload once more "
                     "(largest K) with the engine's step trace on and print where the wall time went: prefill "
@@ -58,7 +64,7 @@ def main():
               max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
               max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=max(a.steps),
               kv_cache_dtype=a.kv_cache_dtype, async_scheduling="on" in a.async_scheduling,
-              quantization=a.quantization)
+              quantization=a.quantization, num_gpu_blocks_override=a.num_gpu_blocks_override)
     kw = {k: v for k, v in kw.items() if v is not None}  # unset: the engine's defaults
     t0 = time.perf_counter()
     if a.mesh:  # the same LLM front end over an engine placed through ParallelPlan on one device
@@ -81,14 +87,16 @@ def main():
     base_cfg = eng.scheduler.cfg
     for name in a.workloads:
         kind, il, ol, n = WORKLOADS[name]
-        for k, asyn in [(k, x) for k in a.steps for x in a.async_scheduling]:
-            eng.scheduler.cfg = dataclasses.replace(base_cfg, num_scheduler_steps=k, async_scheduling=asyn == "on")
+        for k, asyn, hr in [(k, x, h) for k in a.steps for x in a.async_scheduling for h in a.admission_headroom_tokens]:
+            eng.scheduler.cfg = dataclasses.replace(base_cfg, num_scheduler_steps=k, async_scheduling=asyn == "on",
+                                                    **({} if hr is None else dict(admission_headroom_tokens=hr)))
             c0 = eng.runner.num_compilations()
             if kind == "latency":
                 res = run_latency({}, batch_size=n, input_len=il, output_len=ol, num_iters=3, llm=llm)
             else:
                 res = run_throughput({}, dataset="random", num_prompts=n, input_len=il, output_len=ol, llm=llm)
             res.update(workload=name, num_scheduler_steps=k, async_scheduling=asyn, mesh=a.mesh, kv_cache_dtype=a.kv_cache_dtype,
+                       admission_headroom_tokens=eng.scheduler.cfg.admission_headroom_tokens,
                        quantization=a.quantization, new_compilations=eng.runner.num_compilations() - c0)
             print(json.dumps(res), flush=True)
         if a.timeline and kind == "throughput":

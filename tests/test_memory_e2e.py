@@ -36,10 +36,22 @@ def test_prefix_caching_identical_and_reports_hits(reference):
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_preemption_gives_identical_outputs(reference, mode):
     _, ref = reference
-    # 20 blocks x 16 = 304 usable tokens for 8 sequences of ~60-90 tokens: preemption is forced.
+    # 20 blocks x 16 = 304 usable tokens for 8 sequences of ~60-90 tokens: preemption is forced
+    # (admission without headroom: every prompt that fits now is admitted).
     llm = LLM(enable_prefix_caching=False, warmup=False, num_gpu_blocks_override=20, preemption_mode=mode,
-              **COMMON)
+              admission_headroom_tokens=0, **COMMON)
     outs = llm.generate([SYSTEM + q for q in QUESTIONS], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == ref
     assert llm.get_stats().num_preemptions_total > 0
+    assert llm.llm_engine.scheduler.kv_usage() == 0.0
+
+
+def test_admission_headroom_avoids_the_preemptions(reference):
+    """The same tight cache with the default admission headroom: prompts wait until the running
+    sequences' remaining tokens fit, so nothing is preempted, and the outputs are the same."""
+    _, ref = reference
+    llm = LLM(enable_prefix_caching=False, warmup=False, num_gpu_blocks_override=20, **COMMON)
+    outs = llm.generate([SYSTEM + q for q in QUESTIONS], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    assert llm.get_stats().num_preemptions_total == 0
     assert llm.llm_engine.scheduler.kv_usage() == 0.0

@@ -9,10 +9,10 @@ def test_cpu_keeps_the_config_defaults():
     assert apply_usage_defaults({"max_model_len": 64}, OFFLINE) == {"max_model_len": 64}  # this machine: CPU
 
 
-@pytest.mark.parametrize("gib, tokens", [(59.3, 8192), (20.0, 4096), (None, 4096)])
-def test_offline_steps_grow_with_device_memory(gib, tokens):
+@pytest.mark.parametrize("gib, seqs, tokens", [(59.3, 1024, 8192), (20.0, 256, 4096), (None, 256, 4096)])
+def test_offline_steps_grow_with_device_memory(gib, seqs, tokens):
     got = apply_usage_defaults({}, OFFLINE, device_info=lambda util: ("gpu", gib))
-    assert got == {"max_num_seqs": 256, "max_num_batched_tokens": tokens}
+    assert got == {"max_num_seqs": seqs, "max_num_batched_tokens": tokens}
 
 
 def test_user_settings_win_and_server_steps_stay_short():

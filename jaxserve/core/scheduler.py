@@ -216,7 +216,7 @@ class Scheduler:
         # The host's next schedule (prev applied) would give every continuing sequence one token
         # before admitting: those blocks are spoken for, the finishers' blocks free.
         if not seqs or self._admission_possible(
-                len(seqs), lambda: freed - sum(self.kv.blocks_needed(seq, P + 1) for seq in seqs)):
+                len(seqs), lambda: freed - sum(self.kv.blocks_needed(seq, P + 1) for seq in seqs), seqs, P):
             return None
         K = self._block_len(seqs, cap, P)
         if K == 0:
@@ -299,7 +299,7 @@ class Scheduler:
                 seq.token_ids.pop()
         self.running.extend(ending)
 
-    def _admission_possible(self, num_running: int, spare=lambda: 0) -> bool:
+    def _admission_possible(self, num_running: int, spare=lambda: 0, growing=None, ahead: int = 0) -> bool:
         """The host's next full schedule could admit waiting work (or let it outrank running work),
         with num_running sequences decoding one token each and spare() blocks on top of the free
         ones (negative: taken by those decodes; computed only when the block check is reached).
@@ -307,7 +307,8 @@ class Scheduler:
         admission the full schedule would make (a sequence that stops on EOS inside a dispatched
         block frees its blocks one block later).
         Without the block check, a batch shrunk by preemption (waiting work that cannot fit)
-        would run every step synchronously."""
+        would run every step synchronously. growing / ahead: the sequences that keep running
+        (default: all running) and their tokens still pending, for the admission headroom."""
         if not self.waiting:
             return False
         if self.priority:
@@ -324,7 +325,32 @@ class Scheduler:
         remaining = seq.num_tokens - seq.num_computed_tokens - len(computed) * self.block_size
         if not self.cfg.enable_chunked_prefill and remaining > budget:
             return False
-        return self.kv.can_allocate(seq, min(remaining, budget, self._threshold()), computed, spare=spare())
+        num_new = min(remaining, budget, self._threshold())
+        if self.cfg.admission_headroom_tokens > 0 and num_running:
+            held = -(-(seq.num_computed_tokens + len(computed) * self.block_size + num_new) // self.block_size)
+            extra = self._headroom_blocks(self.running if growing is None else growing, ahead) \
+                + max(0, self._headroom_target(seq) - held)
+            return self.kv.can_allocate(seq, num_new, computed, spare=spare() - extra)
+        return self.kv.can_allocate(seq, num_new, computed, spare=spare())
+
+    def _headroom_target(self, seq: Sequence, ahead: int = 0) -> int:
+        """Blocks seq should be able to reach: its tokens (after `ahead` pending ones) plus the
+        admission headroom, capped by its length limit."""
+        n = min(self._stop_check(seq).limit, len(seq.token_ids) + ahead + self.cfg.admission_headroom_tokens)
+        return -(-n // self.block_size)
+
+    def _headroom_blocks(self, seqs, ahead: int = 0) -> int:
+        """Blocks the growth of `seqs` holds back from admission: each one's headroom target
+        beyond the blocks it holds, or will hold once its next token (after `ahead` pending ones)
+        is allocated (the decode blocks a caller of _admission_possible counts in its spare)."""
+        bs = self.block_size
+        total = 0
+        for seq in seqs:
+            held = max(len(seq.block_ids), -(-(seq.num_computed_tokens + ahead + 1) // bs))
+            need = self._headroom_target(seq, ahead) - held
+            if need > 0:
+                total += need
+        return total
 
     def _block_cap(self, seq: Sequence, K: int, pending: int) -> int:
         """How many decode steps (<= K) seq can take in one block after `pending` unapplied
@@ -365,6 +391,8 @@ class Scheduler:
 
     def _admit(self, budget, preempted, scheduled, done, swap_out, outranking_only: bool):
         skipped = []
+        headroom = self.cfg.admission_headroom_tokens > 0 and not self.priority
+        reserve = None  # blocks the running sequences' growth holds back (_headroom_blocks), once needed
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
             if not self._sibling_ready(seq):
@@ -382,7 +410,13 @@ class Scheduler:
             if not self.cfg.enable_chunked_prefill and remaining > budget:
                 break
             num_new = min(remaining, budget, self._threshold())
-            if not self.kv.can_allocate(seq, num_new, computed):
+            extra = 0  # blocks of seq's own growth past this chunk, held back once admitted
+            if headroom and self.running:
+                if reserve is None:
+                    reserve = self._headroom_blocks(self.running)
+                extra = max(0, self._headroom_target(seq) - -(-(seq.num_computed_tokens + cached_tokens + num_new)
+                                                               // self.block_size))
+            if not self.kv.can_allocate(seq, num_new, computed, spare=-(reserve or 0) - extra):
                 if self.priority and self._make_room_for(seq, num_new, computed, done, swap_out):
                     preempted = True
                 else:
@@ -399,6 +433,8 @@ class Scheduler:
             scheduled.append((seq, num_new))
             done.add(seq.seq_id)
             budget -= num_new
+            if reserve is not None:
+                reserve += extra
         for s_ in reversed(skipped):
             self.waiting.appendleft(s_)
         if self.priority:

@@ -132,7 +132,8 @@ def test_stop_conditions_and_min_tokens_ban():
 
 
 def test_recompute_preemption_victim_is_latest_and_output_continues():
-    s = make_sched(num_blocks=5, block_size=2, max_model_len=8, enable_prefix_caching=False)  # 4 usable
+    s = make_sched(num_blocks=5, block_size=2, max_model_len=8, enable_prefix_caching=False,  # 4 usable
+                   admission_headroom_tokens=0)  # admit whatever fits now (the headroom would hold "new" back)
     s.add_request(req("old", [1, 2, 3], t=0.0, max_tokens=6))
     s.add_request(req("new", [4, 5, 6], t=1.0, max_tokens=6))
     step(s)  # each holds 2 blocks: all 4 in use
@@ -152,7 +153,7 @@ def test_recompute_preemption_victim_is_latest_and_output_continues():
 
 def test_swap_preemption_pairs():
     s = make_sched(num_blocks=5, block_size=2, max_model_len=8, host_blocks=4, preemption_mode="swap",
-                   enable_prefix_caching=False)
+                   enable_prefix_caching=False, admission_headroom_tokens=0)
     s.add_request(req("old", [1, 2, 3], t=0.0, max_tokens=6))
     s.add_request(req("new", [4, 5, 6], t=1.0, max_tokens=6))
     so, _ = step(s)
@@ -331,8 +332,9 @@ def test_async_blocks_continue_while_waiting_work_cannot_fit():
         return [req(f"r{i}", list(range(10 * i + 1, 10 * i + 6 + i % 3)), max_tokens=[14, 20, 9, 17, 12, 22][i])
                 for i in range(6)]
 
-    sync = _drive(make_sched(num_blocks=18, block_size=4, max_num_seqs=5, async_scheduling=False), reqs(), False)
-    s = make_sched(num_blocks=18, block_size=4, max_num_seqs=5)
+    kw = dict(num_blocks=18, block_size=4, max_num_seqs=5, admission_headroom_tokens=0)  # over-admit: preempt
+    sync = _drive(make_sched(async_scheduling=False, **kw), reqs(), False)
+    s = make_sched(**kw)
     asyn = _drive(s, reqs(), True)
     assert [x[0] for x in asyn] == [x[0] for x in sync]
     assert s.num_preemptions > 0
@@ -352,11 +354,13 @@ def test_async_loop_schedules_what_the_sync_scheduler_does(seed):
     specs = [(rng.integers(1, 4, rng.integers(2, 12)).tolist() if rng.random() < 0.5 else
               rng.integers(10, 90, rng.integers(2, 12)).tolist(), int(rng.integers(1, 25))) for _ in range(10)]
     nb, mns = int(rng.integers(14, 30)), int(rng.integers(2, 7))
+    headroom = int(rng.choice([0, 4, 16, 256]))  # admission headroom (tokens): the mirror must agree
 
     def reqs():
         return [req(f"r{i}", p, max_tokens=m) for i, (p, m) in enumerate(specs)]
 
-    kw = dict(num_blocks=nb, block_size=4, max_num_seqs=mns, enable_prefix_caching=False)
+    kw = dict(num_blocks=nb, block_size=4, max_num_seqs=mns, enable_prefix_caching=False,
+              admission_headroom_tokens=headroom)
     sync = _drive(make_sched(async_scheduling=False, **kw), reqs(), False)
     s = make_sched(**kw)
     assert [x[0] for x in _drive(s, reqs(), True)] == [x[0] for x in sync]
@@ -367,7 +371,7 @@ def test_block_shortens_to_what_the_free_blocks_hold():
     """K = 4, but one free block: a 4-step block would need a new block for each of the two
     sequences. The scheduler dispatches the 1-step block that fits (no new blocks) instead of
     falling back to a synchronous step; with no room at all, the host preempts."""
-    s = make_sched(num_blocks=4, block_size=4, max_num_seqs=2, num_scheduler_steps=4)
+    s = make_sched(num_blocks=4, block_size=4, max_num_seqs=2, num_scheduler_steps=4, admission_headroom_tokens=0)
     s.add_request(req("a", [1, 2, 3], max_tokens=10))
     s.add_request(req("b", [4, 5, 6], max_tokens=10))
     step(s)  # prefills: 3 prompt tokens + 1 sampled = 4 tokens each, one block each
@@ -477,3 +481,32 @@ def test_steps_were_scheduled_ahead_of_mixed_steps_in_most_random_runs():
     if not _MIXED_AHEAD:
         test_steps_scheduled_ahead_of_mixed_steps_feed_the_right_tokens()
     assert sum(n > 0 for n in _MIXED_AHEAD) >= 0.5 * len(_MIXED_AHEAD), _MIXED_AHEAD
+
+
+def test_admission_headroom_holds_back_prompts_whose_growth_would_preempt():
+    """Three requests of 4 prompt tokens and 8 output tokens (3 blocks each by their end) on 7
+    usable blocks of 4. Admitting whatever fits now (headroom 0) takes all three (one block each)
+    and preempts later; with a 256-token headroom each admission keeps the blocks the running
+    sequences need up to their last token free: the third waits, and nothing is preempted."""
+    def run(headroom):
+        s = make_sched(num_blocks=8, block_size=4, max_num_seqs=4, enable_prefix_caching=False,
+                       admission_headroom_tokens=headroom)
+        for i in range(3):
+            s.add_request(req(f"r{i}", [10 * i + 1, 10 * i + 2, 10 * i + 3, 10 * i + 4], t=float(i), max_tokens=8))
+        first, _ = step(s)
+        n = 0
+        while s.has_unfinished_requests():
+            step(s)
+            check_invariants(s)
+            n += 1
+            assert n < 100
+        return [r.req_id for r in first.scheduled], s.num_preemptions
+
+    admitted, preemptions = run(0)
+    assert admitted == ["r0", "r1", "r2"] and preemptions > 0
+    # r0 needs ceil(12/4) = 3 blocks by its end; r1 the same: 6 of 7, and r2's 3 more do not fit
+    admitted, preemptions = run(256)
+    assert admitted == ["r0", "r1"] and preemptions == 0
+    # a headroom of 4 tokens: each running sequence keeps one block of growth (2 + 2 + r2's own)
+    admitted, _ = run(4)
+    assert admitted == ["r0", "r1", "r2"]
