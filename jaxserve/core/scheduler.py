@@ -327,7 +327,7 @@ class Scheduler:
             return False
         num_new = min(remaining, budget, self._threshold())
         if self.cfg.admission_headroom_tokens > 0 and num_running:
-            held = -(-(seq.num_computed_tokens + len(computed) * self.block_size + num_new) // self.block_size)
+            held = self._blocks(seq.num_computed_tokens + len(computed) * self.block_size + num_new)
             extra = self._headroom_blocks(self.running if growing is None else growing, ahead) \
                 + max(0, self._headroom_target(seq) - held)
             return self.kv.can_allocate(seq, num_new, computed, spare=spare() - extra)
@@ -337,16 +337,19 @@ class Scheduler:
         """Blocks seq should be able to reach: its tokens (after `ahead` pending ones) plus the
         admission headroom, capped by its length limit."""
         n = min(self._stop_check(seq).limit, len(seq.token_ids) + ahead + self.cfg.admission_headroom_tokens)
-        return -(-n // self.block_size)
+        return self._blocks(n)
+
+    def _blocks(self, num_tokens: int) -> int:
+        """Blocks that hold num_tokens tokens."""
+        return -(-num_tokens // self.block_size)
 
     def _headroom_blocks(self, seqs, ahead: int = 0) -> int:
         """Blocks the growth of `seqs` holds back from admission: each one's headroom target
         beyond the blocks it holds, or will hold once its next token (after `ahead` pending ones)
         is allocated (the decode blocks a caller of _admission_possible counts in its spare)."""
-        bs = self.block_size
         total = 0
         for seq in seqs:
-            held = max(len(seq.block_ids), -(-(seq.num_computed_tokens + ahead + 1) // bs))
+            held = max(len(seq.block_ids), self._blocks(seq.num_computed_tokens + ahead + 1))
             need = self._headroom_target(seq, ahead) - held
             if need > 0:
                 total += need
@@ -414,8 +417,8 @@ class Scheduler:
             if headroom and self.running:
                 if reserve is None:
                     reserve = self._headroom_blocks(self.running)
-                extra = max(0, self._headroom_target(seq) - -(-(seq.num_computed_tokens + cached_tokens + num_new)
-                                                               // self.block_size))
+                extra = max(0, self._headroom_target(seq)
+                            - self._blocks(seq.num_computed_tokens + cached_tokens + num_new))
             if not self.kv.can_allocate(seq, num_new, computed, spare=-(reserve or 0) - extra):
                 if self.priority and self._make_room_for(seq, num_new, computed, done, swap_out):
                     preempted = True
