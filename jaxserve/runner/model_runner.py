@@ -33,7 +33,8 @@ logger = logging.getLogger("jaxserve")
 
 # The sampler variants the runner dispatches (see sampler.py): (penalties, mode, logprobs) --
 # tokens only in each mode without penalties, "filtered" with them; with logprobs "filtered".
-_SAMPLER_VARIANTS = ((False, "greedy", False), (False, "random", False), (False, "filtered", False),
+_SAMPLER_VARIANTS = ((False, "greedy", False), (False, "random", False), (False, "biased", False),
+                     (False, "filtered", False),
                      (True, "filtered", False), (False, "filtered", True), (True, "filtered", True))
 _PAIR_BUCKETS = (8, 64, 512, 4096)
 # Prompt logprobs are computed this many positions at a time ([rows, vocab] float32 temporaries).

@@ -25,7 +25,8 @@ PACKED_FIELDS = (("temperature", "float32", 1), ("top_k", "int32", 1), ("top_p",
 class SamplingBatch:
     arrays: dict  # field name of SamplingTensors -> numpy array
     penalties: bool  # static: compile the variant that builds token histograms
-    # static: "greedy" (every row temperature 0), "random" (no top-k/top-p/min-p) or "filtered".
+    # static: "greedy" (every row temperature 0), "random" (no top-k/top-p/min-p), "biased" (as
+    # those, with logit_bias / banned tokens) or "filtered" (filters or penalties).
     # Chosen on the host so the device program has no data-dependent branch (an XLA conditional
     # on GPUs reads its predicate back to the host, stalling the dispatch of the next step).
     mode: str = "filtered"
@@ -92,6 +93,8 @@ def pack_sampling(states: list, num_rows: int, history_len: int) -> SamplingBatc
     rand = [s for _, s in real if s.temperature > 0]
     if penalties or any(s.top_k > 0 or s.top_p < 1.0 or s.min_p > 0.0 for s in rand):
         mode = "filtered"  # (with penalties always: one variant fewer to compile)
+    elif (bias_ids >= 0).any():
+        mode = "biased"  # logit_bias or banned tokens (min_tokens): the scatter into the logits
     else:
         mode = "random" if rand else "greedy"
     return SamplingBatch(arrays, penalties, mode)
