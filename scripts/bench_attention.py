@@ -109,21 +109,67 @@ def sweep(decode_shapes=None, wide=False, kv_dtype=None, fp8_widen_to=None):
                                   pipelined_ms=t * 1e3, **perf)), flush=True)
 
 
+def _mixed_batch(rng, spec):
+    """"PxL+DxC[/S]": P prompts of L tokens, D decodes at C tokens of context, interleaved as a
+    step's rows are, then sequences of no tokens up to S (the engine pads its sequence bucket)."""
+    spec, _, pad = spec.partition("/")
+    pre, dec = spec.split("+")
+    p, n = (int(x) for x in pre.split("x"))
+    nd, c = (int(x) for x in dec.split("x"))
+    q_lens, ctx = [n] * p + [1] * nd, [n] * p + [c] * nd
+    order = rng.permutation(len(q_lens))
+    q_lens, ctx = [q_lens[i] for i in order], [ctx[i] for i in order]
+    extra = max(0, int(pad or 0) - len(q_lens))
+    return q_lens + [0] * extra, ctx + [0] * extra
+
+
+# Main-launch tiles for --mixed-sweep: (skip_empty, query tokens per tile, KV tokens, warps, stages);
+# None = the kernel's choice. The first is the kernel before skip_empty, the baseline of the ratios.
+MIXED_CONFS = [(False, None, None, None, None), (True, None, None, None, None), (True, 32, 64, 8, 3),
+               (True, 32, 64, 4, 2), (True, 16, 64, 4, 2), (True, 16, 64, 4, 3), (True, 16, 128, 4, 2),
+               (True, 32, 128, 8, 3), (True, 64, 64, 8, 2)]
+
+
+def mixed_sweep(specs):
+    """The prefill (main) launch's tile configurations on engine-like mixed steps, pipelined;
+    each checked against the reference. One JSON line per (spec, config)."""
+    rng = np.random.default_rng(3)
+    scale = D ** -0.5
+    ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=scale))
+    for spec in specs:
+        q_lens, ctx = _mixed_batch(rng, spec)
+        sets = [batch(rng, q_lens, ctx) for _ in range(2)]
+        want = ref(*sets[0]).astype(jnp.float32)
+        flops = 4 * HQ * D * sum(n * (n + 1) / 2 for n in q_lens if n > 1)
+        base = None
+        for skip, bq, tk, w, st in MIXED_CONFS:
+            f = jax.jit(functools.partial(K.ragged_paged_attention, sm_scale=scale, skip_empty=skip, bq=bq,
+                                          kv_tile=tk, num_warps=w, num_stages=st))
+            row = dict(kind="mixed_sweep", spec=spec, seqs=len(q_lens), skip_empty=skip, bq=bq, kv_tile=tk,
+                       warps=w, stages=st)
+            try:
+                got = f(*sets[0]).astype(jnp.float32)
+                t = timeit_pipelined(f, sets, iters=20)
+            except Exception as e:  # a config Triton cannot build: report, go on
+                print(json.dumps(dict(row, error=str(e)[:160])), flush=True)
+                continue
+            base = base or t
+            row.update(rel_err=float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)), ms=t * 1e3,
+                       over_base=t / base, prefill_tflop_per_s=flops / t / 1e12)
+            print(json.dumps(row), flush=True)
+
+
 def mixed(specs, kv_dtype=None, fp8_widen_to="float16"):
     """Prefill steps with decodes riding along, as the engine's mixed steps are: each spec
-    "PxL+DxC" is P prompts of L tokens (a whole prompt, causal) and D decodes at C tokens of
-    context. Times the kernel with the decodes in their own launch (split_decodes, the default
-    for such buckets) and in the prefill tiles, pipelined, and checks both against the reference."""
+    "PxL+DxC[/S]" is P prompts of L tokens (a whole prompt, causal) and D decodes at C tokens of
+    context (padded with empty sequences to S). Times the kernel with the decodes in their own
+    launch (split_decodes, the default for such buckets) and in the prefill tiles, pipelined, and
+    checks both against the reference."""
     rng = np.random.default_rng(2)
     scale = D ** -0.5
     ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=scale))
     for spec in specs:
-        pre, dec = spec.split("+")
-        p, n = (int(x) for x in pre.split("x"))
-        nd, c = (int(x) for x in dec.split("x"))
-        q_lens, ctx = [n] * p + [1] * nd, [n] * p + [c] * nd
-        order = rng.permutation(len(q_lens))  # decodes and prompts interleaved, as a step's rows are
-        q_lens, ctx = [q_lens[i] for i in order], [ctx[i] for i in order]
+        q_lens, ctx = _mixed_batch(rng, spec)
         sets = [batch(rng, q_lens, ctx) for _ in range(2)]
         if kv_dtype is not None:
             sets = [(q, kv.astype(kv_dtype), *rest) for q, kv, *rest in sets]
@@ -154,7 +200,12 @@ def main():
     ap.add_argument("--mixed", nargs="+", default=None, metavar="PxL+DxC",
                     help="only time mixed prefill+decode batches, e.g. 7x1024+256x1100 (decodes in their "
                          "own launch vs in the prefill tiles)")
+    ap.add_argument("--mixed-sweep", nargs="+", default=None, metavar="PxL+DxC[/S]",
+                    help="only time the prefill launch's tile configurations (MIXED_CONFS) on mixed steps, "
+                         "e.g. 8x1024+504x1100/1024 (S: sequences in the bucket, padded with empty ones)")
     args = ap.parse_args()
+    if args.mixed_sweep:
+        return mixed_sweep(args.mixed_sweep)
     if args.sweep_fp8_widen == "none":
         args.sweep_fp8_widen = None
     if args.mixed:

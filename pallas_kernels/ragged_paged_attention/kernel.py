@@ -65,21 +65,33 @@ def _dot(a, b, exact_f32: bool):
     return f(ah, bh) + (f(ah, bl) + f(al, bh))
 
 
-def _kernel(tile_seq_ref, tile_start_ref, tile_end_ref, tile_ctx_ref, block_tables_ref, q_ref, kv_ref,  # inputs
-            o_ref, *ml_refs,  # outputs: o, and with split-K also the softmax max and sum per row
-            bq: int, g: int, gp: int, block_size: int, kv_tile: int, sm_scale: float, soft_cap: Optional[float],
-            sliding_window: Optional[int], ks: int, nt: int, heavy_first: bool, widen_to=None):
-    # tile_*_ref [NT] int32: sequence, first query row, the sequence's query end, context length
-    # (0 for the padding tiles); q_ref [T, Hq, D]; kv_ref [2, NB*BS, Hkv, D];
-    # o_ref [T, Hq, D], or with split-K [KS, T, Hq, D] float32 and ml_refs 2 x [KS, T, Hq].
+def _kernel(*refs, nt: int, heavy_first: bool, skip_empty: bool, **kw):
     # heavy_first: launch the last tiles first; in a causal prefill they see the most keys, so
     # the long programs start early and the short ones fill the tail of the grid.
+    # skip_empty: a program whose tile is past the work list (it starts at T: the grid is sized
+    # for the worst case, e.g. ceil(T / BQ) + S tiles of a prefill launch where hundreds of
+    # decodes have no tile) returns after one scalar load instead of running the whole program
+    # on masked loads and stores; it stores nothing either way.
+    t = nt - 1 - pl.program_id(0) if heavy_first else pl.program_id(0)
+    # (the grid ids are read out here: interpret mode cannot lower program_id inside a cond)
+    body = functools.partial(_program, t, pl.program_id(1), pl.program_id(2), *refs, **kw)
+    if skip_empty:
+        tile_start_ref, q_ref = refs[1], refs[5]
+        pl.when(tile_start_ref[t] < q_ref.shape[0])(body)
+    else:
+        body()
+
+
+def _program(t, h, split, tile_seq_ref, tile_start_ref, tile_end_ref, tile_ctx_ref, block_tables_ref, q_ref, kv_ref,  # inputs
+             o_ref, *ml_refs,  # outputs: o, and with split-K also the softmax max and sum per row
+             bq: int, g: int, gp: int, block_size: int, kv_tile: int, sm_scale: float, soft_cap: Optional[float],
+             sliding_window: Optional[int], ks: int, widen_to=None):
+    # t, h, split: this program's tile, KV head and KV split. tile_*_ref [NT] int32: sequence, first query row, the sequence's
+    # query end, context length (0 for the padding tiles); q_ref [T, Hq, D]; kv_ref [2, NB*BS, Hkv, D];
+    # o_ref [T, Hq, D], or with split-K [KS, T, Hq, D] float32 and ml_refs 2 x [KS, T, Hq].
     # widen_to: with a float8 cache, the dtype its tiles are widened to and the dots run in
     # (None: q's dtype); float16 is one hardware conversion per pair of float8 values on
     # Hopper, where float8 -> bfloat16 is not.
-    t = nt - 1 - pl.program_id(0) if heavy_first else pl.program_id(0)
-    h = pl.program_id(1)
-    split = pl.program_id(2)
     s = tile_seq_ref[t]
     q_start = tile_start_ref[t]
     q_end = tile_end_ref[t]
@@ -264,14 +276,14 @@ def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dt
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret", "bq",
                                              "kv_splits", "kv_tile", "num_warps", "num_stages",
-                                             "heavy_first", "fp8_widen_to", "split_decodes"))
+                                             "heavy_first", "fp8_widen_to", "split_decodes", "skip_empty"))
 def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, *, sm_scale: float,
                            soft_cap: Optional[float] = None, sliding_window: Optional[int] = None,
                            interpret: Optional[bool] = None, bq: Optional[int] = None,
                            kv_splits: Optional[int] = None, kv_tile: Optional[int] = None,
                            num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                            heavy_first: bool = True, fp8_widen_to: Optional[str] = "float16",
-                           split_decodes: Optional[bool] = None):
+                           split_decodes: Optional[bool] = None, skip_empty: bool = True):
     """q [T, Hq, D]; kv_cache [2, NB, BS, Hkv, D] -> [T, Hq, D]; semantics of reference.py.
 
     fp8_widen_to: with a float8 cache and 16-bit q, the dtype K/V tiles are widened to and both
@@ -281,7 +293,9 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     split_decodes (default: on for prefill-heavy buckets): sequences whose queries fit one decode
     tile (a decode riding along a prefill step) run in a second launch with the decode tiles,
     instead of each taking a prefill tile of 128 matrix rows of which G are real. The two launches
-    write disjoint rows of one buffer. bq, kv_tile, num_warps and num_stages set the main launch."""
+    write disjoint rows of one buffer. bq, kv_tile, num_warps and num_stages set the main launch.
+    skip_empty: programs of tiles past the work list return at once (off: the earlier kernel,
+    for same-run comparisons)."""
     _validate(q, kv_cache, block_tables, seq_lens, query_start_loc)
     if fp8_widen_to not in (None, "float16", "bfloat16"):
         raise ValueError(f"fp8_widen_to must be None, 'float16' or 'bfloat16', got {fp8_widen_to!r}")
@@ -311,7 +325,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     widen = fp8_widen_to if kv_cache.dtype in FP8_DTYPES and q.dtype != jnp.float32 else None
     launch = functools.partial(_launch, q, kv_tokens, block_tables, g=g, bs=bs, sm_scale=sm_scale, soft_cap=soft_cap,
                                sliding_window=sliding_window, heavy_first=heavy_first, widen=widen,
-                               interpret=interpret)
+                               skip_empty=skip_empty, interpret=interpret)
     if not split_decodes:
         tiles = _tile_list(seq_lens, query_start_loc, T, main[0])
         res = launch(tiles, *main, ks=ks)
@@ -326,7 +340,8 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
 
 
 def _launch(q, kv_tokens, block_tables, tiles, bq: int, tk: int, warps: int, stages: int, *, ks: int, g: int,
-            bs: int, sm_scale, soft_cap, sliding_window, heavy_first: bool, widen, interpret: bool, into=None):
+            bs: int, sm_scale, soft_cap, sliding_window, heavy_first: bool, widen, interpret: bool, skip_empty: bool,
+            into=None):
     """One pallas_call over a tile list (tile_seq, tile_start, tile_end, tile_ctx, each [NT]).
     into: an output buffer [T, Hq, D] the call stores into (aliased, so its rows this call does not
     own keep what an earlier launch stored). Returns [T, Hq, D], or with ks > 1 the partials."""
@@ -335,7 +350,7 @@ def _launch(q, kv_tokens, block_tables, tiles, bq: int, tk: int, warps: int, sta
     hkv = kv_tokens.shape[2]
     kernel = functools.partial(_kernel, bq=bq, g=g, gp=_next_pow2(g), block_size=bs, kv_tile=tk, sm_scale=sm_scale,
                                soft_cap=soft_cap, sliding_window=sliding_window, ks=ks, nt=NT,
-                               heavy_first=heavy_first, widen_to=widen)
+                               heavy_first=heavy_first, skip_empty=skip_empty, widen_to=widen)
     full = lambda shape: pl.BlockSpec(shape, lambda t, h, p: (0,) * len(shape))  # noqa: E731
     kwargs = {}
     if not interpret:
