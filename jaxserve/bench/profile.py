@@ -51,13 +51,18 @@ def summarize(trace_dir: str, wall_s: float, top: int = 20) -> dict:
                 intervals.append((ev.start_ns, ev.end_ns))
     busy = 0.0
     end = None
+    gaps = []  # (idle ns, start of the idle interval)
     for a, b in sorted(intervals):  # union of kernel intervals = time the GPU was doing something
         if end is None or a > end:
+            if end is not None:
+                gaps.append((a - end, end))
             busy += b - a
             end = b
         elif b > end:
             busy += b - end
             end = b
+    first = min(a for a, _ in intervals) if intervals else 0
+    span = (end - first) if intervals else 0
     total = sum(per_name.values()) or 1
     by_cat: dict = collections.Counter()
     for n, t in per_name.items():
@@ -66,6 +71,12 @@ def summarize(trace_dir: str, wall_s: float, top: int = 20) -> dict:
         wall_s=wall_s,
         gpu_busy_s=busy / 1e9,
         gpu_busy_frac=busy / 1e9 / wall_s if wall_s else None,
+        # From the first kernel to the last (the profiler's own start-up and flush excluded): the
+        # device's idle time inside the run, and its largest gaps (ms, at s after the first kernel).
+        gpu_span_s=span / 1e9,
+        gpu_idle_in_span_s=(span - busy) / 1e9,
+        idle_gaps_over_1ms=dict(count=sum(g > 1e6 for g, _ in gaps), s=sum(g for g, _ in gaps if g > 1e6) / 1e9),
+        largest_gaps=[dict(ms=round(g / 1e6, 2), at_s=round((t - first) / 1e9, 3)) for g, t in sorted(gaps)[::-1][:8]],
         kernel_s=total / 1e9,
         by_category={k: round(v / total, 4) for k, v in by_cat.most_common()},
         top_kernels=[dict(name=n[:90], frac=round(t / total, 4), calls=count[n], mean_us=round(t / count[n] / 1e3, 1))
