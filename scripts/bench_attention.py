@@ -124,13 +124,14 @@ def _mixed_batch(rng, spec):
 
 
 # Main-launch tiles for --mixed-sweep: (skip_empty, query tokens per tile, KV tokens, warps, stages);
-# None = the kernel's choice. The first is the kernel before skip_empty, the baseline of the ratios.
-MIXED_CONFS = [(False, None, None, None, None), (True, None, None, None, None), (True, 32, 64, 8, 3),
-               (True, 32, 64, 4, 2), (True, 16, 64, 4, 2), (True, 16, 64, 4, 3), (True, 16, 128, 4, 2),
-               (True, 32, 128, 8, 3), (True, 64, 64, 8, 2)]
+# None = the kernel's choice. The first is the kernel and tiles before skip_empty and the 4-warp
+# prefill tiles (2026-12-01), the baseline of the ratios.
+MIXED_CONFS = [(False, 32, 128, 8, 2), (True, 32, 128, 8, 2), (True, None, None, None, None), (True, 32, 64, 8, 3),
+               (True, 32, 64, 8, 2), (True, 16, 64, 4, 2), (True, 16, 64, 4, 3), (True, 32, 128, 8, 3),
+               (True, 64, 64, 8, 2)]
 
 
-def mixed_sweep(specs):
+def mixed_sweep(specs, confs=None):
     """The prefill (main) launch's tile configurations on engine-like mixed steps, pipelined;
     each checked against the reference. One JSON line per (spec, config)."""
     rng = np.random.default_rng(3)
@@ -142,7 +143,7 @@ def mixed_sweep(specs):
         want = ref(*sets[0]).astype(jnp.float32)
         flops = 4 * HQ * D * sum(n * (n + 1) / 2 for n in q_lens if n > 1)
         base = None
-        for skip, bq, tk, w, st in MIXED_CONFS:
+        for skip, bq, tk, w, st in confs or MIXED_CONFS:
             f = jax.jit(functools.partial(K.ragged_paged_attention, sm_scale=scale, skip_empty=skip, bq=bq,
                                           kv_tile=tk, num_warps=w, num_stages=st))
             row = dict(kind="mixed_sweep", spec=spec, seqs=len(q_lens), skip_empty=skip, bq=bq, kv_tile=tk,
@@ -203,9 +204,16 @@ def main():
     ap.add_argument("--mixed-sweep", nargs="+", default=None, metavar="PxL+DxC[/S]",
                     help="only time the prefill launch's tile configurations (MIXED_CONFS) on mixed steps, "
                          "e.g. 8x1024+504x1100/1024 (S: sequences in the bucket, padded with empty ones)")
+    ap.add_argument("--mixed-confs", nargs="+", default=None, metavar="SKIP,BQ,TK,W,ST",
+                    help="--mixed-sweep configurations instead of MIXED_CONFS, e.g. 0,32,128,8,2 1,-,-,-,- "
+                         "(- = the kernel's choice)")
     args = ap.parse_args()
     if args.mixed_sweep:
-        return mixed_sweep(args.mixed_sweep)
+        confs = None
+        if args.mixed_confs:
+            confs = [tuple(None if x == "-" else int(x) for x in c.split(",")) for c in args.mixed_confs]
+            confs = [(bool(c[0]), *c[1:]) for c in confs]
+        return mixed_sweep(args.mixed_sweep, confs)
     if args.sweep_fp8_widen == "none":
         args.sweep_fp8_widen = None
     if args.mixed:

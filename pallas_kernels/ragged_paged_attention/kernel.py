@@ -256,7 +256,12 @@ def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dt
     Decode takes 64-token KV tiles four deep: a short context is only a few tiles, and with
     128-token tiles one program's two stages fill an SM's shared memory, so nothing overlaps a
     program's first loads (H200 sweep: -13 to -17% time at 192 tokens of context, 0 to -5% at
-    512-2048; head_dim 256 keeps two stages to fit). A float8 cache (widened to float16 in the
+    512-2048; head_dim 256 keeps two stages to fit). Prefill-heavy buckets of 16-bit caches with
+    head_dim <= 128 take 64-token KV tiles on 4 warps: an engine step's prompts are short next to
+    the long single prompts the 8-warp 128-token tiles were tuned on, and its programs see few
+    KV tiles each, so two programs per SM (half the shared memory and registers each) hide each
+    other's load latency (H200, bench_attention.py --mixed-sweep: 0.69x the time on 64 prompts of
+    128 tokens, 0.87x on 8 of 1024, 0.95x with 504 decodes riding along). A float8 cache (widened to float16 in the
     kernel) decodes with two warps three deep: half the threads issue the same loads, and at 256 x
     1328 that took 0.82x the time of four warps (H200, bench_attention.py --sweep-wide
     --sweep-kv-dtype float8_e4m3fn). The numbers come from the sweeps in
@@ -269,8 +274,10 @@ def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dt
         rows, tk, warps, stages = 16, 64, 2, 3
     elif decode:
         rows, tk, warps, stages = 16, 64, 4, 4 if head_dim <= 128 else 2
+    elif head_dim <= 128 and (kv_dtype is None or jnp.dtype(kv_dtype) not in FP8_DTYPES):
+        rows, tk, warps, stages = 128, 64, 4, 2
     else:
-        rows, tk, warps, stages = 128, 128 if head_dim <= 128 else 64, 8, 2
+        rows, tk, warps, stages = 128, 64 if head_dim > 128 else 128, 8, 2
     return max(1, rows // gp), max(block_size, tk), warps, stages
 
 
