@@ -34,8 +34,10 @@ def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input
     compiles0 = eng.runner.num_compilations()
     st0 = eng.get_stats()
     hits0, preempt0, async0 = st0.prefix_cache_hits, st0.num_preemptions_total, st0.num_async_steps
+    pauses = _GcPauses()
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    with pauses:
+        outs = llm.generate(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t0
     st = eng.get_stats()
     n_in = sum(len(r.prompt_token_ids) for r in reqs)
@@ -47,7 +49,37 @@ def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input
                 compilations_during_run=eng.runner.num_compilations() - compiles0,
                 prefix_cache_hit_tokens=st.prefix_cache_hits - hits0,
                 preemptions=st.num_preemptions_total - preempt0, num_steps=st.num_steps - st0.num_steps,
-                async_steps=st.num_async_steps - async0)
+                async_steps=st.num_async_steps - async0, gc_full_collections=pauses.count,
+                gc_full_collection_ms=round(pauses.seconds * 1e3, 1))
+
+
+class _GcPauses:
+    """Counts the garbage collector's full (generation-2) collections inside a `with` block and
+    their total time: each stops the host thread that feeds the device."""
+
+    def __init__(self):
+        self.count, self.seconds, self._t = 0, 0.0, None
+
+    def _cb(self, phase, info):
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._t
+            self._t = None
+
+    def __enter__(self):
+        import gc
+
+        gc.callbacks.append(self._cb)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self._cb)
 
 
 def run_latency(engine_kwargs: dict, *, batch_size: int, input_len: int, output_len: int,

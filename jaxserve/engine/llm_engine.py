@@ -6,6 +6,7 @@ one background thread.
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import os
 import time
@@ -155,6 +156,13 @@ class LLMEngine:
         self._num_steps = 0
         self._inflight = None  # (SchedulerOutput, PendingStep): the next step, already dispatched
         self.trace: Optional[list] = None  # set to [] to record per-step scheduler stats
+        # The start-up heap (the model's pytrees, JAX's caches and compiled executables, the
+        # tokenizer: ~0.5M tracked objects) moves to the collector's permanent generation. A full
+        # collection walks every tracked object; over this heap it took ~0.28 s (CPU), and one
+        # landing mid-run stalled the device for as long (a 236 ms idle gap in a 128 / 128 run
+        # on an H200). Objects made from here on are collected as usual.
+        gc.collect()
+        gc.freeze()
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> "LLMEngine":
