@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
+from jaxserve.engine.gc_policy import quiet_gc
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import BeamSearchParams, SamplingParams
 
@@ -105,12 +106,8 @@ class LLM:
             pbar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True)
             pbar.update(len(results))
         try:
-            while eng.has_unfinished_requests():
-                for out in eng.step():
-                    if out.finished:
-                        results[out.request_id] = out
-                        if pbar is not None:
-                            pbar.update(1)
+            with quiet_gc():  # (engine/gc_policy.py)
+                self._drain(eng, results, pbar)
         except BaseException:
             eng.abort_request([r for r in order if r not in results])
             raise
@@ -118,6 +115,15 @@ class LLM:
             if pbar is not None:
                 pbar.close()
         return [results[r] for r in order]
+
+    @staticmethod
+    def _drain(eng, results: dict, pbar) -> None:
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    if pbar is not None:
+                        pbar.update(1)
 
     def beam_search(self, prompts, params: BeamSearchParams, *, use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """Beam search, as vLLM's LLM.beam_search: every step extends each live beam by one token

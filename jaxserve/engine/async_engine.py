@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
+from jaxserve.engine.gc_policy import quiet_gc
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -100,6 +101,11 @@ class AsyncLLM:
                 return
         self.stats = self.engine.get_stats()
         self._ready.set()
+        with quiet_gc():  # (gc_policy.py) for the engine thread's lifetime
+            self._loop()
+        self._fail_all(EngineDeadError("the engine is shutting down"))
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
                 while not self._stop and not self._inbox and not self.engine.has_unfinished_requests():
@@ -120,7 +126,6 @@ class AsyncLLM:
                 for o in outs:
                     self._deliver(o.request_id, o, final=o.finished)
             self.stats = self.engine.get_stats()
-        self._fail_all(EngineDeadError("the engine is shutting down"))
 
     def _handle(self, it) -> None:
         if isinstance(it, _Add):

@@ -6,7 +6,6 @@ one background thread.
 from __future__ import annotations
 
 import collections
-import gc
 import logging
 import os
 import time
@@ -18,6 +17,7 @@ import numpy as np
 from jaxserve.config import EngineConfig, engine_config_from_kwargs
 from jaxserve.core.request import Request
 from jaxserve.core.scheduler import Scheduler
+from jaxserve.engine.gc_policy import freeze_startup_heap
 from jaxserve.engine.detokenizer import IncrementalDetokenizer, decode_token
 from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -156,13 +156,7 @@ class LLMEngine:
         self._num_steps = 0
         self._inflight = None  # (SchedulerOutput, PendingStep): the next step, already dispatched
         self.trace: Optional[list] = None  # set to [] to record per-step scheduler stats
-        # The start-up heap (the model's pytrees, JAX's caches and compiled executables, the
-        # tokenizer: ~0.5M tracked objects) moves to the collector's permanent generation. A full
-        # collection walks every tracked object; over this heap it took ~0.28 s (CPU), and one
-        # landing mid-run stalled the device for as long (a 236 ms idle gap in a 128 / 128 run
-        # on an H200). Objects made from here on are collected as usual.
-        gc.collect()
-        gc.freeze()
+        freeze_startup_heap()  # (gc_policy.py: full collections no longer walk the start-up heap)
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> "LLMEngine":
