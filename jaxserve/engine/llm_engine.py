@@ -6,6 +6,7 @@ one background thread.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import time
@@ -119,6 +120,11 @@ class LLMEngine:
             from jaxserve.models.quant import quantize_params
 
             quantize_params(self.model.params, mc.quantization)
+        from jaxserve.models import registry
+
+        module = registry.model_module(self.model.arch)
+        if hasattr(module, "fuse_qkv"):  # one attention-projection GEMM per layer (models/llama.py)
+            self.model = dataclasses.replace(self.model, params=module.fuse_qkv(self.model.params, self.model.arch))
         arch = self.model.arch
         limit = arch.context_limit
         if mc.max_model_len is not None and mc.max_model_len > limit:

@@ -11,6 +11,13 @@ Params (weights stored [in, out] so activations multiply on the left):
     columns together); w_down [F, E]
   final_norm  [E]
   lm_head     [E, V]   (absent when the embeddings are tied)
+
+The engine then fuses each layer's wq, wk, wv (and bq, bk, bv) into w_qkv [E, Hkv, G+2, D]
+(fuse_qkv: per KV head, its G query heads, then its key and its value), so the attention
+projection is one GEMM whose output splits into q, k, v with slices; a tensor-parallel split of
+the Hkv axis keeps each rank's query heads with their KV head. Left separate, XLA's dot merger
+fused the three dots itself in small steps by concatenating the weights inside every step (a
+50 MB copy per layer per step for Llama-3-8B).
 """
 from __future__ import annotations
 
@@ -152,14 +159,22 @@ def _layer(lp, cfg: LlamaConfig, x, cos, sin, kv, md, backend):
     T = x.shape[0]
     D = cfg.head_dim
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = linear(h, lp["wq"])  # [T, Hq*D]
-    k = linear(h, lp["wk"])  # [T, Hkv*D]
-    v = linear(h, lp["wv"])
-    if cfg.attention_bias:
-        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    q = q.reshape(T, -1, D)  # [T, Hq, D]
-    k = k.reshape(T, -1, D)  # [T, Hkv, D]
-    v = v.reshape(T, -1, D)
+    if "w_qkv" in lp:  # fused (fuse_qkv)
+        qkv = linear(h, lp["w_qkv"])  # [T, Hkv, G+2, D]
+        if cfg.attention_bias:
+            qkv = qkv + lp["b_qkv"]
+        g = qkv.shape[2] - 2
+        q = qkv[:, :, :g].reshape(T, -1, D)  # [T, Hq, D]: query head j*G + i is (KV head j, i)
+        k, v = qkv[:, :, g], qkv[:, :, g + 1]  # [T, Hkv, D]
+    else:
+        q = linear(h, lp["wq"])  # [T, Hq*D]
+        k = linear(h, lp["wk"])  # [T, Hkv*D]
+        v = linear(h, lp["wv"])
+        if cfg.attention_bias:
+            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+        q = q.reshape(T, -1, D)  # [T, Hq, D]
+        k = k.reshape(T, -1, D)  # [T, Hkv, D]
+        v = v.reshape(T, -1, D)
     if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
@@ -263,6 +278,42 @@ def _dummy_generator(shape, dtype, ones, sharding):
             return jnp.ones(shape, dtype)
         return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
     return jax.jit(gen, out_shardings=sharding)
+
+
+def fuse_qkv(params: dict, cfg: LlamaConfig) -> dict:
+    """params with each layer's wq [E, Hq*D], wk, wv [E, Hkv*D] (and bq, bk, bv) replaced by
+    w_qkv [E, Hkv, G+2, D] (and b_qkv [Hkv, G+2, D]), layer by layer so the device holds one
+    layer's projections twice at most. Each fused array keeps its layer's placement: a
+    tensor-parallel split of the query / KV heads becomes a split of the Hkv axis (the same heads
+    per rank). Float8 weights (models/quant.py) stay separate."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxserve.models.quant import is_quantized
+
+    E, D, hkv = cfg.hidden_size, cfg.head_dim, cfg.num_kv_heads
+    g = cfg.num_heads // hkv
+    fuse_w = jax.jit(lambda q, k, v: jnp.concatenate(
+        [q.reshape(E, hkv, g, D), k.reshape(E, hkv, 1, D), v.reshape(E, hkv, 1, D)], axis=2))
+    fuse_b = jax.jit(lambda q, k, v: jnp.concatenate(
+        [q.reshape(hkv, g, D), k.reshape(hkv, 1, D), v.reshape(hkv, 1, D)], axis=1))
+    layers = []
+    for lp in params["layers"]:
+        if "wq" not in lp or is_quantized(lp["wq"]):
+            layers.append(lp)
+            continue
+        lp = dict(lp)
+        sh = lp["wq"].sharding
+        out = None
+        if isinstance(sh, NamedSharding) and len(sh.spec) == 2:  # [E, heads] -> [E, Hkv, G+2, D]
+            out = NamedSharding(sh.mesh, P(sh.spec[0], sh.spec[1], None, None))
+        w = fuse_w(lp.pop("wq"), lp.pop("wk"), lp.pop("wv"))
+        lp["w_qkv"] = jax.device_put(w, out) if out is not None else w
+        if "bq" in lp:
+            b = fuse_b(lp.pop("bq"), lp.pop("bk"), lp.pop("bv"))
+            lp["b_qkv"] = (jax.device_put(b, NamedSharding(sh.mesh, P(sh.spec[1], None, None)))
+                           if out is not None else b)
+        layers.append(lp)
+    return dict(params, layers=layers)
 
 
 def init_dummy_params(cfg: LlamaConfig, dtype, seed: int = 0, shardings=None) -> dict:

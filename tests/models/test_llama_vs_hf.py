@@ -79,6 +79,18 @@ def test_logits_match_hf(tmp_path, case):
         ref = model(torch.tensor([ids])).logits[0].numpy()
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert rel < 1e-4, rel
+    # The engine's layout: q/k/v projections (and biases) fused per KV head into one weight.
+    fused = llama.fuse_qkv(params, arch)
+    lp = fused["layers"][0]
+    assert "w_qkv" in lp and not {"wq", "wk", "wv", "bq", "bk", "bv"} & set(lp)
+    g = arch.num_heads // arch.num_kv_heads
+    assert lp["w_qkv"].shape == (arch.hidden_size, arch.num_kv_heads, g + 2, arch.head_dim)
+    # KV head 1's key columns are wk's second head, exactly
+    D = arch.head_dim
+    np.testing.assert_array_equal(np.asarray(lp["w_qkv"][:, 1, g]), np.asarray(params["layers"][0]["wk"][:, D:2 * D]))
+    got_fused = _run(fused, arch, ids)
+    rel = np.linalg.norm(got_fused - ref) / np.linalg.norm(ref)
+    assert rel < 1e-4, rel
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
