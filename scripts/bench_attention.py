@@ -123,6 +123,18 @@ def _mixed_batch(rng, spec):
     return q_lens + [0] * extra, ctx + [0] * extra
 
 
+def _mixed_cases(specs, seed: int, kv_dtype=None):
+    """Per spec: (spec, query lengths, two input sets, the reference output of the first)."""
+    rng = np.random.default_rng(seed)
+    ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=D ** -0.5))
+    for spec in specs:
+        q_lens, ctx = _mixed_batch(rng, spec)
+        sets = [batch(rng, q_lens, ctx) for _ in range(2)]
+        if kv_dtype is not None:
+            sets = [(q, kv.astype(kv_dtype), *rest) for q, kv, *rest in sets]
+        yield spec, q_lens, sets, ref(*sets[0]).astype(jnp.float32)
+
+
 # Main-launch tiles for --mixed-sweep: (skip_empty, query tokens per tile, KV tokens, warps, stages);
 # None = the kernel's choice. The first is the kernel and tiles before skip_empty and the 4-warp
 # prefill tiles (2026-12-01), the baseline of the ratios.
@@ -134,13 +146,8 @@ MIXED_CONFS = [(False, 32, 128, 8, 2), (True, 32, 128, 8, 2), (True, None, None,
 def mixed_sweep(specs, confs=None):
     """The prefill (main) launch's tile configurations on engine-like mixed steps, pipelined;
     each checked against the reference. One JSON line per (spec, config)."""
-    rng = np.random.default_rng(3)
     scale = D ** -0.5
-    ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=scale))
-    for spec in specs:
-        q_lens, ctx = _mixed_batch(rng, spec)
-        sets = [batch(rng, q_lens, ctx) for _ in range(2)]
-        want = ref(*sets[0]).astype(jnp.float32)
+    for spec, q_lens, sets, want in _mixed_cases(specs, seed=3):
         flops = 4 * HQ * D * sum(n * (n + 1) / 2 for n in q_lens if n > 1)
         base = None
         for skip, bq, tk, w, st in confs or MIXED_CONFS:
@@ -166,15 +173,8 @@ def mixed(specs, kv_dtype=None, fp8_widen_to="float16"):
     context (padded with empty sequences to S). Times the kernel with the decodes in their own
     launch (split_decodes, the default for such buckets) and in the prefill tiles, pipelined, and
     checks both against the reference."""
-    rng = np.random.default_rng(2)
     scale = D ** -0.5
-    ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=scale))
-    for spec in specs:
-        q_lens, ctx = _mixed_batch(rng, spec)
-        sets = [batch(rng, q_lens, ctx) for _ in range(2)]
-        if kv_dtype is not None:
-            sets = [(q, kv.astype(kv_dtype), *rest) for q, kv, *rest in sets]
-        want = ref(*sets[0]).astype(jnp.float32)
+    for spec, q_lens, sets, want in _mixed_cases(specs, seed=2, kv_dtype=kv_dtype):
         row = dict(kind="mixed", spec=spec, tokens=sum(q_lens), kv_dtype=str(sets[0][1].dtype))
         for split in (True, False):
             f = jax.jit(functools.partial(K.ragged_paged_attention, sm_scale=scale, split_decodes=split,
