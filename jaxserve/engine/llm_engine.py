@@ -18,7 +18,6 @@ import numpy as np
 from jaxserve.config import EngineConfig, engine_config_from_kwargs
 from jaxserve.core.request import Request
 from jaxserve.core.scheduler import Scheduler
-from jaxserve.engine.gc_policy import freeze_startup_heap
 from jaxserve.engine.detokenizer import IncrementalDetokenizer, decode_token
 from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -162,7 +161,6 @@ class LLMEngine:
         self._num_steps = 0
         self._inflight = None  # (SchedulerOutput, PendingStep): the next step, already dispatched
         self.trace: Optional[list] = None  # set to [] to record per-step scheduler stats
-        freeze_startup_heap()  # (gc_policy.py: full collections no longer walk the start-up heap)
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> "LLMEngine":
