@@ -1,6 +1,7 @@
 """Offline benchmarks on the LLM API: throughput (many requests) and latency (batch-N decode)."""
 from __future__ import annotations
 
+import gc
 import json
 import time
 
@@ -71,14 +72,10 @@ class _GcPauses:
             self._t = None
 
     def __enter__(self):
-        import gc
-
         gc.callbacks.append(self._cb)
         return self
 
     def __exit__(self, *exc):
-        import gc
-
         gc.callbacks.remove(self._cb)
 
 

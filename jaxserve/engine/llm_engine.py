@@ -82,6 +82,7 @@ class LLMEngine:
         import jax
         import jax.numpy as jnp
 
+        from jaxserve.models import registry
         from jaxserve.models.loader import load_model
         from jaxserve.runner.model_runner import ModelRunner
 
@@ -99,7 +100,6 @@ class LLMEngine:
         self.plan = None
         load_kw = {}
         if pc.tensor_parallel_size > 1 or pc.pipeline_parallel_size > 1 or devices is not None or pc.num_processes > 1:
-            from jaxserve.models import registry
             from jaxserve.parallel.plan import ParallelPlan
 
             if pc.num_processes > 1 and pc.pipeline_parallel_size > 1:
@@ -119,8 +119,6 @@ class LLMEngine:
             from jaxserve.models.quant import quantize_params
 
             quantize_params(self.model.params, mc.quantization)
-        from jaxserve.models import registry
-
         module = registry.model_module(self.model.arch)
         if hasattr(module, "fuse_qkv"):  # one attention-projection GEMM per layer (models/llama.py)
             self.model = dataclasses.replace(self.model, params=module.fuse_qkv(self.model.params, self.model.arch))
