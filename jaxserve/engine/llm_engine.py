@@ -299,8 +299,8 @@ class LLMEngine:
                     staged = self.runner.stage(nxt)
             ro = self.runner.collect(pending)
             if nxt is not None:
-                _write_pending_tokens(nxt, staged, ro)
-                self._inflight = (nxt, self.runner.dispatch(nxt, inp=staged))
+                _write_pending_tokens(nxt, staged.inp if staged is not None else None, ro)
+                self._inflight = (nxt, self.runner.dispatch(nxt, staged=staged))
         self._num_steps += 1
         now = time.time()
         for sr in so.scheduled:

@@ -13,7 +13,7 @@ import functools
 import importlib.util
 import logging
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -220,14 +220,17 @@ class ModelRunner:
         z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
         return StepInputs(z(T), z(T), z(T), z(S, self.max_blocks_per_seq), z(S), z(S + 1), z(S), 0, 0, [])
 
-    def _stage_args(self, s: int, inp: StepInputs, kv, x=None, tokens=None):
+    def _stage_args(self, s: int, inp: StepInputs, kv, x=None, tokens=None, meta=None):
         """The arguments of stage s, transferred exactly as in serving (warm-up and execute share
         this, so warm-up fills the jit cache entries that serving hits). tokens: token ids already
-        on a device (multi-step decoding feeds the last sampled tokens back)."""
-        if s == 0 and tokens is None:  # token ids and metadata from the host: one batched put
+        on a device (multi-step decoding feeds the last sampled tokens back); meta: the step
+        metadata already on stage s's devices (a staged step)."""
+        if s == 0 and tokens is None and meta is None:  # ids and metadata from the host: one put
             tok, meta = self._put((inp.token_ids, pack_step_meta(inp)), s)
+        elif s == 0 and tokens is None:
+            tok = self._put(inp.token_ids, s)
         else:
-            meta = self._stage_meta(s, inp)
+            meta = meta if meta is not None else self._stage_meta(s, inp)
             if s > 0:
                 tok = jax.device_put(x, self.plan.replicated(s))  # the previous stage's hidden state
             else:
@@ -238,11 +241,12 @@ class ModelRunner:
         """The step's metadata on stage s's devices: one int32 vector, one transfer."""
         return self._put(pack_step_meta(inp), s)
 
-    def _forward(self, inp: StepInputs, tokens=None):
-        """Dispatch every stage for one (micro)batch; returns (logits, hidden) without waiting."""
+    def _forward(self, inp: StepInputs, tokens=None, meta=None):
+        """Dispatch every stage for one (micro)batch; returns (logits, hidden) without waiting.
+        meta: the first stage's metadata already on its devices (StagedStep.meta)."""
         x = None
         for s in range(len(self.stages)):
-            x, new = self._stage_jits[s](*self._stage_args(s, inp, self._kv(s), x, tokens))
+            x, new = self._stage_jits[s](*self._stage_args(s, inp, self._kv(s), x, tokens, meta if s == 0 else None))
             self._set_kv(s, new)
         return x
 
@@ -455,11 +459,14 @@ class ModelRunner:
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.dispatch(so))
 
-    def stage(self, so: SchedulerOutput) -> StepInputs:
-        """The host arrays of a step that async_step allows (staged while the step before it is
-        still on the device; pass them to dispatch)."""
-        return prepare_inputs(so, block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
-                              token_buckets=self.token_buckets, seq_rows=self.seq_bucket)
+    def stage(self, so: SchedulerOutput) -> "StagedStep":
+        """A step that async_step allows, prepared while the step before it is still on the device
+        (pass it to dispatch): its host inputs, and what does not depend on its token ids (the
+        step metadata, the sampling arrays) packed and sent to the device already, so that once
+        the previous step's tokens are written in only the token ids remain to send."""
+        inp = prepare_inputs(so, block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
+                             token_buckets=self.token_buckets, seq_rows=self.seq_bucket)
+        return StagedStep(inp, self._stage_meta(0, inp), self._sampling_inputs(so, inp))
 
     def async_step(self, so: SchedulerOutput) -> bool:
         """Whether a prefill / mixed step can be dispatched without waiting for its tokens: one
@@ -468,20 +475,21 @@ class ModelRunner:
             (sr.sample and sr.sampling.logprobs >= 0) or sr.sampling.prompt_logprobs >= 0 for sr in so.scheduled)
 
     def dispatch(self, so: SchedulerOutput, prev: Optional["PendingStep"] = None,
-                 inp: Optional[StepInputs] = None) -> "PendingStep":
+                 staged: Optional["StagedStep"] = None) -> "PendingStep":
         """Start one step. A decode block, and a step async_step allows, only dispatch their device
         work (and start copying the tokens to the host) and return at once; other steps run to
         completion here. prev: the decode block still on the device whose last samples feed this
-        block (so.feed_rows). inp: the step's inputs, staged already (stage)."""
+        block (so.feed_rows). staged: the step, staged already (stage)."""
         self._apply_block_ops(so)
         if so.is_empty:
             return PendingStep(so, out=ModelRunnerOutput(req_ids=[], sampled_token_ids=np.zeros(0, np.int32)))
         if so.decode_block:
             return self._dispatch_block(so, prev)
         if self.async_step(so):
-            inp = inp if inp is not None else self.stage(so)
-            logits, _ = self._forward(inp)
-            sb, st = self._sampling_inputs(so, inp)
+            staged = staged if staged is not None else self.stage(so)
+            inp = staged.inp
+            logits, _ = self._forward(inp, meta=staged.meta)
+            sb, st = staged.sampling
             toks = sample_tokens(logits, *st, penalties=sb.penalties, mode=sb.mode)
             if getattr(toks, "is_fully_addressable", True):
                 toks.copy_to_host_async()
@@ -608,6 +616,14 @@ class ModelRunner:
             sl = slice(off, off + n)
             out.prompt_logprobs[req_id] = (start, lp[sl], top_ids[sl], top_lps[sl], rank[sl])
             off += n
+
+
+@dataclasses.dataclass
+class StagedStep:
+    """ModelRunner.stage's result: a prefill / mixed step prepared ahead of the step before it."""
+    inp: StepInputs  # host arrays; the engine writes the previous step's tokens into token_ids
+    meta: Any  # pack_step_meta(inp), on the first stage's devices
+    sampling: tuple  # (SamplingBatch, its packed arrays on the last stage's devices)
 
 
 @dataclasses.dataclass
