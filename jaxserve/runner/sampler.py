@@ -127,8 +127,7 @@ def _choose(logits, t: SamplingTensors, mode: str, penalties: bool):
     scaled = processed / jnp.where(hot, t.temperature, 1.0)[:, None]
     if mode == "filtered":
         scaled = _filtered(scaled, t)
-    s, v = processed.shape
-    z = jnp.where(hot[:, None], scaled + gumbel_noise(t.seeds, t.counters, v), processed)
+    z = jnp.where(hot[:, None], scaled + gumbel_noise(t.seeds, t.counters, processed.shape[1]), processed)
     return jnp.argmax(z, axis=-1).astype(jnp.int32)
 
 
