@@ -83,6 +83,13 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, items, params_list, priority, use_tqdm) -> list[RequestOutput]:
+        # The collector stays quiet from the first add_request on: adding a thousand requests
+        # allocates enough to trigger a full collection of the unfrozen heap (286 ms on an H200
+        # host, inside generate's wall time) before the stepping loop starts.
+        with quiet_gc():  # (engine/gc_policy.py)
+            return self._add_and_drain(items, params_list, priority, use_tqdm)
+
+    def _add_and_drain(self, items, params_list, priority, use_tqdm) -> list[RequestOutput]:
         eng = self.llm_engine
         results: dict[str, RequestOutput] = {}
         order = []
@@ -106,8 +113,7 @@ class LLM:
             pbar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True)
             pbar.update(len(results))
         try:
-            with quiet_gc():  # (engine/gc_policy.py)
-                self._drain(eng, results, pbar)
+            self._drain(eng, results, pbar)
         except BaseException:
             eng.abort_request([r for r in order if r not in results])
             raise
