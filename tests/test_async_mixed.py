@@ -1,6 +1,6 @@
 """Async scheduling after prefill / mixed steps (Scheduler.schedule_next_step): the step after a
-step that carries prompt chunks is scheduled and staged while that step runs, its continuing
-rows taking the tokens once back. Oracle: the same engine with async scheduling off; seeded
+step that carries prompt chunks is scheduled and dispatched while that step runs, its continuing
+rows taking that step's samples on the device. Oracle: the same engine with async scheduling off; seeded
 sampling makes the tokens comparable exactly."""
 import dataclasses
 
@@ -33,6 +33,13 @@ def runs():
     eng = llm.llm_engine
     base = eng.scheduler.cfg
     compiles = eng.runner.num_compilations()
+    fed, pending_tokens = [], eng.runner._pending_tokens
+
+    def counting(so, inp, prev):  # steps whose continuing rows took their tokens on the device
+        tokens = pending_tokens(so, inp, prev)
+        fed.append((so.decode_block, tokens is not None))
+        return tokens
+    eng.runner._pending_tokens = counting
     out = {}
     for asyn in (False, True):
         eng.scheduler.cfg = dataclasses.replace(base, async_scheduling=asyn)
@@ -45,7 +52,9 @@ def runs():
                          text=[[c.text for c in o.outputs] for o in res],
                          finish=[[c.finish_reason for c in o.outputs] for o in res],
                          lp=[(o.outputs[0].token_ids, [sorted(d) for d in o.outputs[0].logprobs]) for o in lp],
-                         mixed=eng.scheduler.num_async_mixed - m0, kv=eng.scheduler.kv_usage())
+                         mixed=eng.scheduler.num_async_mixed - m0, kv=eng.scheduler.kv_usage(),
+                         fed=sorted(set(f for f in fed if f[1])))
+        fed.clear()
     out["new_compiles"] = eng.runner.num_compilations() - compiles
     return out
 
@@ -53,6 +62,8 @@ def runs():
 def test_mixed_steps_scheduled_ahead_give_the_synchronous_tokens(runs):
     sync, asyn = runs[False], runs[True]
     assert asyn["mixed"] > 5 and sync["mixed"] == 0
+    # mixed steps and decode blocks alike were dispatched before their predecessor's tokens
+    assert asyn["fed"] == [(False, True), (True, True)] and sync["fed"] == []
     assert asyn["tokens"] == sync["tokens"]
     assert asyn["text"] == sync["text"] and asyn["finish"] == sync["finish"]
     assert asyn["lp"] == sync["lp"]

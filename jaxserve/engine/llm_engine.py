@@ -270,9 +270,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One step's results. Under async scheduling the step may already be on the device
         (dispatched by the previous call): then this call takes its results, after scheduling
-        the step that follows it when the scheduler can tell what that is without them (a decode
-        block is dispatched at once, its tokens fed on the device; any other step is staged, and
-        dispatched once this step's tokens are written into it)."""
+        the step that follows it when the scheduler can tell what that is without them, and
+        dispatching it at once: its rows that continue a sequence take this step's samples on
+        the device (decode blocks, and prefill / mixed steps the runner can run without waiting,
+        `async_step`); a step that needs logprobs is dispatched once this step's tokens are back)."""
         outputs, self._pending = self._pending, []
         if self._inflight is not None:
             so, pending = self._inflight
@@ -289,18 +290,20 @@ class LLMEngine:
                 self._inflight = (nxt, self.runner.dispatch(nxt, pending))
             ro = self.runner.collect(pending)
         else:
-            # A prefill / mixed step on the device: schedule and stage the next step meanwhile;
-            # its rows that continue a sequence of this step get this step's tokens once back.
+            # A prefill / mixed step on the device: schedule the next step meanwhile and, when it
+            # can run without its tokens on the host, dispatch it behind this one (its continuing
+            # rows fed from this step's samples on the device).
             nxt = self.scheduler.schedule_next_step(so) if pending.out is None else None
-            staged = None
-            if nxt is not None:
+            ahead = nxt is not None and (nxt.decode_block or self.runner.async_step(nxt))
+            if ahead:
                 self._fill_prompt_ids(nxt)
-                if not nxt.decode_block and self.runner.async_step(nxt):
-                    staged = self.runner.stage(nxt)
+                self._inflight = (nxt, self.runner.dispatch(nxt, pending))
             ro = self.runner.collect(pending)
             if nxt is not None:
-                _write_pending_tokens(nxt, staged.inp if staged is not None else None, ro)
-                self._inflight = (nxt, self.runner.dispatch(nxt, staged=staged))
+                _write_pending_tokens(nxt, ro)  # the host's record of the rows fed on the device
+                if not ahead:
+                    self._fill_prompt_ids(nxt)
+                    self._inflight = (nxt, self.runner.dispatch(nxt))
         self._num_steps += 1
         now = time.time()
         for sr in so.scheduled:
@@ -435,10 +438,10 @@ class LLMEngine:
             num_steps=self._num_steps, num_async_steps=s.num_async_blocks)
 
 
-def _write_pending_tokens(so, staged, ro) -> None:
+def _write_pending_tokens(so, ro) -> None:
     """A step scheduled ahead of its predecessor's results: its rows holding PENDING_TOKEN take
-    the token the predecessor sampled for that sequence (in the scheduled request, and in the
-    staged inputs when there are any: a one-token row sits at its query start)."""
+    the token the predecessor sampled for that sequence (a dispatched step got it on the device;
+    this is the host's record, and the ids of a step not dispatched yet)."""
     rows = so.pending_token_rows or ()
     if not rows:
         return
@@ -447,5 +450,3 @@ def _write_pending_tokens(so, staged, ro) -> None:
         sr = so.scheduled[i]
         tok = sampled[sr.req_id]
         sr.token_ids = [tok]
-        if staged is not None:
-            staged.token_ids[staged.query_start_loc[i]] = tok

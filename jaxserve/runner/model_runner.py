@@ -13,7 +13,7 @@ import functools
 import importlib.util
 import logging
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -220,17 +220,14 @@ class ModelRunner:
         z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
         return StepInputs(z(T), z(T), z(T), z(S, self.max_blocks_per_seq), z(S), z(S + 1), z(S), 0, 0, [])
 
-    def _stage_args(self, s: int, inp: StepInputs, kv, x=None, tokens=None, meta=None):
+    def _stage_args(self, s: int, inp: StepInputs, kv, x=None, tokens=None):
         """The arguments of stage s, transferred exactly as in serving (warm-up and execute share
         this, so warm-up fills the jit cache entries that serving hits). tokens: token ids already
-        on a device (multi-step decoding feeds the last sampled tokens back); meta: the step
-        metadata already on stage s's devices (a staged step)."""
-        if s == 0 and tokens is None and meta is None:  # ids and metadata from the host: one put
+        on a device (fed from the samples of a step still running there)."""
+        if s == 0 and tokens is None:  # token ids and metadata from the host: one batched put
             tok, meta = self._put((inp.token_ids, pack_step_meta(inp)), s)
-        elif s == 0 and tokens is None:
-            tok = self._put(inp.token_ids, s)
         else:
-            meta = meta if meta is not None else self._stage_meta(s, inp)
+            meta = self._stage_meta(s, inp)
             if s > 0:
                 tok = jax.device_put(x, self.plan.replicated(s))  # the previous stage's hidden state
             else:
@@ -241,12 +238,11 @@ class ModelRunner:
         """The step's metadata on stage s's devices: one int32 vector, one transfer."""
         return self._put(pack_step_meta(inp), s)
 
-    def _forward(self, inp: StepInputs, tokens=None, meta=None):
-        """Dispatch every stage for one (micro)batch; returns (logits, hidden) without waiting.
-        meta: the first stage's metadata already on its devices (StagedStep.meta)."""
+    def _forward(self, inp: StepInputs, tokens=None):
+        """Dispatch every stage for one (micro)batch; returns (logits, hidden) without waiting."""
         x = None
         for s in range(len(self.stages)):
-            x, new = self._stage_jits[s](*self._stage_args(s, inp, self._kv(s), x, tokens, meta if s == 0 else None))
+            x, new = self._stage_jits[s](*self._stage_args(s, inp, self._kv(s), x, tokens))
             self._set_kv(s, new)
         return x
 
@@ -382,6 +378,12 @@ class ModelRunner:
             jax.block_until_ready([_feed_rows(self._put(np.zeros(self.seq_bucket(Tp), np.int32), last),
                                               self._put(np.zeros(T, np.int32), last))
                                    for Tp, T in self._feed_pairs()])
+            # a step's pending tokens from the prefill / mixed step before it (_pending_tokens)
+            s_max = self.seq_bucket(self.token_buckets[-1])
+            for S in sorted({self.seq_bucket(T) for T in self.token_buckets}):
+                samples = _feed(self._put(np.zeros(S, np.int32), last), s_max)
+            jax.block_until_ready([_fill_tokens(self._put(np.zeros(T, np.int32), last), samples)
+                                   for T in self.token_buckets])
         for k in _PAIR_BUCKETS[:2]:
             z = np.zeros(k, np.int32)
             self._copy_blocks(z, z)
@@ -395,7 +397,7 @@ class ModelRunner:
 
     def num_compilations(self) -> int:
         fns = [*self._stage_jits, self._logits, sample, sample_tokens, token_logprobs, kvc.copy_blocks,
-               kvc.gather_blocks, kvc.scatter_blocks, _feed, _feed_rows]
+               kvc.gather_blocks, kvc.scatter_blocks, _feed, _feed_rows, _fill_tokens]
         return sum(f._cache_size() for f in fns)
 
     # ---- block operations (per stage: each stage's layers live on its own devices) -----------
@@ -459,37 +461,27 @@ class ModelRunner:
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.dispatch(so))
 
-    def stage(self, so: SchedulerOutput) -> "StagedStep":
-        """A step that async_step allows, prepared while the step before it is still on the device
-        (pass it to dispatch): its host inputs, and what does not depend on its token ids (the
-        step metadata, the sampling arrays) packed and sent to the device already, so that once
-        the previous step's tokens are written in only the token ids remain to send."""
-        inp = prepare_inputs(so, block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
-                             token_buckets=self.token_buckets, seq_rows=self.seq_bucket)
-        return StagedStep(inp, self._stage_meta(0, inp), self._sampling_inputs(so, inp))
-
     def async_step(self, so: SchedulerOutput) -> bool:
         """Whether a prefill / mixed step can be dispatched without waiting for its tokens: one
         pipeline stage, and nobody asked for logprobs (those come back with the tokens)."""
         return len(self.stages) == 1 and not any(
             (sr.sample and sr.sampling.logprobs >= 0) or sr.sampling.prompt_logprobs >= 0 for sr in so.scheduled)
 
-    def dispatch(self, so: SchedulerOutput, prev: Optional["PendingStep"] = None,
-                 staged: Optional["StagedStep"] = None) -> "PendingStep":
+    def dispatch(self, so: SchedulerOutput, prev: Optional["PendingStep"] = None) -> "PendingStep":
         """Start one step. A decode block, and a step async_step allows, only dispatch their device
         work (and start copying the tokens to the host) and return at once; other steps run to
-        completion here. prev: the decode block still on the device whose last samples feed this
-        block (so.feed_rows). staged: the step, staged already (stage)."""
+        completion here. prev: the step still on the device whose samples feed this one: a decode
+        block's last samples (so.feed_rows), or a prefill / mixed step's (so.pending_token_rows)."""
         self._apply_block_ops(so)
         if so.is_empty:
             return PendingStep(so, out=ModelRunnerOutput(req_ids=[], sampled_token_ids=np.zeros(0, np.int32)))
         if so.decode_block:
             return self._dispatch_block(so, prev)
         if self.async_step(so):
-            staged = staged if staged is not None else self.stage(so)
-            inp = staged.inp
-            logits, _ = self._forward(inp, meta=staged.meta)
-            sb, st = staged.sampling
+            inp = prepare_inputs(so, block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
+                                 token_buckets=self.token_buckets, seq_rows=self.seq_bucket)
+            logits, _ = self._forward(inp, self._pending_tokens(so, inp, prev))
+            sb, st = self._sampling_inputs(so, inp)
             toks = sample_tokens(logits, *st, penalties=sb.penalties, mode=sb.mode)
             if getattr(toks, "is_fully_addressable", True):
                 toks.copy_to_host_async()
@@ -523,13 +515,14 @@ class ModelRunner:
         inp = prepare_inputs(so, block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
                              token_buckets=self.token_buckets, seq_rows=self.seq_bucket, lookahead=K - 1)
         T, S, n = len(inp.token_ids), len(inp.seq_lens), inp.num_seqs
-        tokens = None
         if so.feed_rows is not None:
             if prev is None or prev.last is None:
                 raise ValueError("a block fed from the previous block needs that block's pending step")
             rows = np.zeros(T, np.int32)
             rows[:n] = so.feed_rows
             tokens = _feed_rows(prev.last, self._put(rows, self.last))
+        else:
+            tokens = self._pending_tokens(so, inp, prev)
         sb = pack_sampling([sr.sampling for sr in so.scheduled] + [None] * (S - n), S, self.max_model_len)
         assert not sb.penalties
         # The sampling arrays go over once; only the per-sequence PRNG counters move each sub-step.
@@ -550,6 +543,24 @@ class ModelRunner:
             if getattr(t, "is_fully_addressable", True):
                 t.copy_to_host_async()
         return PendingStep(so, inp=inp, sampled=sampled, last=sampled[-1])
+
+    def _pending_tokens(self, so: SchedulerOutput, inp: StepInputs, prev: Optional["PendingStep"]):
+        """Token ids [T] on the device for a step scheduled ahead of `prev`, a prefill / mixed step
+        still on the device: each pending row (so.pending_token_rows, a one-token row) takes the
+        token prev samples for its sequence, there; every other position the host's id. So the
+        step is dispatched before prev's tokens are back and the device never waits for the host
+        between the two. None (the host's ids as they are) when no row is pending."""
+        rows = so.pending_token_rows
+        if not rows:
+            return None
+        if prev is None or prev.last is None:
+            raise ValueError("a step with pending tokens needs the pending step that samples them")
+        prev_row = {sr.req_id: i for i, sr in enumerate(prev.so.scheduled)}  # row i samples into [i]
+        enc = inp.token_ids.copy()  # [T]; a pending row's token -> -1 - (its row in prev's samples)
+        for i in rows:
+            enc[inp.query_start_loc[i]] = -1 - prev_row[so.scheduled[i].req_id]
+        samples = _feed(prev.last, self.seq_bucket(self.token_buckets[-1]))  # [S_max]: one shape
+        return _fill_tokens(self._put(enc, self.last), samples)
 
     def _sampling_inputs(self, so: SchedulerOutput, inp: StepInputs):
         """The sampling arrays of a step's sampling rows, packed (host) and put on the device."""
@@ -619,14 +630,6 @@ class ModelRunner:
 
 
 @dataclasses.dataclass
-class StagedStep:
-    """ModelRunner.stage's result: a prefill / mixed step prepared ahead of the step before it."""
-    inp: StepInputs  # host arrays; the engine writes the previous step's tokens into token_ids
-    meta: Any  # pack_step_meta(inp), on the first stage's devices
-    sampling: tuple  # (SamplingBatch, its packed arrays on the last stage's devices)
-
-
-@dataclasses.dataclass
 class PendingStep:
     """A dispatched step: its results (out), or the device arrays they will come from."""
 
@@ -662,6 +665,12 @@ def _feed_rows(sampled, rows):
 def _feed(sampled, num_tokens: int):
     """Sampled ids [S] -> next step's token ids [T] (decode rows are tokens 0..S-1)."""
     return jnp.zeros(num_tokens, jnp.int32).at[:sampled.shape[0]].set(sampled.astype(jnp.int32))
+
+
+@jax.jit
+def _fill_tokens(enc, samples):
+    """enc [T]: a token id, or -1 - r for "the sample of row r"; samples [S_max] -> token ids [T]."""
+    return jnp.where(enc >= 0, enc, samples[jnp.maximum(-1 - enc, 0)])
 
 
 def _merge(outs: list[ModelRunnerOutput]) -> ModelRunnerOutput:
