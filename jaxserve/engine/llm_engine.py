@@ -145,11 +145,11 @@ class LLMEngine:
                     time.perf_counter() - t0)
         self.runner = ModelRunner(config, self.model, max_model_len=self.max_model_len, dtype=self.dtype,
                                   plan=self.plan)
+        if config.warmup:  # (may shrink the KV cache: a step that does not fit beside it)
+            self.runner.warmup(parallel=bool(self.compilation_cache_dir))
         self.scheduler = Scheduler(sc, config.cache, num_device_blocks=self.runner.num_blocks,
                                    num_host_blocks=self.runner.num_host_blocks,
                                    block_size=config.cache.block_size, max_model_len=self.max_model_len)
-        if config.warmup:
-            self.runner.warmup(parallel=bool(self.compilation_cache_dir))
         self._rng = np.random.default_rng(mc.seed)
         self._requests: dict[str, _ReqState] = {}
         self._seq_owner: dict[str, tuple[str, int]] = {}

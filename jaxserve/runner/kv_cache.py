@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,23 @@ GIB = 1 << 30
 
 class KVCacheTooSmallError(ValueError):
     pass
+
+
+class StepOutOfMemoryError(MemoryError):
+    """A compiled step does not fit in the device memory the KV cache leaves."""
+
+
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+          "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12}
+
+
+def requested_bytes(message: str) -> Optional[int]:
+    """The size an XLA out-of-memory error asked for ("... trying to allocate 3.91GiB ..."), or
+    None when the message names none."""
+    m = re.search(r"allocate\s+([0-9.]+)\s*([KMGT]?i?B)\b", message)
+    if m is None or m.group(2) not in _UNITS:
+        return None
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 _FP8 = {"fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import importlib.util
 import logging
+import math
 import time
 from typing import Optional
 
@@ -37,6 +38,10 @@ _SAMPLER_VARIANTS = ((False, "greedy", False), (False, "random", False), (False,
                      (False, "filtered", False),
                      (True, "filtered", False), (False, "filtered", True), (True, "filtered", True))
 _PAIR_BUCKETS = (8, 64, 512, 4096)
+# Warm-up steps that run out of device memory: the KV cache gives back what the step asked for
+# plus this margin (and a quarter more), at most this many times.
+_OOM_MARGIN_BYTES = 256 << 20
+_OOM_RETRIES = 3
 # Prompt logprobs are computed this many positions at a time ([rows, vocab] float32 temporaries).
 _PROMPT_LOGPROB_ROWS = 256
 
@@ -347,9 +352,67 @@ class ModelRunner:
         return sb
 
     def warmup(self, parallel: bool = False) -> float:
-        """Compile every bucket (stages, sampler variants, prompt logprobs, block copies).
-        parallel: compile the stages on threads into the persistent cache first."""
+        """Compile and run every bucket once (stages, sampler variants, prompt logprobs, block
+        copies). parallel: compile the stages on threads into the persistent cache first.
+
+        The KV cache was sized from XLA's memory analysis of the largest step; a smaller bucket can
+        still peak higher (float8 weights on an H200: a decode bucket asked for 3.9 GiB more). A
+        step that runs out of device memory here makes the cache give that memory back and
+        warm-up start over, so the engine comes up with a smaller cache instead of failing its
+        first large batch; with the cache size fixed by the user (num_gpu_blocks_override), too
+        small to give more, or after _OOM_RETRIES tries, StepOutOfMemoryError says what to lower."""
         t0 = time.perf_counter()
+        for attempt in range(_OOM_RETRIES + 1):
+            try:
+                self._run_every_bucket(parallel and attempt == 0, t0)
+                break
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                self._shrink_cache_for(e, final=attempt == _OOM_RETRIES)
+        dt = time.perf_counter() - t0
+        logger.info("warm-up: compiled %d token buckets %s in %.1f s", len(self.token_buckets),
+                    list(self.token_buckets), dt)
+        return dt
+
+    def _shrink_cache_for(self, err: Exception, *, final: bool) -> None:
+        """After a warm-up step ran out of device memory: reallocate the KV cache smaller by what
+        the step asked for (5% of the cache when the error names no size) plus a margin, or raise
+        StepOutOfMemoryError when that is not allowed or would leave too small a cache."""
+        cc, sc = self.config.cache, self.config.scheduler
+        have = self.num_blocks
+        # this device's bytes per block: every layer it holds (a shard of the KV heads under a
+        # mesh), from the arrays' shapes and shardings alone (the failed step may have left them
+        # deleted or in error)
+        per_block = max(1, sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+                               for a in self.kv_caches if self.device in a.sharding.device_set) // have)
+        asked = kvc.requested_bytes(str(err))
+        give = int((asked if asked is not None else 0.05 * have * per_block) * 1.25) + _OOM_MARGIN_BYTES
+        n = have - -(-give // per_block)
+        usable = (n - 1) * self.block_size
+        first_line = str(err).strip().splitlines()[0][:300]
+        if final or cc.num_gpu_blocks_override is not None or usable < self.max_model_len:
+            why = ("the cache size is fixed by num_gpu_blocks_override" if cc.num_gpu_blocks_override is not None
+                   else f"still out of memory after giving the KV cache back {_OOM_RETRIES} times" if final
+                   else f"giving that back would leave {max(usable, 0)} tokens of KV cache, under "
+                        f"max_model_len={self.max_model_len}")
+            raise kvc.StepOutOfMemoryError(
+                f"a compiled step ran out of device memory during warm-up ({first_line}) next to a KV cache "
+                f"of {have} blocks ({have * per_block / kvc.GIB:.2f} GiB per device); {why}. Lower "
+                f"max_num_batched_tokens (now {sc.max_num_batched_tokens}: the largest step) or max_num_seqs "
+                f"(now {sc.max_num_seqs}), or lower gpu_memory_utilization (now {cc.gpu_memory_utilization}) / "
+                f"num_gpu_blocks_override, or use more devices (tensor_parallel_size)") from err
+        logger.warning("warm-up: a step ran out of device memory (%s); the KV cache gives back %.2f GiB: "
+                       "%d -> %d blocks (%d tokens), and warm-up starts over",
+                       f"asked for {asked / kvc.GIB:.2f} GiB" if asked is not None else first_line,
+                       (have - n) * per_block / kvc.GIB, have, n, usable)
+        for a in self.kv_caches:
+            if not a.is_deleted():
+                a.delete()
+        self.kv_caches = kvc.allocate(self.kv_spec, n, self._kv_shardings())
+        self.num_blocks = n
+
+    def _run_every_bucket(self, parallel: bool, t0: float) -> None:
         if parallel and self.config.warmup_compile_threads > 1:
             self._precompile()
             logger.info("warm-up: %d step variants and the sampler compiled on %d threads in %.1f s",
@@ -390,10 +453,6 @@ class ModelRunner:
             if self.num_host_blocks:
                 self._scatter_blocks(z, self._gather_blocks(z))
         jax.block_until_ready(self.kv_caches)
-        dt = time.perf_counter() - t0
-        logger.info("warm-up: compiled %d token buckets %s in %.1f s", len(self.token_buckets),
-                    list(self.token_buckets), dt)
-        return dt
 
     def num_compilations(self) -> int:
         fns = [*self._stage_jits, self._logits, sample, sample_tokens, token_logprobs, kvc.copy_blocks,

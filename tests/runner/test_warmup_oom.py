@@ -1,0 +1,69 @@
+"""A warm-up step that runs out of device memory (XLA's RESOURCE_EXHAUSTED, as float8 weights
+raised on an H200 at a decode bucket the cache sizing had not measured): the KV cache gives the
+memory back and warm-up starts over, or, where it may not, a StepOutOfMemoryError says what to
+lower. The error is injected at the start of a warm-up pass; the oracle for the shrunk engine is
+an engine that never ran out (same greedy tokens)."""
+import jax
+import pytest
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.runner import kv_cache as kvc
+from jaxserve.runner.model_runner import ModelRunner
+
+KW = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64)
+PROMPTS = ["The capital of France is", "def add(a, b):\n    return"]
+
+
+def _inject(monkeypatch, asks: str, times: int):
+    """The first `times` warm-up passes fail as an XLA out-of-memory error asking for `asks`."""
+    seen = []
+    original = ModelRunner._run_every_bucket
+
+    def failing(self, parallel, t0):
+        seen.append(self.num_blocks)
+        if len(seen) <= times:
+            raise jax.errors.JaxRuntimeError(
+                f"RESOURCE_EXHAUSTED: Out of memory while trying to allocate {asks} with allocator GPU_0_bfc")
+        return original(self, parallel, t0)
+
+    monkeypatch.setattr(ModelRunner, "_run_every_bucket", failing)
+    return seen
+
+
+def test_requested_bytes_reads_the_size_xla_names():
+    assert kvc.requested_bytes("Out of memory while trying to allocate 3.91GiB (rounded to 4202712320)") \
+        == int(3.91 * (1 << 30))
+    assert kvc.requested_bytes("trying to allocate 512.5MiB with allocator") == int(512.5 * (1 << 20))
+    assert kvc.requested_bytes("RESOURCE_EXHAUSTED: out of memory") is None
+
+
+def test_a_step_that_does_not_fit_shrinks_the_cache_and_the_engine_still_serves(monkeypatch):
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    oracle = [o.outputs[0].token_ids for o in LLM(cpu_kv_cache_gib=0.5, **KW).generate(PROMPTS, params)]
+    seen = _inject(monkeypatch, "64.00MiB", times=1)
+    llm = LLM(cpu_kv_cache_gib=0.5, **KW)
+    runner, sched = llm.llm_engine.runner, llm.llm_engine.scheduler
+    before, after = seen
+    assert after == runner.num_blocks < before
+    # what the cache gave back covers what the step asked for
+    assert (before - after) * runner.kv_spec.bytes_per_block >= 64 << 20
+    # the scheduler, built after warm-up, hands out exactly the blocks the smaller cache has
+    assert sched.kv.pool.num_blocks == runner.num_blocks
+    assert all(a.shape[1] == runner.num_blocks for a in runner.kv_caches)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == oracle
+
+
+def test_a_fixed_cache_size_gets_a_clear_error_instead(monkeypatch):
+    _inject(monkeypatch, "1.50GiB", times=1)
+    with pytest.raises(kvc.StepOutOfMemoryError) as e:
+        LLM(num_gpu_blocks_override=64, **KW)
+    msg = str(e.value)
+    assert "num_gpu_blocks_override" in msg and "max_num_batched_tokens (now 64" in msg
+    assert "1.50GiB" in msg  # XLA's own words stay in the message
+
+
+def test_no_endless_retries(monkeypatch):
+    seen = _inject(monkeypatch, "8.00MiB", times=100)
+    with pytest.raises(kvc.StepOutOfMemoryError, match="after giving the KV cache back 3 times"):
+        LLM(cpu_kv_cache_gib=1.5, **KW)
+    assert len(seen) == 4 and seen == sorted(seen, reverse=True) and len(set(seen)) == 4
