@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, MemoryError) as e:  # bad input, no model, does not fit
         print(f"error: {e}", file=sys.stderr)
         return 2
 

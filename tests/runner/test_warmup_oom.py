@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from jaxserve import LLM, SamplingParams
+from jaxserve.cli import main
 from jaxserve.runner import kv_cache as kvc
 from jaxserve.runner.model_runner import ModelRunner
 
@@ -67,3 +68,11 @@ def test_no_endless_retries(monkeypatch):
     with pytest.raises(kvc.StepOutOfMemoryError, match="after giving the KV cache back 3 times"):
         LLM(cpu_kv_cache_gib=1.5, **KW)
     assert len(seen) == 4 and seen == sorted(seen, reverse=True) and len(set(seen)) == 4
+
+
+def test_the_cli_prints_the_error_not_a_traceback(monkeypatch, capsys):
+    _inject(monkeypatch, "2.00GiB", times=1)
+    rc = main(["generate", "--prompt", "x", "--dtype", "float32", "--max-model-len", "128",
+               "--max-num-batched-tokens", "64", "--num-gpu-blocks-override", "64"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: a compiled step ran out of device memory") and "Traceback" not in err
