@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
 # One device call for the engine figures: ceilings, the engine suite (single-step vs multi-step
 # on one compiled engine) and the HF transformers baseline, all in the same run.
-# Usage (GPU machine, repo root): bash scripts/device_suite.sh [engine|mesh|kernel|profile|steps]
+# Usage (GPU machine, repo root): bash scripts/device_suite.sh [engine|table|mesh|kernel|profile|steps]
+#   table: issue 6's whole table in one call (~6 minutes on an H200): the engine suite at K=1 and 16
+#          on b1, 128x128, 1024x128 and 1000x1000, serving (scripts/device_serve.sh: carry .whl), HF
 #   kernel: the kernel's GPU tests, scripts/bench_attention.py (kernel vs its one-block loop vs JAX's
 #           paged attention vs XLA) and the tile sweep; profile: the engine suite under the profiler
 set -uo pipefail
 MODE=${1:-engine}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}
+export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 if [ "$MODE" = engine ]; then
   python3 scripts/bench_ceilings.py 2>&1 | grep '^{' | tee -a "$OUT/results.jsonl"
   python3 scripts/bench_engine_suite.py --steps ${STEPS:-1 8} 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
+  python3 scripts/bench_hf_baseline.py --batch-sizes 1 128 --input-len 128 --output-len 128 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
+elif [ "$MODE" = table ]; then
+  python3 scripts/bench_ceilings.py 2>&1 | grep '^{' | tee -a "$OUT/results.jsonl"
+  python3 scripts/bench_engine_suite.py --steps 1 16 --workloads b1 128x128 1024x128 1000x1000 2>&1 \
+    | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
+  BUDGETS=default bash scripts/device_serve.sh
   python3 scripts/bench_hf_baseline.py --batch-sizes 1 128 --input-len 128 --output-len 128 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
 elif [ "$MODE" = kernel ]; then
   python3 scripts/bench_ceilings.py 2>&1 | grep '^{' | tee -a "$OUT/results.jsonl"
