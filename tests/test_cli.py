@@ -9,11 +9,14 @@ from jaxserve.cli import main
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 
-def test_bench_throughput_and_latency_tiny(capsys):
+def test_bench_throughput_and_latency_tiny(capsys, tmp_path):
     args = ["--model", "tiny", "--load-format", "dummy", "--max-model-len", "128", "--max-num-seqs", "8",
             "--max-num-batched-tokens", "64", "--json"]
-    assert main(["bench", "throughput", "--input-len", "16", "--output-len", "8", "--num-prompts", "12"] + args) == 0
+    out = tmp_path / "t.json"  # vLLM's names for the lengths and the result file
+    assert main(["bench", "throughput", "--random-input-len", "16", "--random-output-len", "8", "--num-prompts", "12",
+                 "--output-json", str(out)] + args) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == res
     assert res["output_tokens"] == 12 * 8 and res["prompt_tokens"] == 12 * 16
     assert res["compilations_during_run"] == 0
     assert abs(res["output_tokens_per_s"] * res["elapsed_s"] - 96) < 1e-6 * 96 + 1e-3

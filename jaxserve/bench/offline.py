@@ -116,3 +116,15 @@ def print_result(res: dict, as_json: bool = False) -> None:
         return
     for k, v in res.items():
         print(f"{k:>32}: {v:.4g}" if isinstance(v, float) else f"{k:>32}: {v}")
+
+
+def write_result(res: dict, path: str) -> None:
+    """The result as one JSON object in `path` (its folder made when missing)."""
+    import os
+
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+        f.write("\n")

@@ -183,17 +183,28 @@ def test_schema_fuzz_finds_no_5xx(server):
     assert not failures, failures[:3]
 
 
-def test_bench_serve_against_the_server(server, capsys):
+def test_bench_serve_against_the_server(server, capsys, tmp_path):
     """`jaxserve bench serve` (Poisson arrivals, streamed) runs against a live server on the
-    default model and counts exactly the tokens the server reports generating."""
+    default model and counts exactly the tokens the server reports generating; vLLM's flag names,
+    percentiles, goodput and --save-result work the same way."""
     from jaxserve.cli import main
 
     before = _metric(server, "jaxserve:generation_tokens_total")
     assert main(["bench", "serve", "--base-url", server, "--api-key", API_KEY, "--num-prompts", "6",
-                 "--input-len", "16", "--output-len", "8", "--request-rate", "20", "--max-concurrency", "4",
-                 "--vocab-size", "49152", "--max-model-len", "512", "--json"]) == 0
+                 "--dataset-name", "random", "--random-input-len", "16", "--random-output-len", "8",
+                 "--request-rate", "20", "--max-concurrency", "4", "--vocab-size", "49152", "--max-model-len", "512",
+                 "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+                 "--goodput", "e2el:600000", "--save-result", "--result-dir", str(tmp_path / "runs"),
+                 "--result-filename", "r.json", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["completed"] == 6 and res["failed"] == 0, res["first_error"]
     assert round(res["output_tokens_per_s"] * res["duration_s"]) == 6 * 8
     assert _metric(server, "jaxserve:generation_tokens_total") - before == 6 * 8
-    assert 0 < res["ttft_ms_median"] <= res["ttft_ms_p99"] and res["tpot_ms_median"] > 0
+    assert 0 < res["ttft_ms_median"] == res["ttft_ms_p50"] <= res["ttft_ms_p90"] <= res["ttft_ms_p99"]
+    assert res["tpot_ms_median"] > 0 and res["e2el_ms_p50"] >= res["ttft_ms_p50"]  # each e2e >= its ttft
+    assert res["good_requests"] == 6 and res["request_goodput"] == res["requests_per_s"]  # a 10-minute SLO
+    saved = json.loads((tmp_path / "runs" / "r.json").read_text())
+    assert {k: saved[k] for k in res} == res and saved["input_len"] == 16 and saved["base_url"] == server
+    # bad settings are refused before any request is sent
+    assert main(["bench", "serve", "--base-url", server, "--goodput", "ttft=5"]) == 2
+    assert "NAME:MILLISECONDS" in capsys.readouterr().err
