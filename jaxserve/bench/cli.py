@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+from jaxserve.bench.datasets import DATASETS
 from jaxserve.engine_args import add_engine_args, engine_kwargs_from_args
 
 
@@ -39,6 +40,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--vocab-size", type=int, default=32000, help="token ids are drawn below this")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--tokenizer", default=None,
+                   help="the served model's tokenizer (HF directory or .gguf), to count a dataset's tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--percentile-metrics", default="ttft,tpot,itl",
                    help="comma-separated subset of ttft,tpot,itl,e2el to report percentiles of")
@@ -55,7 +58,10 @@ def add_bench_parser(sub) -> None:
 
 def _workload_args(p, *, input_len: int, output_len: int, num_prompts: int) -> None:
     """The request set's flags, under jaxserve's names and vLLM's (--dataset-name, --random-*)."""
-    p.add_argument("--dataset", "--dataset-name", dest="dataset", default="random", choices=["random", "sharegpt-like"])
+    p.add_argument("--dataset", "--dataset-name", dest="dataset", default="random", choices=DATASETS)
+    p.add_argument("--dataset-path", default=None, help="a ShareGPT-format JSON file (--dataset sharegpt)")
+    p.add_argument("--sharegpt-output-len", type=int, default=None,
+                   help="output tokens per request for --dataset sharegpt (default: each reply's length)")
     p.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=input_len)
     p.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=output_len)
     p.add_argument("--num-prompts", type=int, default=num_prompts)
@@ -66,7 +72,8 @@ def _throughput(args) -> int:
     from jaxserve.bench.offline import print_result, run_throughput, write_result
 
     res = run_throughput(engine_kwargs_from_args(args), dataset=args.dataset, num_prompts=args.num_prompts,
-                         input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio)
+                         input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
+                         dataset_path=args.dataset_path, fixed_output_len=args.sharegpt_output_len)
     print_result(res, args.json)
     if args.output_json:
         write_result(res, args.output_json)
@@ -90,20 +97,30 @@ def _serve(args) -> int:
 
     import httpx
 
-    from jaxserve.bench.datasets import make_requests
+    from jaxserve.bench.datasets import check_dataset, make_requests
     from jaxserve.bench.offline import print_result, write_result
     from jaxserve.bench.serve import parse_goodput, parse_percentile_args, run_serve_bench
 
     # Settings are checked before any request goes out.
     metrics, percentiles = parse_percentile_args(args.percentile_metrics, args.metric_percentiles)
     slos = parse_goodput(args.goodput) if args.goodput else None
+    check_dataset(args.dataset, args.dataset_path)
+    tokenizer = None
+    if args.dataset == "sharegpt":
+        from jaxserve.tokenizer import load_tokenizer
+
+        if args.tokenizer is None:
+            raise ValueError("--dataset sharegpt needs --tokenizer (the served model's tokenizer directory or "
+                             ".gguf) to count the prompts' and replies' tokens")
+        tokenizer = load_tokenizer(args.tokenizer)
     base_url = args.base_url or f"http://{args.host}:{args.port}"
     model = args.served_model
     if model is None:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         model = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers).json()["data"][0]["id"]
     reqs = make_requests(args.dataset, args.num_prompts, args.input_len, args.output_len, args.vocab_size,
-                         args.max_model_len, args.seed, args.range_ratio)
+                         args.max_model_len, args.seed, args.range_ratio, dataset_path=args.dataset_path,
+                         tokenizer=tokenizer, fixed_output_len=args.sharegpt_output_len)
     res = run_serve_bench(base_url, model, reqs, request_rate=args.request_rate,
                           burstiness=args.burstiness, max_concurrency=args.max_concurrency,
                           api_key=args.api_key, seed=args.seed, percentile_metrics=metrics,
@@ -114,7 +131,8 @@ def _serve(args) -> int:
         name = args.result_filename or \
             f"jaxserve-{args.request_rate:g}qps-{os.path.basename(model.rstrip('/'))}-{now:%Y%m%d-%H%M%S}.json"
         settings = dict(date=now.isoformat(timespec="seconds"), base_url=base_url, model=model,
-                        dataset=args.dataset, input_len=args.input_len, output_len=args.output_len,
-                        range_ratio=args.range_ratio, burstiness=args.burstiness, seed=args.seed)
+                        dataset=args.dataset, dataset_path=args.dataset_path, input_len=args.input_len,
+                        output_len=args.output_len, range_ratio=args.range_ratio, burstiness=args.burstiness,
+                        seed=args.seed)
         write_result({**settings, **res}, os.path.join(args.result_dir, name))
     return 0 if res["failed"] == 0 else 1

@@ -4,10 +4,11 @@ from __future__ import annotations
 import gc
 import json
 import time
+from typing import Optional
 
 import numpy as np
 
-from jaxserve.bench.datasets import make_requests
+from jaxserve.bench.datasets import check_dataset, make_requests
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -20,12 +21,17 @@ def _build_llm(engine_kwargs: dict):
 
 
 def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input_len: int, output_len: int,
-                   seed: int = 0, range_ratio: float = 0.0, llm=None) -> dict:
-    """llm: an already built LLM (benchmark suites reuse one engine); else built from engine_kwargs."""
+                   seed: int = 0, range_ratio: float = 0.0, llm=None, dataset_path: Optional[str] = None,
+                   fixed_output_len: Optional[int] = None) -> dict:
+    """llm: an already built LLM (benchmark suites reuse one engine); else built from engine_kwargs.
+    dataset_path: a ShareGPT-format file for dataset "sharegpt", tokenized with the engine's tokenizer."""
+    check_dataset(dataset, dataset_path)  # before minutes of start-up, not after
     llm, startup_s = (llm, 0.0) if llm is not None else _build_llm(engine_kwargs)
     eng = llm.llm_engine
     reqs = make_requests(dataset, num_prompts, input_len, output_len, eng.model.arch.vocab_size,
-                         eng.max_model_len, seed, range_ratio)
+                         eng.max_model_len, seed, range_ratio, dataset_path=dataset_path,
+                         tokenizer=eng.tokenizer, fixed_output_len=fixed_output_len)
+    num_prompts = len(reqs)  # a dataset file may hold fewer that fit
     params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.output_len, ignore_eos=True, seed=i)
               for i, r in enumerate(reqs)]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]

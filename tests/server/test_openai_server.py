@@ -208,3 +208,28 @@ def test_bench_serve_against_the_server(server, capsys, tmp_path):
     # bad settings are refused before any request is sent
     assert main(["bench", "serve", "--base-url", server, "--goodput", "ttft=5"]) == 2
     assert "NAME:MILLISECONDS" in capsys.readouterr().err
+    assert main(["bench", "serve", "--base-url", server, "--dataset", "sharegpt", "--dataset-path", __file__]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_bench_serve_a_sharegpt_file(server, capsys, tmp_path):
+    """--dataset sharegpt: the file's first turns, tokenized with the served model's tokenizer,
+    are the prompts and its replies' token counts the output lengths the server generates."""
+    from jaxserve.cli import main
+    from jaxserve.models.loader import default_model_path
+    from jaxserve.tokenizer import load_tokenizer
+
+    pairs = [("Tell me a story about a fox.", "Once upon a time a fox lived in the woods."),
+             ("What is two plus two?", "Two plus two is four, of course.")]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": r}]}
+                                for p, r in pairs]))
+    tok = load_tokenizer(default_model_path())
+    expected = sum(len(tok.encode(r, add_special_tokens=False)) for _, r in pairs)
+    before = _metric(server, "jaxserve:generation_tokens_total")
+    assert main(["bench", "serve", "--base-url", server, "--api-key", API_KEY, "--dataset", "sharegpt",
+                 "--dataset-path", str(path), "--tokenizer", default_model_path(), "--num-prompts", "2",
+                 "--max-model-len", "512", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["completed"] == 2 and round(res["output_tokens_per_s"] * res["duration_s"]) == expected
+    assert _metric(server, "jaxserve:generation_tokens_total") - before == expected
