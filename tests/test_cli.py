@@ -21,9 +21,13 @@ def test_bench_throughput_and_latency_tiny(capsys, tmp_path):
     assert res["compilations_during_run"] == 0
     assert abs(res["output_tokens_per_s"] * res["elapsed_s"] - 96) < 1e-6 * 96 + 1e-3
     assert main(["bench", "latency", "--batch-size", "2", "--input-len", "8", "--output-len", "4",
-                 "--num-iters", "1"] + args) == 0
+                 "--num-iters", "3", "--num-iters-warmup", "1"] + args) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["batch_size"] == 2 and res["ttft_s"] > 0 and res["decode_tokens_per_s"] > 0
+    pct = res["latency_percentiles_s"]  # vLLM's latency report: the median is the median iteration
+    assert pct["p50"] == res["e2e_s"] and pct["p10"] <= pct["p50"] <= pct["p99"]
+    assert pct["p10"] <= res["avg_latency_s"] <= pct["p99"] and res["ttft_s"] < res["e2e_s"]
+    assert main(["bench", "latency", "--num-iters", "0"] + args) == 2  # refused before start-up
 
 
 def test_reused_engine_reruns_without_prefix_hits():

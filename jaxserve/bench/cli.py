@@ -21,7 +21,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--num-iters", type=int, default=3)
+    p.add_argument("--num-iters", type=int, default=3, help="timed iterations")
+    p.add_argument("--num-iters-warmup", type=int, default=1, help="untimed iterations first")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--output-json", default=None, metavar="FILE", help="also write the result to FILE")
     add_engine_args(p)
@@ -84,7 +85,7 @@ def _latency(args) -> int:
     from jaxserve.bench.offline import print_result, run_latency, write_result
 
     res = run_latency(engine_kwargs_from_args(args), batch_size=args.batch_size, input_len=args.input_len,
-                      output_len=args.output_len, num_iters=args.num_iters)
+                      output_len=args.output_len, num_iters=args.num_iters, num_iters_warmup=args.num_iters_warmup)
     print_result(res, args.json)
     if args.output_json:
         write_result(res, args.output_json)

@@ -85,15 +85,22 @@ class _GcPauses:
         gc.callbacks.remove(self._cb)
 
 
+LATENCY_PERCENTILES = (10, 25, 50, 75, 90, 99)  # what vLLM's `bench latency` prints
+
+
 def run_latency(engine_kwargs: dict, *, batch_size: int, input_len: int, output_len: int,
-                num_iters: int = 3, llm=None) -> dict:
-    """Batch-N: time to first token (prefill of the batch) and decode tokens/s per sequence."""
+                num_iters: int = 3, num_iters_warmup: int = 1, llm=None) -> dict:
+    """Batch-N: time to first token (prefill of the batch), decode tokens/s per sequence, and the
+    batch's end-to-end latency (mean and percentiles over the timed iterations), medians over
+    num_iters iterations after num_iters_warmup untimed ones."""
+    if num_iters < 1 or num_iters_warmup < 0:
+        raise ValueError(f"--num-iters must be >= 1 and --num-iters-warmup >= 0 (got {num_iters}, {num_iters_warmup})")
     llm, startup_s = (llm, 0.0) if llm is not None else _build_llm(engine_kwargs)
     eng = llm.llm_engine
     vocab = eng.model.arch.vocab_size
     rng = np.random.default_rng(0)
     ttfts, decode_rates, e2e = [], [], []
-    for it in range(num_iters + 1):  # first iteration warms caches and is dropped
+    for it in range(num_iters_warmup + num_iters):  # the warm-up iterations are not timed
         for i in range(batch_size):
             ids = rng.integers(min(1000, vocab // 2), vocab, input_len).tolist()
             eng.add_request(f"lat-{it}-{i}", ids, SamplingParams(temperature=0, max_tokens=output_len,
@@ -105,7 +112,7 @@ def run_latency(engine_kwargs: dict, *, batch_size: int, input_len: int, output_
             if first is None and any(o.outputs[0].token_ids for o in outs):
                 first = time.perf_counter()
         t1 = time.perf_counter()
-        if it == 0:
+        if it < num_iters_warmup:
             continue
         ttfts.append(first - t0)
         e2e.append(t1 - t0)
@@ -113,7 +120,9 @@ def run_latency(engine_kwargs: dict, *, batch_size: int, input_len: int, output_
     return dict(kind="latency", batch_size=batch_size, input_len=input_len, output_len=output_len,
                 ttft_s=float(np.median(ttfts)), e2e_s=float(np.median(e2e)),
                 decode_tokens_per_s_per_seq=float(np.median(decode_rates)),
-                decode_tokens_per_s=float(np.median(decode_rates)) * batch_size, startup_s=startup_s)
+                decode_tokens_per_s=float(np.median(decode_rates)) * batch_size, startup_s=startup_s,
+                avg_latency_s=float(np.mean(e2e)),
+                latency_percentiles_s={f"p{q}": float(np.percentile(e2e, q)) for q in LATENCY_PERCENTILES})
 
 
 def print_result(res: dict, as_json: bool = False) -> None:
