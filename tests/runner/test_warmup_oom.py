@@ -74,5 +74,6 @@ def test_the_cli_prints_the_error_not_a_traceback(monkeypatch, capsys):
     _inject(monkeypatch, "2.00GiB", times=1)
     rc = main(["generate", "--prompt", "x", "--dtype", "float32", "--max-model-len", "128",
                "--max-num-batched-tokens", "64", "--num-gpu-blocks-override", "64"])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: a compiled step ran out of device memory") and "Traceback" not in err
+    lines = capsys.readouterr().err.splitlines()  # (other tests' logging handlers may add lines)
+    assert rc == 2 and any(ln.startswith("error: a compiled step ran out of device memory") for ln in lines)
+    assert not any("StepOutOfMemoryError" in ln for ln in lines)  # printed, not raised
