@@ -82,14 +82,11 @@ class LLM:
             c, add_generation_prompt=add_generation_prompt, chat_template=chat_template)} for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    # The collector stays quiet (engine/gc_policy.py) from the first add_request on: adding a
+    # thousand requests allocates enough to trigger a full collection of the unfrozen heap (286 ms
+    # on an H200 host, inside generate's wall time) before the stepping loop starts.
+    @quiet_gc()
     def _run(self, items, params_list, priority, use_tqdm) -> list[RequestOutput]:
-        # The collector stays quiet from the first add_request on: adding a thousand requests
-        # allocates enough to trigger a full collection of the unfrozen heap (286 ms on an H200
-        # host, inside generate's wall time) before the stepping loop starts.
-        with quiet_gc():  # (engine/gc_policy.py)
-            return self._add_and_drain(items, params_list, priority, use_tqdm)
-
-    def _add_and_drain(self, items, params_list, priority, use_tqdm) -> list[RequestOutput]:
         eng = self.llm_engine
         results: dict[str, RequestOutput] = {}
         order = []
@@ -113,7 +110,12 @@ class LLM:
             pbar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True)
             pbar.update(len(results))
         try:
-            self._drain(eng, results, pbar)
+            while eng.has_unfinished_requests():
+                for out in eng.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        if pbar is not None:
+                            pbar.update(1)
         except BaseException:
             eng.abort_request([r for r in order if r not in results])
             raise
@@ -121,15 +123,6 @@ class LLM:
             if pbar is not None:
                 pbar.close()
         return [results[r] for r in order]
-
-    @staticmethod
-    def _drain(eng, results: dict, pbar) -> None:
-        while eng.has_unfinished_requests():
-            for out in eng.step():
-                if out.finished:
-                    results[out.request_id] = out
-                    if pbar is not None:
-                        pbar.update(1)
 
     def beam_search(self, prompts, params: BeamSearchParams, *, use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """Beam search, as vLLM's LLM.beam_search: every step extends each live beam by one token

@@ -118,9 +118,9 @@ def main():
     else:
         real_dispatch = eng.runner.dispatch
 
-        def timed_dispatch(so, prev=None, **kw):
+        def timed_dispatch(so, prev=None):
             t0 = time.perf_counter()
-            p = real_dispatch(so, prev, **kw)
+            p = real_dispatch(so, prev)
             if so.decode_block and len(so.scheduled) == a.num_seqs:
                 dispatch_s.append(time.perf_counter() - t0)
             return p
@@ -135,9 +135,9 @@ def main():
     seen = []  # the scheduler outputs dispatched during one engine step
     inner_dispatch = eng.runner.dispatch
 
-    def recording_dispatch(so, prev=None, **kw):
+    def recording_dispatch(so, prev=None):
         seen.append(so)
-        return inner_dispatch(so, prev, **kw)
+        return inner_dispatch(so, prev)
     eng.runner.dispatch = recording_dispatch
     if prof:
         prof.enable()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from typing import Optional
 
@@ -135,8 +136,6 @@ def print_result(res: dict, as_json: bool = False) -> None:
 
 def write_result(res: dict, path: str) -> None:
     """The result as one JSON object in `path` (its folder made when missing)."""
-    import os
-
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
