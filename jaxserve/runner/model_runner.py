@@ -42,6 +42,12 @@ _PAIR_BUCKETS = (8, 64, 512, 4096)
 # plus this margin (and a quarter more), at most this many times.
 _OOM_MARGIN_BYTES = 256 << 20
 _OOM_RETRIES = 3
+_OOM_MIN_SHARE = 0.05  # the least share of the KV cache a warm-up out-of-memory error gives back
+# Steps of more tokens than this compile with XLA's Triton GEMM emitter off (every GEMM a cuBLAS
+# call): on an H200 that ran 128 / 128 and 1024 / 128 0.7-1.4% faster and started 13 s sooner (less
+# autotuning), while batch-1 decode lost 6% without the Triton GEMVs, so small buckets keep them.
+_TRITON_GEMM_MAX_TOKENS = 256
+_LARGE_STEP_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 # Prompt logprobs are computed this many positions at a time ([rows, vocab] float32 temporaries).
 _PROMPT_LOGPROB_ROWS = 256
 
@@ -96,6 +102,9 @@ class ModelRunner:
                                        self.block_size, cache_dtype)
         self._stage_jits = [jax.jit(functools.partial(self._stage_fn, s), donate_argnums=(1,))
                             for s in range(len(self.stages))]
+        self._stage_jits_cublas = [jax.jit(functools.partial(self._stage_fn, s), donate_argnums=(1,),
+                                           compiler_options=_LARGE_STEP_OPTIONS)
+                                   for s in range(len(self.stages))]
         self._logits = jax.jit(self._logits_fn)
         self.num_blocks = self._size_cache()
         self.kv_caches = kvc.allocate(self.kv_spec, self.num_blocks, self._kv_shardings())
@@ -200,7 +209,8 @@ class ModelRunner:
         fn = functools.partial(self._stage_fn, 0, layers=range(n))
         # Only the buffer plan is wanted, not a fast program: no GEMM autotuning (with it, the
         # cache-sizing phase of a cold start took 58 s with float8 weights on an H200, 8 s bf16).
-        compiled = jax.jit(fn).lower(params, kv, tok, meta).compile(compiler_options={"xla_gpu_autotune_level": 0})
+        opts = {**(_LARGE_STEP_OPTIONS if T > _TRITON_GEMM_MAX_TOKENS else {}), "xla_gpu_autotune_level": 0}
+        compiled = jax.jit(fn).lower(params, kv, tok, meta).compile(compiler_options=opts)
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     def _stage_fn(self, s: int, params, kv_caches, x, meta, layers=None):
@@ -241,6 +251,10 @@ class ModelRunner:
                 tok = tokens if self.plan is None else jax.device_put(tokens, self.plan.replicated(0))
         return (self.stage_params[s], kv, tok, meta)
 
+    def _stage_jit(self, s: int, T: int):
+        """Stage s's jitted step for token bucket T (larger buckets compile without Triton GEMMs)."""
+        return self._stage_jits[s] if T <= _TRITON_GEMM_MAX_TOKENS else self._stage_jits_cublas[s]
+
     def _stage_meta(self, s: int, inp: StepInputs):
         """The step's metadata on stage s's devices: one int32 vector, one transfer."""
         return self._put(pack_step_meta(inp), s)
@@ -249,7 +263,7 @@ class ModelRunner:
         """Dispatch every stage for one (micro)batch; returns (logits, hidden) without waiting."""
         x = None
         for s in range(len(self.stages)):
-            x, new = self._stage_jits[s](*self._stage_args(s, inp, self._kv(s), x, tokens))
+            x, new = self._stage_jit(s, len(inp.token_ids))(*self._stage_args(s, inp, self._kv(s), x, tokens))
             self._set_kv(s, new)
         return x
 
@@ -271,7 +285,7 @@ class ModelRunner:
                 x = jax.ShapeDtypeStruct((T, self.arch.hidden_size), self.stage_params[0]["embed"].dtype,
                                          sharding=self.plan.replicated(s))
                 args = (self.stage_params[s], self._kv(s), x, self._stage_meta(s, inp))
-            return self._stage_jits[s].lower(*args).compile()
+            return self._stage_jit(s, T).lower(*args).compile()
 
         with ThreadPoolExecutor(max(1, self.config.warmup_compile_threads)) as pool:
             if self.plan is None:
@@ -359,14 +373,15 @@ class ModelRunner:
 
         The KV cache was sized from XLA's memory analysis of the largest step; a smaller bucket can
         still peak higher (float8 weights on an H200: a decode bucket asked for 3.9 GiB more). A
-        step that runs out of device memory here makes the cache give that memory back and
-        warm-up start over, so the engine comes up with a smaller cache instead of failing its
-        first large batch; with the cache size fixed by the user (num_gpu_blocks_override), too
-        small to give more, or after _OOM_RETRIES tries, StepOutOfMemoryError says what to lower."""
+        step that runs out of device memory here makes the cache give that memory back (at least
+        5% of it: each restart recompiles every bucket) and warm-up start over, so the engine
+        comes up with a smaller cache instead of failing its first large batch; with the cache
+        size fixed by the user (num_gpu_blocks_override), too small to give more, or after
+        _OOM_RETRIES tries, StepOutOfMemoryError says what to lower."""
         t0 = time.perf_counter()
         for attempt in range(_OOM_RETRIES + 1):
             try:
-                self._run_every_bucket(parallel and attempt == 0, t0)
+                self._run_every_bucket(parallel, t0)
                 break
             except jax.errors.JaxRuntimeError as e:
                 if "RESOURCE_EXHAUSTED" not in str(e):
@@ -379,7 +394,7 @@ class ModelRunner:
 
     def _shrink_cache_for(self, err: Exception, *, final: bool) -> None:
         """After a warm-up step ran out of device memory: reallocate the KV cache smaller by what
-        the step asked for (5% of the cache when the error names no size) plus a margin, or raise
+        the step asked for plus a margin, at least _OOM_MIN_SHARE of the cache, or raise
         StepOutOfMemoryError when that is not allowed or would leave too small a cache."""
         cc, sc = self.config.cache, self.config.scheduler
         have = self.num_blocks
@@ -389,7 +404,10 @@ class ModelRunner:
         per_block = max(1, sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
                                for a in self.kv_caches if self.device in a.sharding.device_set) // have)
         asked = kvc.requested_bytes(str(err))
-        give = int((asked if asked is not None else 0.05 * have * per_block) * 1.25) + _OOM_MARGIN_BYTES
+        # Every restart recompiles every bucket (the cache's shape is in each step's signature:
+        # 40-150 s on an H200), so give back at least _OOM_MIN_SHARE of the cache at once: float8
+        # weights asked for 0.99 GiB (GEMM autotuning) and then 3.92 GiB, two restarts where one would do.
+        give = max(int((asked or 0) * 1.25) + _OOM_MARGIN_BYTES, int(_OOM_MIN_SHARE * have * per_block))
         n = have - -(-give // per_block)
         usable = (n - 1) * self.block_size
         first_line = str(err).strip().splitlines()[0][:300]
@@ -457,8 +475,8 @@ class ModelRunner:
         jax.block_until_ready(self.kv_caches)
 
     def num_compilations(self) -> int:
-        fns = [*self._stage_jits, self._logits, sample, sample_tokens, token_logprobs, kvc.copy_blocks,
-               kvc.gather_blocks, kvc.scatter_blocks, _feed, _feed_rows, _fill_tokens]
+        fns = [*self._stage_jits, *self._stage_jits_cublas, self._logits, sample, sample_tokens, token_logprobs,
+               kvc.copy_blocks, kvc.gather_blocks, kvc.scatter_blocks, _feed, _feed_rows, _fill_tokens]
         return sum(f._cache_size() for f in fns)
 
     # ---- block operations (per stage: each stage's layers live on its own devices) -----------
