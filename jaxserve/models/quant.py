@@ -4,7 +4,9 @@ A bf16/fp16 checkpoint is quantized on the device after loading: every projectio
 layer (q, k, v, o, gate+up, down) becomes float8 e4m3 with one float32 scale per output channel
 (scale = max |w| over the input dimension / 448). Activations are quantized per token at run
 time (dynamic scales), so the matrix units run float8 x float8 with float32 accumulation: on
-Hopper twice the bf16 FLOP rate, and half the weight bytes for memory-bound decode steps.
+Hopper twice the bf16 FLOP rate. Steps of at most WEIGHT_ONLY_MAX_ROWS tokens (small decode
+batches, bound by the weight bytes) keep 16-bit activations and widen the weight in the GEMM:
+half the bytes of bf16 weights, no activation rounding.
 Embeddings, the LM head and norms stay in the model dtype.
 
 Stored layout: a quantized weight is a dict {"q": [N, K] float8 (output channels first, the
@@ -22,6 +24,9 @@ FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 QUANTIZED = ("wq", "wk", "wv", "wo", "w_gate_up", "w_down")  # the layer weights that are quantized
 METHODS = ("fp8",)
+# Up to this many rows (tokens of a step) `linear` keeps activations in 16 bits (weight-only float8):
+# a GEMM of M rows does 2M FLOPs per weight byte, under the H100/H200 ridge (~200) for M <= 64.
+WEIGHT_ONLY_MAX_ROWS = 64
 
 
 def quantize_weight(w):
@@ -52,6 +57,14 @@ def linear(x, w):
     q, s = w["q"], w["s"]
     out_shape = q.shape[:-1]
     q2 = q.reshape(-1, q.shape[-1])  # [N, K]
+    if x.shape[0] <= WEIGHT_ONLY_MAX_ROWS:
+        # A decode of a few rows reads the weights and does little else: keep the activations in
+        # 16 bits and widen the float8 weight inside the GEMM (XLA fuses the convert into its
+        # GEMV / Triton kernel), so the float8 bytes are what moves. The float8 x float8 cuBLAS
+        # path ran batch-1 decode no faster than bf16 weights on an H200 (231-239 vs 229 tok/s).
+        y = jax.lax.dot_general(x, q2.astype(x.dtype), (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        return (y * s.reshape(-1)[None, :]).astype(x.dtype).reshape((x.shape[0],) + out_shape)
     xf = x.astype(jnp.float32)
     sx = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), 1e-12) / FP8_MAX  # [T] per-token scale
     xq = (xf / sx[:, None]).astype(FP8)

@@ -37,18 +37,22 @@ def test_quantize_weight_per_output_channel(shape):
 
 
 @pytest.mark.parametrize("shape", [(64, 48), (32, 2, 24)])
-def test_linear_matches_the_float64_oracle(shape):
+@pytest.mark.parametrize("rows", [5, quant.WEIGHT_ONLY_MAX_ROWS + 3])
+def test_linear_matches_the_float64_oracle(shape, rows):
     rng = np.random.default_rng(1)
     w = rng.standard_normal(shape).astype(np.float32) * 0.02
-    x = rng.standard_normal((5, shape[0])).astype(np.float32)
+    x = rng.standard_normal((rows, shape[0])).astype(np.float32)
     x[2] *= 100  # per-token scales: a loud row does not flatten the others
     qw = quant.quantize_weight(jnp.asarray(w))
     got = np.asarray(quant.linear(jnp.asarray(x), qw), np.float64)
     q, s = _oracle_quantize(w)
-    sx = np.abs(x).max(-1) / 448.0
-    xq = (x / sx[:, None]).astype(E4M3).astype(np.float64)
-    want = np.einsum("tk,...k->t...", xq, q) * sx.reshape((-1,) + (1,) * (len(shape) - 1)) * s
-    assert got.shape == (5,) + shape[1:]
+    if rows <= quant.WEIGHT_ONLY_MAX_ROWS:  # weight-only: activations as they are
+        want = np.einsum("tk,...k->t...", x.astype(np.float64), q) * s
+    else:  # activations quantized per token too
+        sx = np.abs(x).max(-1) / 448.0
+        xq = (x / sx[:, None]).astype(E4M3).astype(np.float64)
+        want = np.einsum("tk,...k->t...", xq, q) * sx.reshape((-1,) + (1,) * (len(shape) - 1)) * s
+    assert got.shape == (rows,) + shape[1:]
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-6 * np.abs(want).max())  # bf16 GEMM output
     ref = np.einsum("tk,k...->t...", x.astype(np.float64), w)  # and close to the unquantized product
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.08
