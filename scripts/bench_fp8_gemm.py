@@ -1,5 +1,6 @@
 """Float8 weights on the GPU: time `quant.linear` (per-token activation quantization, float8 GEMM,
-scales) against the bf16 matmul it replaces, on Llama-3-8B's projection shapes at a decode batch
+scales; at most quant.WEIGHT_ONLY_MAX_ROWS rows: bf16 activations times the widened weight)
+against the bf16 matmul it replaces, on Llama-3-8B's projection shapes at a decode batch
 and a prefill step, pipelined (the time inside a jitted step), and report what XLA made of it
 (whether the GEMM is a float8 cuBLAS call, and any transpose of the weight per call).
 
@@ -46,7 +47,8 @@ def main():
             ref = (x.astype(jnp.float32) @ w.astype(jnp.float32))
             err = float(jnp.linalg.norm(f_fp8(x, qw).astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
             flops = 2 * m * k * n
-            print(json.dumps(dict(kind="fp8_gemm", proj=name, rows=m, k=k, n=n, bf16_ms=t_b * 1e3, fp8_ms=t_q * 1e3,
+            path = "weight_only" if m <= quant.WEIGHT_ONLY_MAX_ROWS else "fp8_x_fp8"
+            print(json.dumps(dict(kind="fp8_gemm", proj=name, rows=m, path=path, k=k, n=n, bf16_ms=t_b * 1e3, fp8_ms=t_q * 1e3,
                                   fp8_over_bf16=t_q / t_b, bf16_tflops=flops / t_b / 1e12, fp8_tflops=flops / t_q / 1e12,
                                   rel_err=err, custom_calls=calls, transposes=hlo.count(" transpose("),
                                   fusions=hlo.count(" fusion(") + hlo.count("fusion."))), flush=True)

@@ -109,6 +109,7 @@ class ModelRunner:
         self.num_blocks = self._size_cache()
         self.kv_caches = kvc.allocate(self.kv_spec, self.num_blocks, self._kv_shardings())
         self.num_host_blocks = 0
+        self._warmup_at = "warm-up"  # what warm-up is running (named when a step runs out of memory)
         self._host_pool: Optional[np.ndarray] = None
         if sc.preemption_mode == "swap":
             self.num_host_blocks = int(config.cache.swap_space * kvc.GIB // self.kv_spec.bytes_per_block)
@@ -417,14 +418,15 @@ class ModelRunner:
                    else f"giving that back would leave {max(usable, 0)} tokens of KV cache, under "
                         f"max_model_len={self.max_model_len}")
             raise kvc.StepOutOfMemoryError(
-                f"a compiled step ran out of device memory during warm-up ({first_line}) next to a KV cache "
-                f"of {have} blocks ({have * per_block / kvc.GIB:.2f} GiB per device); {why}. Lower "
+                f"a compiled step ran out of device memory during warm-up (at {self._warmup_at}: {first_line}) "
+                f"next to a KV cache of {have} blocks ({have * per_block / kvc.GIB:.2f} GiB per device); {why}. Lower "
                 f"max_num_batched_tokens (now {sc.max_num_batched_tokens}: the largest step) or max_num_seqs "
                 f"(now {sc.max_num_seqs}), or lower gpu_memory_utilization (now {cc.gpu_memory_utilization}) / "
                 f"num_gpu_blocks_override, or use more devices (tensor_parallel_size)") from err
-        logger.warning("warm-up: a step ran out of device memory (%s); the KV cache gives back %.2f GiB: "
+        logger.warning("warm-up: a step ran out of device memory (%s, at %s); the KV cache gives back %.2f GiB: "
                        "%d -> %d blocks (%d tokens), and warm-up starts over",
                        f"asked for {asked / kvc.GIB:.2f} GiB" if asked is not None else first_line,
+                       self._warmup_at,
                        (have - n) * per_block / kvc.GIB, have, n, usable)
         for a in self.kv_caches:
             if not a.is_deleted():
@@ -433,6 +435,7 @@ class ModelRunner:
         self.num_blocks = n
 
     def _run_every_bucket(self, parallel: bool, t0: float) -> None:
+        self._warmup_at = "the threaded precompile"
         if parallel and self.config.warmup_compile_threads > 1:
             self._precompile()
             logger.info("warm-up: %d step variants and the sampler compiled on %d threads in %.1f s",
@@ -444,6 +447,7 @@ class ModelRunner:
         decode = self.decode_buckets()
         for T in self.token_buckets:
             S = self.seq_bucket(T)
+            self._warmup_at = f"token bucket {T} ({S} sequences)"
             logits, hidden = self._forward(self._dummy_inputs(T))
             for penalties, mode, lp in _SAMPLER_VARIANTS:
                 st = self._put(self._dummy_sampling(S, penalties).packed(), last)
@@ -457,6 +461,7 @@ class ModelRunner:
             lg = self._logits(self.head_params, hidden, self._put(z, last))
             out2 = token_logprobs(lg, self._put(z, last), num_logprobs=self.max_logprobs)
             jax.block_until_ready((out, toks, out2))
+        self._warmup_at = "the token feeds and block copies"
         if sc.async_scheduling:  # a block's first tokens from the previous (same or larger) block
             jax.block_until_ready([_feed_rows(self._put(np.zeros(self.seq_bucket(Tp), np.int32), last),
                                               self._put(np.zeros(T, np.int32), last))
