@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from bench_fp8_gemm import pipelined  # (scripts/ is on sys.path when a script in it runs)
+
 E, F = 4096, 14336
 CONFIGS = [  # (block rows, block cols per half, K tile, warps, stages)
     (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
@@ -69,15 +71,6 @@ def fused_gate_up(h, w_gate_up, *, bm, bn, bk, warps, stages, interpret=False):
 def xla_gate_up(h, w_gate_up):
     gu = jnp.einsum("tk,k...->t...", h, w_gate_up)
     return jax.nn.silu(gu[:, 0]) * gu[:, 1]
-
-
-def pipelined(f, args, iters=30):
-    jax.block_until_ready(f(*args))
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        out = f(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / iters
 
 
 def main():
