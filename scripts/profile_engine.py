@@ -87,7 +87,7 @@ def main():
     eng.runner.dispatch = timed("runner.dispatch", eng.runner.dispatch)
     eng.runner.collect = timed("runner.collect (waits for the device)", eng.runner.collect)
     eng.runner._forward = timed("dispatch/forward (puts + step call)", eng.runner._forward)
-    for fn in ("prepare_inputs", "advance_decode", "fetch", "sample_tokens", "pack_sampling", "_feed_rows"):
+    for fn in ("prepare_inputs", "advance_decode", "fetch", "sample_tokens", "pack_sampling", "feed_rows"):
         setattr(mr, fn, timed(f"dispatch/{fn}", getattr(mr, fn)))
     eng.step = timed("engine.step (all)", eng.step)
 

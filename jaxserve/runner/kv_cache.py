@@ -130,6 +130,10 @@ def allocate(spec: KVCacheSpec, num_blocks: int, sharding=None) -> list:
     return out
 
 
+# Block lists of copy / gather / scatter are padded to one of these lengths (few compilations).
+PAIR_BUCKETS = (8, 64, 512, 4096)
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def copy_blocks(kv_caches, src, dst):
     """kv_caches: list of [2, NB, BS, H, D]; src, dst [K] int32 (padding pairs (0, 0))."""

@@ -4,7 +4,8 @@ back only the sampled token ids and logprobs.
 
 Static shapes: the step is compiled for a small set of token buckets (the sequence bucket is
 derived from the token bucket), all at warm-up; `num_compilations()` lets tests prove serving
-never compiles. The KV cache is donated into every call and never copied.
+never compiles (warm-up: warmup.py, a mixin of ModelRunner). The KV cache is donated into every
+call and never copied.
 """
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ import dataclasses
 import functools
 import importlib.util
 import logging
-import math
-import time
 from typing import Optional
 
 import jax
@@ -26,30 +25,19 @@ from jaxserve.models.attention import AttentionBackend, AttentionMetadata
 from jaxserve.runner import kv_cache as kvc
 from jaxserve.runner.input_batch import (StepInputs, advance_decode, geometric_buckets, pack_step_meta,
                                          pick_bucket, prepare_inputs, step_meta_layout)
-from jaxserve.runner.sampler import sample, sample_tokens, token_logprobs
+from jaxserve.runner.feed import feed, feed_rows, fill_tokens
+from jaxserve.runner.sampler import PROMPT_LOGPROB_ROWS, sample, sample_tokens, token_logprobs
 from jaxserve.runner.sampling_inputs import pack_sampling
+from jaxserve.runner.warmup import Warmup
 from jaxserve.parallel.plan import fetch, put, split_layers
 
 logger = logging.getLogger("jaxserve")
 
-# The sampler variants the runner dispatches (see sampler.py): (penalties, mode, logprobs) --
-# tokens only in each mode without penalties, "filtered" with them; with logprobs "filtered".
-_SAMPLER_VARIANTS = ((False, "greedy", False), (False, "random", False), (False, "biased", False),
-                     (False, "filtered", False),
-                     (True, "filtered", False), (False, "filtered", True), (True, "filtered", True))
-_PAIR_BUCKETS = (8, 64, 512, 4096)
-# Warm-up steps that run out of device memory: the KV cache gives back what the step asked for
-# plus this margin (and a quarter more), at most this many times.
-_OOM_MARGIN_BYTES = 256 << 20
-_OOM_RETRIES = 3
-_OOM_MIN_SHARE = 0.05  # the least share of the KV cache a warm-up out-of-memory error gives back
 # Steps of more tokens than this compile with XLA's Triton GEMM emitter off (every GEMM a cuBLAS
 # call): on an H200 that ran 128 / 128 and 1024 / 128 0.7-1.4% faster and started 13 s sooner (less
 # autotuning), while batch-1 decode lost 6% without the Triton GEMVs, so small buckets keep them.
 _TRITON_GEMM_MAX_TOKENS = 256
 _LARGE_STEP_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
-# Prompt logprobs are computed this many positions at a time ([rows, vocab] float32 temporaries).
-_PROMPT_LOGPROB_ROWS = 256
 
 
 def resolve_attention_backend(requested: str, platform: str) -> str:
@@ -61,7 +49,7 @@ def resolve_attention_backend(requested: str, platform: str) -> str:
     return "reference"
 
 
-class ModelRunner:
+class ModelRunner(Warmup):
     def __init__(self, config: EngineConfig, model, *, max_model_len: int, dtype, plan=None):
         from jaxserve.models import registry
 
@@ -193,7 +181,7 @@ class ModelRunner:
         T = self.token_buckets[-1]
         # The sampler and prompt logprobs hold a few [rows, vocab] float32 arrays (sort, softmax);
         # GEMM autotuning at warm-up wants scratch too: keep max(2 GiB, 4%) free for it.
-        rows = max(self.seq_bucket(T), _PROMPT_LOGPROB_ROWS)
+        rows = max(self.seq_bucket(T), PROMPT_LOGPROB_ROWS)
         sampler = 8 * rows * self.arch.vocab_size * 4
         stats = self.device.memory_stats() or {}
         slack = max(2 * kvc.GIB, int(0.04 * stats.get("bytes_limit", 0)))
@@ -268,222 +256,6 @@ class ModelRunner:
             self._set_kv(s, new)
         return x
 
-    # ---- warm-up ----------------------------------------------------------------------------
-    def _precompile(self) -> None:
-        """Compile every bucket's stages on a thread pool (XLA compiles outside the GIL) into the
-        persistent compilation cache; the warm-up calls that follow load them instead of
-        compiling one after another."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        jobs = [(T, s) for T in self.token_buckets for s in range(len(self.stages))]
-
-        def compile_one(job):
-            T, s = job
-            inp = self._dummy_inputs(T)
-            if s == 0:
-                args = self._stage_args(0, inp, self._kv(0))
-            else:  # the previous stage's hidden state, as an abstract value
-                x = jax.ShapeDtypeStruct((T, self.arch.hidden_size), self.stage_params[0]["embed"].dtype,
-                                         sharding=self.plan.replicated(s))
-                args = (self.stage_params[s], self._kv(s), x, self._stage_meta(s, inp))
-            return self._stage_jit(s, T).lower(*args).compile()
-
-        with ThreadPoolExecutor(max(1, self.config.warmup_compile_threads)) as pool:
-            if self.plan is None:
-                # Every abstract value is known up front (logits [S, V] float32, hidden [T, E]):
-                # one queue, the longest compiles (largest buckets) first and the many small
-                # sampler / head / feed compiles filling the threads the last steps leave idle.
-                steps = [pool.submit(compile_one, j) for j in reversed(jobs)]
-                logits = {self.seq_bucket(T): jax.ShapeDtypeStruct((self.seq_bucket(T), self.arch.vocab_size),
-                                                                   jnp.float32) for T in self.token_buckets}
-                hidden = [jax.ShapeDtypeStruct((T, self.arch.hidden_size), self.stage_params[0]["embed"].dtype)
-                          for T in self.token_buckets]
-                side = [pool.submit(self._precompile_sampler, (S, out, v))
-                        for S, out in logits.items() for v in _SAMPLER_VARIANTS]
-                side += [pool.submit(self._precompile_prompt_head, h) for h in hidden]
-                if self.config.scheduler.async_scheduling:
-                    side += [pool.submit(self._precompile_feed_rows, pair) for pair in self._feed_pairs()]
-                for f in steps:
-                    f.result()
-                try:
-                    for f in side:
-                        f.result()
-                except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
-                    logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
-                return
-            compiled = list(pool.map(compile_one, jobs))
-            # Then the sampler variants, once per sequence bucket, from the logits' abstract
-            # value (its sharding as the mesh step returns it): they too compile into the cache
-            # instead of one after another below. Only an optimization: on any failure the
-            # warm-up compiles them itself.
-            try:
-                outs = {T: c.out_info[0] for (T, s), c in zip(jobs, compiled) if s == self.last}
-                logits = {self.seq_bucket(T): o[0] for T, o in outs.items()}
-                list(pool.map(self._precompile_sampler, [(S, out, v) for S, out in logits.items()
-                                                         for v in _SAMPLER_VARIANTS]))
-                list(pool.map(self._precompile_prompt_head, [o[1] for o in outs.values()]))
-                if self.config.scheduler.async_scheduling:
-                    list(pool.map(self._precompile_feed_rows, self._feed_pairs()))
-            except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
-                logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
-
-    def _abstract_output(self, out) -> jax.ShapeDtypeStruct:
-        """A step output's abstract value as the runtime array will be: single-device steps
-        return uncommitted arrays (their inputs are), and a committed abstract value would lower
-        to another cache key; mesh steps return committed ones."""
-        return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding if self.plan is not None else None)
-
-    def _precompile_sampler(self, item) -> None:
-        """One sampler variant (penalties, mode, logprobs) of sequence bucket S."""
-        S, out, (penalties, mode, lp) = item
-        logits = self._abstract_output(out)
-        st = self._put(self._dummy_sampling(S, penalties).packed(), self.last)
-        if lp:
-            sample.lower(logits, *st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode).compile()
-        else:
-            sample_tokens.lower(logits, *st, penalties=penalties, mode=mode).compile()
-
-    def _precompile_prompt_head(self, out) -> None:
-        """The prompt-logprobs head of one bucket: logits of selected hidden rows."""
-        hidden = self._abstract_output(out)
-        self._logits.lower(self.head_params, hidden, self._put(np.zeros(_PROMPT_LOGPROB_ROWS, np.int32),
-                                                               self.last)).compile()
-
-    def _feed_pairs(self) -> list[tuple[int, int]]:
-        """(previous block's token bucket, next block's) pairs async scheduling can chain: the next
-        block holds a subset of the previous one's sequences."""
-        decode = self.decode_buckets()
-        return [(Tp, T) for Tp in decode for T in decode if T <= Tp]
-
-    def _precompile_feed_rows(self, pair) -> None:
-        Tp, T = pair
-        abstract = lambda n: jax.ShapeDtypeStruct(  # noqa: E731 (as the runtime arrays are placed)
-            (n,), jnp.int32, sharding=self.plan.replicated(self.last) if self.plan is not None else None)
-        _feed_rows.lower(abstract(self.seq_bucket(Tp)), abstract(T)).compile()
-
-    def _dummy_sampling(self, S: int, penalties: bool):
-        sb = pack_sampling([None] * S, S, self.max_model_len)
-        if penalties:
-            sb.arrays["prompt_ids"] = np.full((S, self.max_model_len), -1, np.int32)
-            sb.arrays["output_ids"] = np.full((S, self.max_model_len), -1, np.int32)
-        return sb
-
-    def warmup(self, parallel: bool = False) -> float:
-        """Compile and run every bucket once (stages, sampler variants, prompt logprobs, block
-        copies). parallel: compile the stages on threads into the persistent cache first.
-
-        The KV cache was sized from XLA's memory analysis of the largest step; a smaller bucket can
-        still peak higher (float8 weights on an H200: a decode bucket asked for 3.9 GiB more). A
-        step that runs out of device memory here makes the cache give that memory back (at least
-        5% of it: each restart recompiles every bucket) and warm-up start over, so the engine
-        comes up with a smaller cache instead of failing its first large batch; with the cache
-        size fixed by the user (num_gpu_blocks_override), too small to give more, or after
-        _OOM_RETRIES tries, StepOutOfMemoryError says what to lower."""
-        t0 = time.perf_counter()
-        for attempt in range(_OOM_RETRIES + 1):
-            try:
-                self._run_every_bucket(parallel, t0)
-                break
-            except jax.errors.JaxRuntimeError as e:
-                if "RESOURCE_EXHAUSTED" not in str(e):
-                    raise
-                self._shrink_cache_for(e, final=attempt == _OOM_RETRIES)
-        dt = time.perf_counter() - t0
-        logger.info("warm-up: compiled %d token buckets %s in %.1f s", len(self.token_buckets),
-                    list(self.token_buckets), dt)
-        return dt
-
-    def _shrink_cache_for(self, err: Exception, *, final: bool) -> None:
-        """After a warm-up step ran out of device memory: reallocate the KV cache smaller by what
-        the step asked for plus a margin, at least _OOM_MIN_SHARE of the cache, or raise
-        StepOutOfMemoryError when that is not allowed or would leave too small a cache."""
-        cc, sc = self.config.cache, self.config.scheduler
-        have = self.num_blocks
-        # this device's bytes per block: every layer it holds (a shard of the KV heads under a
-        # mesh), from the arrays' shapes and shardings alone (the failed step may have left them
-        # deleted or in error)
-        per_block = max(1, sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
-                               for a in self.kv_caches if self.device in a.sharding.device_set) // have)
-        asked = kvc.requested_bytes(str(err))
-        # Every restart recompiles every bucket (the cache's shape is in each step's signature:
-        # 40-150 s on an H200), so give back at least _OOM_MIN_SHARE of the cache at once: float8
-        # weights asked for 0.99 GiB (GEMM autotuning) and then 3.92 GiB, two restarts where one would do.
-        give = max(int((asked or 0) * 1.25) + _OOM_MARGIN_BYTES, int(_OOM_MIN_SHARE * have * per_block))
-        n = have - -(-give // per_block)
-        usable = (n - 1) * self.block_size
-        first_line = str(err).strip().splitlines()[0][:300]
-        if final or cc.num_gpu_blocks_override is not None or usable < self.max_model_len:
-            why = ("the cache size is fixed by num_gpu_blocks_override" if cc.num_gpu_blocks_override is not None
-                   else f"still out of memory after giving the KV cache back {_OOM_RETRIES} times" if final
-                   else f"giving that back would leave {max(usable, 0)} tokens of KV cache, under "
-                        f"max_model_len={self.max_model_len}")
-            raise kvc.StepOutOfMemoryError(
-                f"a compiled step ran out of device memory during warm-up (at {self._warmup_at}: {first_line}) "
-                f"next to a KV cache of {have} blocks ({have * per_block / kvc.GIB:.2f} GiB per device); {why}. Lower "
-                f"max_num_batched_tokens (now {sc.max_num_batched_tokens}: the largest step) or max_num_seqs "
-                f"(now {sc.max_num_seqs}), or lower gpu_memory_utilization (now {cc.gpu_memory_utilization}) / "
-                f"num_gpu_blocks_override, or use more devices (tensor_parallel_size)") from err
-        logger.warning("warm-up: a step ran out of device memory (%s, at %s); the KV cache gives back %.2f GiB: "
-                       "%d -> %d blocks (%d tokens), and warm-up starts over",
-                       f"asked for {asked / kvc.GIB:.2f} GiB" if asked is not None else first_line,
-                       self._warmup_at,
-                       (have - n) * per_block / kvc.GIB, have, n, usable)
-        for a in self.kv_caches:
-            if not a.is_deleted():
-                a.delete()
-        self.kv_caches = kvc.allocate(self.kv_spec, n, self._kv_shardings())
-        self.num_blocks = n
-
-    def _run_every_bucket(self, parallel: bool, t0: float) -> None:
-        self._warmup_at = "the threaded precompile"
-        if parallel and self.config.warmup_compile_threads > 1:
-            self._precompile()
-            logger.info("warm-up: %d step variants and the sampler compiled on %d threads in %.1f s",
-                        len(self.token_buckets) * len(self.stages), self.config.warmup_compile_threads,
-                        time.perf_counter() - t0)
-        last = self.last
-        sc = self.config.scheduler
-        blocks = sc.num_scheduler_steps > 1 or sc.async_scheduling
-        decode = self.decode_buckets()
-        for T in self.token_buckets:
-            S = self.seq_bucket(T)
-            self._warmup_at = f"token bucket {T} ({S} sequences)"
-            logits, hidden = self._forward(self._dummy_inputs(T))
-            for penalties, mode, lp in _SAMPLER_VARIANTS:
-                st = self._put(self._dummy_sampling(S, penalties).packed(), last)
-                if lp:
-                    out = sample(logits, *st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode)
-                else:
-                    toks = sample_tokens(logits, *st, penalties=penalties, mode=mode)
-            if T in decode and blocks:  # decode blocks: token ids fed on the device
-                jax.block_until_ready(self._forward(self._dummy_inputs(T), _feed(toks, T)))
-            z = np.zeros(_PROMPT_LOGPROB_ROWS, np.int32)
-            lg = self._logits(self.head_params, hidden, self._put(z, last))
-            out2 = token_logprobs(lg, self._put(z, last), num_logprobs=self.max_logprobs)
-            jax.block_until_ready((out, toks, out2))
-        self._warmup_at = "the token feeds and block copies"
-        if sc.async_scheduling:  # a block's first tokens from the previous (same or larger) block
-            jax.block_until_ready([_feed_rows(self._put(np.zeros(self.seq_bucket(Tp), np.int32), last),
-                                              self._put(np.zeros(T, np.int32), last))
-                                   for Tp, T in self._feed_pairs()])
-            # a step's pending tokens from the prefill / mixed step before it (_pending_tokens)
-            s_max = self.seq_bucket(self.token_buckets[-1])
-            for S in sorted({self.seq_bucket(T) for T in self.token_buckets}):
-                samples = _feed(self._put(np.zeros(S, np.int32), last), s_max)
-            jax.block_until_ready([_fill_tokens(self._put(np.zeros(T, np.int32), last), samples)
-                                   for T in self.token_buckets])
-        for k in _PAIR_BUCKETS[:2]:
-            z = np.zeros(k, np.int32)
-            self._copy_blocks(z, z)
-            if self.num_host_blocks:
-                self._scatter_blocks(z, self._gather_blocks(z))
-        jax.block_until_ready(self.kv_caches)
-
-    def num_compilations(self) -> int:
-        fns = [*self._stage_jits, *self._stage_jits_cublas, self._logits, sample, sample_tokens, token_logprobs,
-               kvc.copy_blocks, kvc.gather_blocks, kvc.scatter_blocks, _feed, _feed_rows, _fill_tokens]
-        return sum(f._cache_size() for f in fns)
-
     # ---- block operations (per stage: each stage's layers live on its own devices) -----------
     def _copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
         for s in range(len(self.stages)):
@@ -509,17 +281,17 @@ class ModelRunner:
         # Order matters: swap-out reads blocks the scheduler may have re-assigned this step.
         if so.swap_out:
             dev, host = zip(*so.swap_out)
-            ids, _ = kvc.pad_pairs([(d, d) for d in dev], _PAIR_BUCKETS)
+            ids, _ = kvc.pad_pairs([(d, d) for d in dev], kvc.PAIR_BUCKETS)
             data = self._gather_blocks(ids)
             self._host()[:, :, list(host)] = data[:, :, :len(host)]
         if so.swap_in:
             host, dev = zip(*so.swap_in)
-            ids, _ = kvc.pad_pairs([(d, d) for d in dev], _PAIR_BUCKETS)
+            ids, _ = kvc.pad_pairs([(d, d) for d in dev], kvc.PAIR_BUCKETS)
             data = np.zeros(self._host()[:, :, :len(ids)].shape, self._host().dtype)
             data[:, :, :len(host)] = self._host()[:, :, list(host)]
             self._scatter_blocks(ids, data)
         if so.copy_blocks:
-            self._copy_blocks(*kvc.pad_pairs(so.copy_blocks, _PAIR_BUCKETS))
+            self._copy_blocks(*kvc.pad_pairs(so.copy_blocks, kvc.PAIR_BUCKETS))
 
     # ---- one step ---------------------------------------------------------------------------
     def _microbatches(self, so: SchedulerOutput) -> list[SchedulerOutput]:
@@ -604,7 +376,7 @@ class ModelRunner:
                 raise ValueError("a block fed from the previous block needs that block's pending step")
             rows = np.zeros(T, np.int32)
             rows[:n] = so.feed_rows
-            tokens = _feed_rows(prev.last, self._put(rows, self.last))
+            tokens = feed_rows(prev.last, self._put(rows, self.last))
         else:
             tokens = self._pending_tokens(so, inp, prev)
         sb = pack_sampling([sr.sampling for sr in so.scheduled] + [None] * (S - n), S, self.max_model_len)
@@ -622,7 +394,7 @@ class ModelRunner:
             toks = sample_tokens(logits, packed, counters, penalties=False, mode=sb.mode)
             sampled.append(toks)
             if k + 1 < K:
-                tokens = _feed(toks, T)
+                tokens = feed(toks, T)
         for t in sampled:
             if getattr(t, "is_fully_addressable", True):
                 t.copy_to_host_async()
@@ -643,8 +415,8 @@ class ModelRunner:
         enc = inp.token_ids.copy()  # [T]; a pending row's token -> -1 - (its row in prev's samples)
         for i in rows:
             enc[inp.query_start_loc[i]] = -1 - prev_row[so.scheduled[i].req_id]
-        samples = _feed(prev.last, self.seq_bucket(self.token_buckets[-1]))  # [S_max]: one shape
-        return _fill_tokens(self._put(enc, self.last), samples)
+        samples = feed(prev.last, self.seq_bucket(self.token_buckets[-1]))  # [S_max]: one shape
+        return fill_tokens(self._put(enc, self.last), samples)
 
     def _sampling_inputs(self, so: SchedulerOutput, inp: StepInputs):
         """The sampling arrays of a step's sampling rows, packed (host) and put on the device."""
@@ -692,7 +464,7 @@ class ModelRunner:
             return
         idx = np.concatenate([j[2] for j in jobs]).astype(np.int32)
         tgt = np.concatenate([j[3] for j in jobs]).astype(np.int32)
-        R = _PROMPT_LOGPROB_ROWS
+        R = PROMPT_LOGPROB_ROWS
         parts = []
         for c in range(0, len(idx), R):
             idx_p = np.zeros(R, np.int32)
@@ -736,25 +508,6 @@ def _unpack_meta(meta, num_tokens: int, max_blocks_per_seq: int):
     md = AttentionMetadata(slot_mapping=slots, block_tables=bt.reshape(sizes[3], max_blocks_per_seq), seq_lens=sl,
                            query_start_loc=qsl)
     return pos, md, li
-
-
-@jax.jit
-def _feed_rows(sampled, rows):
-    """A following block's first token ids [T]: token i is the previous block's last sample of
-    row rows[i] (padding rows take row 0's: harmless, they are never read)."""
-    return sampled.astype(jnp.int32)[rows]
-
-
-@functools.partial(jax.jit, static_argnums=(1,))
-def _feed(sampled, num_tokens: int):
-    """Sampled ids [S] -> next step's token ids [T] (decode rows are tokens 0..S-1)."""
-    return jnp.zeros(num_tokens, jnp.int32).at[:sampled.shape[0]].set(sampled.astype(jnp.int32))
-
-
-@jax.jit
-def _fill_tokens(enc, samples):
-    """enc [T]: a token id, or -1 - r for "the sample of row r"; samples [S_max] -> token ids [T]."""
-    return jnp.where(enc >= 0, enc, samples[jnp.maximum(-1 - enc, 0)])
 
 
 def _merge(outs: list[ModelRunnerOutput]) -> ModelRunnerOutput:

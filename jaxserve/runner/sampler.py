@@ -111,6 +111,8 @@ def _process(logits, t: SamplingTensors, penalties: bool, bias: bool = True):
 # or banned tokens; filtered: top-k / top-p / min-p or penalties (and bias). Only the last two
 # apply the bias entries.
 MODES = ("greedy", "random", "biased", "filtered")
+# Prompt logprobs are computed this many positions at a time ([rows, vocab] float32 temporaries).
+PROMPT_LOGPROB_ROWS = 256
 
 
 def _choose(logits, t: SamplingTensors, mode: str, penalties: bool):

@@ -9,7 +9,7 @@ import pytest
 from jaxserve import LLM, SamplingParams
 from jaxserve.cli import main
 from jaxserve.runner import kv_cache as kvc
-from jaxserve.runner import model_runner
+from jaxserve.runner import warmup
 from jaxserve.runner.model_runner import ModelRunner
 
 KW = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64)
@@ -58,7 +58,7 @@ def test_a_step_that_does_not_fit_shrinks_the_cache_and_the_engine_still_serves(
 
 
 def test_a_small_request_gives_back_a_twentieth_of_the_cache(monkeypatch):
-    monkeypatch.setattr(model_runner, "_OOM_MARGIN_BYTES", 0)  # (256 MiB: above 5% of a small cache)
+    monkeypatch.setattr(warmup, "OOM_MARGIN_BYTES", 0)  # (256 MiB: above 5% of a small cache)
     seen = _inject(monkeypatch, "1.00MiB", times=1)
     runner = LLM(cpu_kv_cache_gib=0.5, **KW).llm_engine.runner
     before, after = seen

@@ -1,0 +1,254 @@
+"""Warm-up of the ModelRunner (a mixin of it): compile every token bucket's step, the sampler
+variants, the prompt-logprobs head and the device-side token feeds before the first request
+(on threads into the persistent compilation cache first, then one ordered pass that runs each),
+so serving never compiles; and recover from a warm-up step that runs out of device memory by
+giving the KV cache's memory back.
+
+The methods use the runner's state (stages, buckets, KV cache, jitted stages); they live here so
+that model_runner.py holds the step itself.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.runner import kv_cache as kvc
+from jaxserve.runner.feed import feed, feed_rows, fill_tokens
+from jaxserve.runner.sampler import PROMPT_LOGPROB_ROWS, sample, sample_tokens, token_logprobs
+from jaxserve.runner.sampling_inputs import pack_sampling
+
+logger = logging.getLogger("jaxserve")
+
+# The sampler variants the runner dispatches (see sampler.py): (penalties, mode, logprobs) --
+# tokens only in each mode without penalties, "filtered" with them; with logprobs "filtered".
+SAMPLER_VARIANTS = ((False, "greedy", False), (False, "random", False), (False, "biased", False),
+                    (False, "filtered", False),
+                    (True, "filtered", False), (False, "filtered", True), (True, "filtered", True))
+# Warm-up steps that run out of device memory: the KV cache gives back what the step asked for
+# (and a quarter more) plus OOM_MARGIN_BYTES, at least OOM_MIN_SHARE of itself, at most
+# OOM_RETRIES times.
+OOM_MARGIN_BYTES = 256 << 20
+OOM_RETRIES = 3
+OOM_MIN_SHARE = 0.05
+
+
+class Warmup:
+    def _precompile(self) -> None:
+        """Compile every bucket's stages on a thread pool (XLA compiles outside the GIL) into the
+        persistent compilation cache; the warm-up calls that follow load them instead of
+        compiling one after another."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = [(T, s) for T in self.token_buckets for s in range(len(self.stages))]
+
+        def compile_one(job):
+            T, s = job
+            inp = self._dummy_inputs(T)
+            if s == 0:
+                args = self._stage_args(0, inp, self._kv(0))
+            else:  # the previous stage's hidden state, as an abstract value
+                x = jax.ShapeDtypeStruct((T, self.arch.hidden_size), self.stage_params[0]["embed"].dtype,
+                                         sharding=self.plan.replicated(s))
+                args = (self.stage_params[s], self._kv(s), x, self._stage_meta(s, inp))
+            return self._stage_jit(s, T).lower(*args).compile()
+
+        with ThreadPoolExecutor(max(1, self.config.warmup_compile_threads)) as pool:
+            if self.plan is None:
+                # Every abstract value is known up front (logits [S, V] float32, hidden [T, E]):
+                # one queue, the longest compiles (largest buckets) first and the many small
+                # sampler / head / feed compiles filling the threads the last steps leave idle.
+                steps = [pool.submit(compile_one, j) for j in reversed(jobs)]
+                logits = {self.seq_bucket(T): jax.ShapeDtypeStruct((self.seq_bucket(T), self.arch.vocab_size),
+                                                                   jnp.float32) for T in self.token_buckets}
+                hidden = [jax.ShapeDtypeStruct((T, self.arch.hidden_size), self.stage_params[0]["embed"].dtype)
+                          for T in self.token_buckets]
+                side = [pool.submit(self._precompile_sampler, (S, out, v))
+                        for S, out in logits.items() for v in SAMPLER_VARIANTS]
+                side += [pool.submit(self._precompile_prompt_head, h) for h in hidden]
+                if self.config.scheduler.async_scheduling:
+                    side += [pool.submit(self._precompile_feed_rows, pair) for pair in self._feed_pairs()]
+                for f in steps:
+                    f.result()
+                try:
+                    for f in side:
+                        f.result()
+                except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
+                    logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
+                return
+            compiled = list(pool.map(compile_one, jobs))
+            # Then the sampler variants, once per sequence bucket, from the logits' abstract
+            # value (its sharding as the mesh step returns it): they too compile into the cache
+            # instead of one after another below. Only an optimization: on any failure the
+            # warm-up compiles them itself.
+            try:
+                outs = {T: c.out_info[0] for (T, s), c in zip(jobs, compiled) if s == self.last}
+                logits = {self.seq_bucket(T): o[0] for T, o in outs.items()}
+                list(pool.map(self._precompile_sampler, [(S, out, v) for S, out in logits.items()
+                                                         for v in SAMPLER_VARIANTS]))
+                list(pool.map(self._precompile_prompt_head, [o[1] for o in outs.values()]))
+                if self.config.scheduler.async_scheduling:
+                    list(pool.map(self._precompile_feed_rows, self._feed_pairs()))
+            except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
+                logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
+
+    def _abstract_output(self, out) -> jax.ShapeDtypeStruct:
+        """A step output's abstract value as the runtime array will be: single-device steps
+        return uncommitted arrays (their inputs are), and a committed abstract value would lower
+        to another cache key; mesh steps return committed ones."""
+        return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding if self.plan is not None else None)
+
+    def _precompile_sampler(self, item) -> None:
+        """One sampler variant (penalties, mode, logprobs) of sequence bucket S."""
+        S, out, (penalties, mode, lp) = item
+        logits = self._abstract_output(out)
+        st = self._put(self._dummy_sampling(S, penalties).packed(), self.last)
+        if lp:
+            sample.lower(logits, *st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode).compile()
+        else:
+            sample_tokens.lower(logits, *st, penalties=penalties, mode=mode).compile()
+
+    def _precompile_prompt_head(self, out) -> None:
+        """The prompt-logprobs head of one bucket: logits of selected hidden rows."""
+        hidden = self._abstract_output(out)
+        self._logits.lower(self.head_params, hidden, self._put(np.zeros(PROMPT_LOGPROB_ROWS, np.int32),
+                                                               self.last)).compile()
+
+    def _feed_pairs(self) -> list[tuple[int, int]]:
+        """(previous block's token bucket, next block's) pairs async scheduling can chain: the next
+        block holds a subset of the previous one's sequences."""
+        decode = self.decode_buckets()
+        return [(Tp, T) for Tp in decode for T in decode if T <= Tp]
+
+    def _precompile_feed_rows(self, pair) -> None:
+        Tp, T = pair
+        abstract = lambda n: jax.ShapeDtypeStruct(  # noqa: E731 (as the runtime arrays are placed)
+            (n,), jnp.int32, sharding=self.plan.replicated(self.last) if self.plan is not None else None)
+        feed_rows.lower(abstract(self.seq_bucket(Tp)), abstract(T)).compile()
+
+    def _dummy_sampling(self, S: int, penalties: bool):
+        sb = pack_sampling([None] * S, S, self.max_model_len)
+        if penalties:
+            sb.arrays["prompt_ids"] = np.full((S, self.max_model_len), -1, np.int32)
+            sb.arrays["output_ids"] = np.full((S, self.max_model_len), -1, np.int32)
+        return sb
+
+    def warmup(self, parallel: bool = False) -> float:
+        """Compile and run every bucket once (stages, sampler variants, prompt logprobs, block
+        copies). parallel: compile the stages on threads into the persistent cache first.
+
+        The KV cache was sized from XLA's memory analysis of the largest step; a smaller bucket can
+        still peak higher (float8 weights on an H200: a decode bucket asked for 3.9 GiB more). A
+        step that runs out of device memory here makes the cache give that memory back (at least
+        5% of it: each restart recompiles every bucket) and warm-up start over, so the engine
+        comes up with a smaller cache instead of failing its first large batch; with the cache
+        size fixed by the user (num_gpu_blocks_override), too small to give more, or after
+        OOM_RETRIES tries, StepOutOfMemoryError says what to lower."""
+        t0 = time.perf_counter()
+        for attempt in range(OOM_RETRIES + 1):
+            try:
+                self._run_every_bucket(parallel, t0)
+                break
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                self._shrink_cache_for(e, final=attempt == OOM_RETRIES)
+        dt = time.perf_counter() - t0
+        logger.info("warm-up: compiled %d token buckets %s in %.1f s", len(self.token_buckets),
+                    list(self.token_buckets), dt)
+        return dt
+
+    def _shrink_cache_for(self, err: Exception, *, final: bool) -> None:
+        """After a warm-up step ran out of device memory: reallocate the KV cache smaller by what
+        the step asked for plus a margin, at least OOM_MIN_SHARE of the cache, or raise
+        StepOutOfMemoryError when that is not allowed or would leave too small a cache."""
+        cc, sc = self.config.cache, self.config.scheduler
+        have = self.num_blocks
+        # this device's bytes per block: every layer it holds (a shard of the KV heads under a
+        # mesh), from the arrays' shapes and shardings alone (the failed step may have left them
+        # deleted or in error)
+        per_block = max(1, sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+                               for a in self.kv_caches if self.device in a.sharding.device_set) // have)
+        asked = kvc.requested_bytes(str(err))
+        # Every restart recompiles every bucket (the cache's shape is in each step's signature:
+        # 40-150 s on an H200), so give back at least OOM_MIN_SHARE of the cache at once: float8
+        # weights asked for 0.99 GiB (GEMM autotuning) and then 3.92 GiB, two restarts where one would do.
+        give = max(int((asked or 0) * 1.25) + OOM_MARGIN_BYTES, int(OOM_MIN_SHARE * have * per_block))
+        n = have - -(-give // per_block)
+        usable = (n - 1) * self.block_size
+        first_line = str(err).strip().splitlines()[0][:300]
+        if final or cc.num_gpu_blocks_override is not None or usable < self.max_model_len:
+            why = ("the cache size is fixed by num_gpu_blocks_override" if cc.num_gpu_blocks_override is not None
+                   else f"still out of memory after giving the KV cache back {OOM_RETRIES} times" if final
+                   else f"giving that back would leave {max(usable, 0)} tokens of KV cache, under "
+                        f"max_model_len={self.max_model_len}")
+            raise kvc.StepOutOfMemoryError(
+                f"a compiled step ran out of device memory during warm-up (at {self._warmup_at}: {first_line}) "
+                f"next to a KV cache of {have} blocks ({have * per_block / kvc.GIB:.2f} GiB per device); {why}. Lower "
+                f"max_num_batched_tokens (now {sc.max_num_batched_tokens}: the largest step) or max_num_seqs "
+                f"(now {sc.max_num_seqs}), or lower gpu_memory_utilization (now {cc.gpu_memory_utilization}) / "
+                f"num_gpu_blocks_override, or use more devices (tensor_parallel_size)") from err
+        logger.warning("warm-up: a step ran out of device memory (%s, at %s); the KV cache gives back %.2f GiB: "
+                       "%d -> %d blocks (%d tokens), and warm-up starts over",
+                       f"asked for {asked / kvc.GIB:.2f} GiB" if asked is not None else first_line,
+                       self._warmup_at,
+                       (have - n) * per_block / kvc.GIB, have, n, usable)
+        for a in self.kv_caches:
+            if not a.is_deleted():
+                a.delete()
+        self.kv_caches = kvc.allocate(self.kv_spec, n, self._kv_shardings())
+        self.num_blocks = n
+
+    def _run_every_bucket(self, parallel: bool, t0: float) -> None:
+        self._warmup_at = "the threaded precompile"
+        if parallel and self.config.warmup_compile_threads > 1:
+            self._precompile()
+            logger.info("warm-up: %d step variants and the sampler compiled on %d threads in %.1f s",
+                        len(self.token_buckets) * len(self.stages), self.config.warmup_compile_threads,
+                        time.perf_counter() - t0)
+        last = self.last
+        sc = self.config.scheduler
+        blocks = sc.num_scheduler_steps > 1 or sc.async_scheduling
+        decode = self.decode_buckets()
+        for T in self.token_buckets:
+            S = self.seq_bucket(T)
+            self._warmup_at = f"token bucket {T} ({S} sequences)"
+            logits, hidden = self._forward(self._dummy_inputs(T))
+            for penalties, mode, lp in SAMPLER_VARIANTS:
+                st = self._put(self._dummy_sampling(S, penalties).packed(), last)
+                if lp:
+                    out = sample(logits, *st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode)
+                else:
+                    toks = sample_tokens(logits, *st, penalties=penalties, mode=mode)
+            if T in decode and blocks:  # decode blocks: token ids fed on the device
+                jax.block_until_ready(self._forward(self._dummy_inputs(T), feed(toks, T)))
+            z = np.zeros(PROMPT_LOGPROB_ROWS, np.int32)
+            lg = self._logits(self.head_params, hidden, self._put(z, last))
+            out2 = token_logprobs(lg, self._put(z, last), num_logprobs=self.max_logprobs)
+            jax.block_until_ready((out, toks, out2))
+        self._warmup_at = "the token feeds and block copies"
+        if sc.async_scheduling:  # a block's first tokens from the previous (same or larger) block
+            jax.block_until_ready([feed_rows(self._put(np.zeros(self.seq_bucket(Tp), np.int32), last),
+                                              self._put(np.zeros(T, np.int32), last))
+                                   for Tp, T in self._feed_pairs()])
+            # a step's pending tokens from the prefill / mixed step before it (_pending_tokens)
+            s_max = self.seq_bucket(self.token_buckets[-1])
+            for S in sorted({self.seq_bucket(T) for T in self.token_buckets}):
+                samples = feed(self._put(np.zeros(S, np.int32), last), s_max)
+            jax.block_until_ready([fill_tokens(self._put(np.zeros(T, np.int32), last), samples)
+                                   for T in self.token_buckets])
+        for k in kvc.PAIR_BUCKETS[:2]:
+            z = np.zeros(k, np.int32)
+            self._copy_blocks(z, z)
+            if self.num_host_blocks:
+                self._scatter_blocks(z, self._gather_blocks(z))
+        jax.block_until_ready(self.kv_caches)
+
+    def num_compilations(self) -> int:
+        fns = [*self._stage_jits, *self._stage_jits_cublas, self._logits, sample, sample_tokens, token_logprobs,
+               kvc.copy_blocks, kvc.gather_blocks, kvc.scatter_blocks, feed, feed_rows, fill_tokens]
+        return sum(f._cache_size() for f in fns)
