@@ -90,8 +90,9 @@ class ModelRunner(Warmup):
                                        self.block_size, cache_dtype)
         self._stage_jits = [jax.jit(functools.partial(self._stage_fn, s), donate_argnums=(1,))
                             for s in range(len(self.stages))]
+        large = _LARGE_STEP_OPTIONS if self.platform == "gpu" else None  # (an NVIDIA-only XLA option)
         self._stage_jits_cublas = [jax.jit(functools.partial(self._stage_fn, s), donate_argnums=(1,),
-                                           compiler_options=_LARGE_STEP_OPTIONS)
+                                           compiler_options=large)
                                    for s in range(len(self.stages))]
         self._logits = jax.jit(self._logits_fn)
         self.num_blocks = self._size_cache()
