@@ -8,6 +8,8 @@ GEMM runs within ~7% of cuBLAS. This times, on Llama-3-8B's shapes (E 4096, F 14
   xla        the model's path as compiled by default (cuBLAS GEMM + loop fusion)
   triton_any the same with XLA's Triton GEMM emitter allowed everywhere (it can fuse the
              elementwise ops into a GEMM it autotunes against cuBLAS)
+  triton_off every GEMM a cuBLAS call (the engine's large steps since 2026-12-01), and the MLP
+             in 1,024 / 2,048-row chunks (a scan) so that the gate_up output may stay in L2
   pallas     a Pallas (Triton) kernel computing silu(h @ Wg) x (h @ Wu) per output tile, for a
              few tile shapes
 
@@ -16,6 +18,7 @@ each as the gate_up half alone and as the whole MLP, pipelined (the time inside 
     python scripts/bench_mlp_fusion.py [--rows 256 1024 8192] [--check]
 """
 import argparse
+import functools
 import json
 import time
 
@@ -27,6 +30,7 @@ from jax.experimental.pallas import triton as pltriton
 from bench_fp8_gemm import pipelined  # (scripts/ is on sys.path when a script in it runs)
 
 E, F = 4096, 14336
+TRITON_OFF = {"xla_gpu_enable_triton_gemm": False}  # the engine's setting for steps over 256 tokens
 CONFIGS = [  # (block rows, block cols per half, K tile, warps, stages)
     (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
     (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)]
@@ -66,6 +70,15 @@ def fused_gate_up(h, w_gate_up, *, bm, bn, bk, warps, stages, interpret=False):
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((t, f), h.dtype),
         interpret=interpret, **kw)(h, w2, w2)
+
+
+def chunked_mlp(h, w_gate_up, w_down, *, rows: int):
+    """The MLP over row chunks in a loop (a scan, so XLA cannot merge the chunks' GEMMs back):
+    a chunk's [rows, 2F] gate_up output (1,024 rows: 59 MB) may still sit in the 50 MB L2 when
+    the elementwise pass reads it."""
+    t, e = h.shape
+    _, out = jax.lax.scan(lambda c, x: (c, xla_gate_up(x, w_gate_up) @ w_down), None, h.reshape(t // rows, rows, e))
+    return out.reshape(t, -1)
 
 
 def xla_gate_up(h, w_gate_up):
@@ -114,6 +127,11 @@ def main():
         mlp = lambda h, wg, wd: xla_gate_up(h, wg) @ wd  # noqa: E731
         rec("xla mlp", mlp, (h, w_gu, w_d), flop_mlp)
         rec("triton_any mlp", mlp, (h, w_gu, w_d), flop_mlp, triton_any)
+        rec("triton_off mlp", mlp, (h, w_gu, w_d), flop_mlp, TRITON_OFF)
+        for c in (1024, 2048):
+            if m > c and m % c == 0:
+                rec(f"triton_off mlp in {c}-row chunks", functools.partial(chunked_mlp, rows=c), (h, w_gu, w_d),
+                    flop_mlp, TRITON_OFF)
         best = None
         for bm, bn, bk, warps, stages in CONFIGS:
             if m % bm:
