@@ -1,0 +1,39 @@
+"""The GEMM probe scripts' Pallas kernels (scripts/bench_fp8_gemv.py, scripts/bench_mlp_fusion.py)
+in interpret mode against the arithmetic they replace, so the probes still run when a GPU is lent."""
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import bench_fp8_gemv  # noqa: E402
+import bench_mlp_fusion  # noqa: E402
+
+from jaxserve.models import quant  # noqa: E402
+
+
+@pytest.mark.parametrize("rows,splits", [(1, 1), (5, 2), (20, 4)])
+def test_weight_only_gemv_matches_quant_linear(rows, splits):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(rows))
+    qw = quant.quantize_weight(jax.random.normal(k1, (512, 2, 64), jnp.float32) * 0.02)
+    x = jax.random.normal(k2, (rows, 512), jnp.float32)
+    got = bench_fp8_gemv.gemv(x, qw, bn=32, bk=64, splits=splits, warps=4, stages=2, interpret=True)
+    want = quant.linear(x, qw)  # <= WEIGHT_ONLY_MAX_ROWS rows: the weight-only path
+    assert got.shape == want.shape == (rows, 2, 64)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_fused_gate_up_and_chunked_mlp_match_xla():
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    h = jax.random.normal(k1, (64, 256), jnp.float32)
+    w = jax.random.normal(k2, (256, 2, 128), jnp.float32) * 0.05
+    wd = jax.random.normal(k3, (128, 256), jnp.float32) * 0.05
+    want = bench_mlp_fusion.xla_gate_up(h, w)
+    got = bench_mlp_fusion.fused_gate_up(h, w, bm=32, bn=64, bk=64, warps=4, stages=2, interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    full = want @ wd
+    chunked = bench_mlp_fusion.chunked_mlp(h, w, wd, rows=16)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), rtol=1e-5, atol=1e-4)
