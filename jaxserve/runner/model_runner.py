@@ -95,6 +95,9 @@ class ModelRunner(Warmup):
                                            compiler_options=large)
                                    for s in range(len(self.stages))]
         self._logits = jax.jit(self._logits_fn)
+        # what _activation_bytes kept free (GPU sizing): the largest step's temporaries, and the rest
+        self._reserved_step_bytes: Optional[int] = None
+        self._reserved_spare_bytes = 0
         self.num_blocks = self._size_cache()
         self.kv_caches = kvc.allocate(self.kv_spec, self.num_blocks, self._kv_shardings())
         self.num_host_blocks = 0
@@ -186,6 +189,7 @@ class ModelRunner(Warmup):
         sampler = 8 * rows * self.arch.vocab_size * 4
         stats = self.device.memory_stats() or {}
         slack = max(2 * kvc.GIB, int(0.04 * stats.get("bytes_limit", 0)))
+        self._reserved_step_bytes, self._reserved_spare_bytes = step, sampler + slack
         return step + sampler + slack
 
     # ---- the jitted stages --------------------------------------------------------------------

@@ -72,8 +72,7 @@ class Warmup:
                 side += [pool.submit(self._precompile_prompt_head, h) for h in hidden]
                 if self.config.scheduler.async_scheduling:
                     side += [pool.submit(self._precompile_feed_rows, pair) for pair in self._feed_pairs()]
-                for f in steps:
-                    f.result()
+                self._report_step_temps(list(reversed(jobs)), [f.result() for f in steps])
                 try:
                     for f in side:
                         f.result()
@@ -81,6 +80,7 @@ class Warmup:
                     logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
                 return
             compiled = list(pool.map(compile_one, jobs))
+            self._report_step_temps(jobs, compiled)
             # Then the sampler variants, once per sequence bucket, from the logits' abstract
             # value (its sharding as the mesh step returns it): they too compile into the cache
             # instead of one after another below. Only an optimization: on any failure the
@@ -95,6 +95,30 @@ class Warmup:
                     list(pool.map(self._precompile_feed_rows, self._feed_pairs()))
             except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
                 logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
+
+    def _report_step_temps(self, jobs, compiled) -> None:
+        """Log the largest temporaries among the compiled (autotuned) steps next to what the cache
+        sizing reserved (its estimate compiles the largest bucket without autotuning), and warn
+        when a step needs more than the whole reserve: on a GPU that step will run out of memory
+        at warm-up and the cache will give memory back (float8 weights on an H200: 3.91 GiB)."""
+        temps = []
+        for (T, s), c in zip(jobs, compiled):
+            try:
+                temps.append((int(c.memory_analysis().temp_size_in_bytes), T, s))
+            except Exception:  # noqa: BLE001 (memory analysis is best effort)
+                pass
+        if not temps:
+            return
+        top, T, s = max(temps)
+        logger.info("warm-up: the largest step temporaries: %.2f GiB at token bucket %d (stage %d)%s",
+                    top / kvc.GIB, T, s, "" if self._reserved_step_bytes is None else
+                    f"; the cache sizing reserved {self._reserved_step_bytes / kvc.GIB:.2f} GiB for a step "
+                    f"and {self._reserved_spare_bytes / kvc.GIB:.2f} GiB besides")
+        if self._reserved_step_bytes is not None and top > self._reserved_step_bytes + self._reserved_spare_bytes:
+            logger.warning("warm-up: token bucket %d needs %.2f GiB of temporaries, more than the %.2f GiB the "
+                           "cache sizing kept free; expect its warm-up step to run out of memory and the KV "
+                           "cache to give memory back", T, top / kvc.GIB,
+                           (self._reserved_step_bytes + self._reserved_spare_bytes) / kvc.GIB)
 
     def _abstract_output(self, out) -> jax.ShapeDtypeStruct:
         """A step output's abstract value as the runtime array will be: single-device steps

@@ -37,6 +37,13 @@ def test_parallel_warmup_precompiles_steps_sampler_and_heads(tmp_path, monkeypat
         handler.after_threads = True
 
     monkeypatch.setattr(ModelRunner, "_precompile", precompile_then_watch)
+    said = []
+    report = logging.Handler(logging.INFO)
+    report.emit = lambda r: said.append(r.getMessage())
+    jlog = logging.getLogger("jaxserve")
+    jlevel = jlog.level
+    jlog.setLevel(logging.INFO)
+    jlog.addHandler(report)
     old = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even tiny programs
     try:
@@ -46,6 +53,12 @@ def test_parallel_warmup_precompiles_steps_sampler_and_heads(tmp_path, monkeypat
         precompiled = ("_stage_fn", "sample_tokens", "sample", "_logits_fn", "feed_rows")
         assert not [n for n in handler.late if n.removeprefix("jit_") in precompiled], handler.late
         runner = llm.llm_engine.runner
+        # the threaded precompile reports its largest step: the oracle compiles each bucket again
+        temps = {T: runner._stage_jit(0, T).lower(*runner._stage_args(0, runner._dummy_inputs(T), runner._kv(0)))
+                 .compile().memory_analysis().temp_size_in_bytes for T in runner.token_buckets}
+        top = max(temps, key=lambda T: (temps[T], T))
+        line = [m for m in said if "the largest step temporaries" in m]
+        assert line and f"at token bucket {top} (stage 0)" in line[0], (line, temps)
         c0 = runner.num_compilations()
         outs = llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 3,
                             [SamplingParams(temperature=0, max_tokens=4),
@@ -57,6 +70,8 @@ def test_parallel_warmup_precompiles_steps_sampler_and_heads(tmp_path, monkeypat
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old)
         jax.config.update("jax_compilation_cache_dir", None)
+        jlog.removeHandler(report)
+        jlog.setLevel(jlevel)
         for lg, lv in zip(loggers, levels):
             lg.removeHandler(handler)
             lg.setLevel(lv)
