@@ -16,6 +16,8 @@ same for both.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -48,33 +50,42 @@ def is_quantized(w) -> bool:
     return isinstance(w, dict)
 
 
-def linear(x, w):
-    """x [T, K] @ w -> [T, N...] in x's dtype; w is [K, N...] or a quantized weight."""
+def linear(x, w, *, weight_only: Optional[bool] = None):
+    """x [T, K] @ w -> [T, N...] in x's dtype; w is [K, N...] or a quantized weight. weight_only:
+    None picks by rows (at most WEIGHT_ONLY_MAX_ROWS: weight-only); True / False force a path
+    (benchmarks)."""
     if not is_quantized(w):
         if w.ndim == 2:
             return x @ w
         return jnp.einsum("tk,k...->t...", x, w)
     q, s = w["q"], w["s"]
-    out_shape = q.shape[:-1]
-    q2 = q.reshape(-1, q.shape[-1])  # [N, K]
-    if x.shape[0] <= WEIGHT_ONLY_MAX_ROWS:
-        # A decode of a few rows reads the weights and does little else: keep the activations in
-        # 16 bits and widen the float8 weight inside the GEMM (XLA fuses the convert into its
-        # GEMV / Triton kernel), so the float8 bytes are what moves. The float8 x float8 cuBLAS
-        # path ran batch-1 decode no faster than bf16 weights on an H200 (231-239 vs 229 tok/s).
-        y = jax.lax.dot_general(x, q2.astype(x.dtype), (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32)
-        return (y * s.reshape(-1)[None, :]).astype(x.dtype).reshape((x.shape[0],) + out_shape)
+    q2, s2 = q.reshape(-1, q.shape[-1]), s.reshape(-1)  # [N, K], [N]
+    if weight_only is None:
+        weight_only = x.shape[0] <= WEIGHT_ONLY_MAX_ROWS
+    y = _weight_only(x, q2, s2) if weight_only else _fp8_x_fp8(x, q2, s2)
+    return y.reshape((x.shape[0],) + q.shape[:-1])
+
+
+def _weight_only(x, q2, s2):
+    """A decode of a few rows reads the weights and does little else: keep the activations in 16
+    bits and widen the float8 weight inside the GEMM (XLA fuses the convert into its GEMV / Triton
+    kernel), so the float8 bytes are what moves. The float8 x float8 cuBLAS path ran batch-1
+    decode no faster than bf16 weights on an H200 (231-239 vs 229 tok/s)."""
+    y = jax.lax.dot_general(x, q2.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (y * s2[None, :]).astype(x.dtype)
+
+
+def _fp8_x_fp8(x, q2, s2):
+    """Activations quantized per token (dynamic scales), then float8 x float8 with float32
+    accumulation, written in the model's 16-bit dtype (float32 for a float32 model, so
+    tensor-parallel partial sums stay exact); the output dims contract on both operands' last axis
+    (x [T, K], q [N, K]): the "TN" GEMM the GPU's float8 path runs as is."""
     xf = x.astype(jnp.float32)
     sx = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), 1e-12) / FP8_MAX  # [T] per-token scale
     xq = (xf / sx[:, None]).astype(FP8)
-    # float8 x float8 with float32 accumulation, written in the model's 16-bit dtype (float32 for a
-    # float32 model, so tensor-parallel partial sums stay exact); the output dims contract on both
-    # operands' last axis (x [T, K], q [N, K]): the "TN" GEMM the GPU's float8 path runs as is.
     out = jnp.float32 if x.dtype == jnp.float32 else x.dtype
     y = jax.lax.dot_general(xq, q2, (((1,), (1,)), ((), ())), preferred_element_type=out)
-    y = y.astype(jnp.float32) * sx[:, None] * s.reshape(-1)[None, :]
-    return y.astype(x.dtype).reshape((x.shape[0],) + out_shape)
+    return (y.astype(jnp.float32) * sx[:, None] * s2[None, :]).astype(x.dtype)
 
 
 def _quantized_sharding(sh, ndim: int):

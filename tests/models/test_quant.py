@@ -37,16 +37,17 @@ def test_quantize_weight_per_output_channel(shape):
 
 
 @pytest.mark.parametrize("shape", [(64, 48), (32, 2, 24)])
-@pytest.mark.parametrize("rows", [5, quant.WEIGHT_ONLY_MAX_ROWS + 3])
-def test_linear_matches_the_float64_oracle(shape, rows):
+@pytest.mark.parametrize("rows,weight_only", [(5, None), (quant.WEIGHT_ONLY_MAX_ROWS + 3, None),
+                                              (5, False), (quant.WEIGHT_ONLY_MAX_ROWS + 3, True)])
+def test_linear_matches_the_float64_oracle(shape, rows, weight_only):
     rng = np.random.default_rng(1)
     w = rng.standard_normal(shape).astype(np.float32) * 0.02
     x = rng.standard_normal((rows, shape[0])).astype(np.float32)
     x[2] *= 100  # per-token scales: a loud row does not flatten the others
     qw = quant.quantize_weight(jnp.asarray(w))
-    got = np.asarray(quant.linear(jnp.asarray(x), qw), np.float64)
+    got = np.asarray(quant.linear(jnp.asarray(x), qw, weight_only=weight_only), np.float64)
     q, s = _oracle_quantize(w)
-    if rows <= quant.WEIGHT_ONLY_MAX_ROWS:  # weight-only: activations as they are
+    if weight_only or (weight_only is None and rows <= quant.WEIGHT_ONLY_MAX_ROWS):  # activations as they are
         want = np.einsum("tk,...k->t...", x.astype(np.float64), q) * s
     else:  # activations quantized per token too
         sx = np.abs(x).max(-1) / 448.0
