@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +38,20 @@ OOM_RETRIES = 3
 OOM_MIN_SHARE = 0.05
 
 
+class _StepWillNotFit(Exception):
+    """A compiled step's temporaries exceed the memory the KV cache left (found before running it)."""
+
+    def __init__(self, needed: int):
+        super().__init__(f"a compiled step needs {needed / kvc.GIB:.2f} GiB more than the KV cache leaves")
+        self.needed = needed
+
+
 class Warmup:
-    def _precompile(self) -> None:
+    def _precompile(self) -> int:
         """Compile every bucket's stages on a thread pool (XLA compiles outside the GIL) into the
         persistent compilation cache; the warm-up calls that follow load them instead of
-        compiling one after another."""
+        compiling one after another. Returns the bytes the largest compiled step lacks
+        (_report_step_temps; 0 when it fits or nothing is known)."""
         from concurrent.futures import ThreadPoolExecutor
 
         jobs = [(T, s) for T in self.token_buckets for s in range(len(self.stages))]
@@ -72,15 +82,15 @@ class Warmup:
                 side += [pool.submit(self._precompile_prompt_head, h) for h in hidden]
                 if self.config.scheduler.async_scheduling:
                     side += [pool.submit(self._precompile_feed_rows, pair) for pair in self._feed_pairs()]
-                self._report_step_temps(list(reversed(jobs)), [f.result() for f in steps])
+                deficit = self._report_step_temps(list(reversed(jobs)), [f.result() for f in steps])
                 try:
                     for f in side:
                         f.result()
                 except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
                     logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
-                return
+                return deficit
             compiled = list(pool.map(compile_one, jobs))
-            self._report_step_temps(jobs, compiled)
+            deficit = self._report_step_temps(jobs, compiled)
             # Then the sampler variants, once per sequence bucket, from the logits' abstract
             # value (its sharding as the mesh step returns it): they too compile into the cache
             # instead of one after another below. Only an optimization: on any failure the
@@ -95,12 +105,14 @@ class Warmup:
                     list(pool.map(self._precompile_feed_rows, self._feed_pairs()))
             except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
                 logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
+        return deficit
 
-    def _report_step_temps(self, jobs, compiled) -> None:
+    def _report_step_temps(self, jobs, compiled) -> int:
         """Log the largest temporaries among the compiled (autotuned) steps next to what the cache
-        sizing reserved (its estimate compiles the largest bucket without autotuning), and warn
-        when a step needs more than the whole reserve: on a GPU that step will run out of memory
-        at warm-up and the cache will give memory back (float8 weights on an H200: 3.91 GiB)."""
+        sizing reserved (its estimate compiles the largest bucket without autotuning). Returns
+        what a step needs beyond the whole reserve (0 if nothing): such a step would run out of
+        memory at warm-up (float8 weights on an H200: 3.91 GiB, after ~40 s of the allocator
+        retrying), so warm-up gives the cache's memory back before running it."""
         temps = []
         for (T, s), c in zip(jobs, compiled):
             try:
@@ -108,17 +120,21 @@ class Warmup:
             except Exception:  # noqa: BLE001 (memory analysis is best effort)
                 pass
         if not temps:
-            return
+            return 0
         top, T, s = max(temps)
         logger.info("warm-up: the largest step temporaries: %.2f GiB at token bucket %d (stage %d)%s",
                     top / kvc.GIB, T, s, "" if self._reserved_step_bytes is None else
                     f"; the cache sizing reserved {self._reserved_step_bytes / kvc.GIB:.2f} GiB for a step "
                     f"and {self._reserved_spare_bytes / kvc.GIB:.2f} GiB besides")
-        if self._reserved_step_bytes is not None and top > self._reserved_step_bytes + self._reserved_spare_bytes:
-            logger.warning("warm-up: token bucket %d needs %.2f GiB of temporaries, more than the %.2f GiB the "
-                           "cache sizing kept free; expect its warm-up step to run out of memory and the KV "
-                           "cache to give memory back", T, top / kvc.GIB,
-                           (self._reserved_step_bytes + self._reserved_spare_bytes) / kvc.GIB)
+        if self._reserved_step_bytes is None:
+            return 0
+        kept = self._reserved_step_bytes + self._reserved_spare_bytes
+        if top <= kept:
+            return 0
+        logger.warning("warm-up: token bucket %d needs %.2f GiB of temporaries, more than the %.2f GiB the "
+                       "cache sizing kept free", T, top / kvc.GIB, kept / kvc.GIB)
+        self._warmup_at = f"token bucket {T}, before running it"
+        return top - kept
 
     def _abstract_output(self, out) -> jax.ShapeDtypeStruct:
         """A step output's abstract value as the runtime array will be: single-device steps
@@ -175,8 +191,10 @@ class Warmup:
         t0 = time.perf_counter()
         for attempt in range(OOM_RETRIES + 1):
             try:
-                self._run_every_bucket(parallel, t0)
+                self._run_every_bucket(parallel, t0, may_shrink=attempt < OOM_RETRIES)
                 break
+            except _StepWillNotFit as e:
+                self._shrink_cache_for(e, final=False, asked=e.needed)
             except jax.errors.JaxRuntimeError as e:
                 if "RESOURCE_EXHAUSTED" not in str(e):
                     raise
@@ -186,7 +204,7 @@ class Warmup:
                     list(self.token_buckets), dt)
         return dt
 
-    def _shrink_cache_for(self, err: Exception, *, final: bool) -> None:
+    def _shrink_cache_for(self, err: Exception, *, final: bool, asked: Optional[int] = None) -> None:
         """After a warm-up step ran out of device memory: reallocate the KV cache smaller by what
         the step asked for plus a margin, at least OOM_MIN_SHARE of the cache, or raise
         StepOutOfMemoryError when that is not allowed or would leave too small a cache."""
@@ -197,7 +215,8 @@ class Warmup:
         # deleted or in error)
         per_block = max(1, sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
                                for a in self.kv_caches if self.device in a.sharding.device_set) // have)
-        asked = kvc.requested_bytes(str(err))
+        if asked is None:
+            asked = kvc.requested_bytes(str(err))
         # Every restart recompiles every bucket (the cache's shape is in each step's signature:
         # 40-150 s on an H200), so give back at least OOM_MIN_SHARE of the cache at once: float8
         # weights asked for 0.99 GiB (GEMM autotuning) and then 3.92 GiB, two restarts where one would do.
@@ -216,8 +235,16 @@ class Warmup:
                 f"max_num_batched_tokens (now {sc.max_num_batched_tokens}: the largest step) or max_num_seqs "
                 f"(now {sc.max_num_seqs}), or lower gpu_memory_utilization (now {cc.gpu_memory_utilization}) / "
                 f"num_gpu_blocks_override, or use more devices (tensor_parallel_size)") from err
-        logger.warning("warm-up: a step ran out of device memory (%s, at %s); the KV cache gives back %.2f GiB: "
+        stats = self.device.memory_stats() or {}
+        if "bytes_in_use" in stats:  # what else held the memory the sizing kept free (diagnosis)
+            logger.info("warm-up: device memory at the failure: %.2f GiB in use (peak %.2f) of %.2f; "
+                        "KV cache %.2f GiB", stats["bytes_in_use"] / kvc.GIB,
+                        stats.get("peak_bytes_in_use", 0) / kvc.GIB, stats.get("bytes_limit", 0) / kvc.GIB,
+                        have * per_block / kvc.GIB)
+        logger.warning("warm-up: %s (%s, at %s); the KV cache gives back %.2f GiB: "
                        "%d -> %d blocks (%d tokens), and warm-up starts over",
+                       "a compiled step would not fit" if isinstance(err, _StepWillNotFit)
+                       else "a step ran out of device memory",
                        f"asked for {asked / kvc.GIB:.2f} GiB" if asked is not None else first_line,
                        self._warmup_at,
                        (have - n) * per_block / kvc.GIB, have, n, usable)
@@ -227,13 +254,15 @@ class Warmup:
         self.kv_caches = kvc.allocate(self.kv_spec, n, self._kv_shardings())
         self.num_blocks = n
 
-    def _run_every_bucket(self, parallel: bool, t0: float) -> None:
+    def _run_every_bucket(self, parallel: bool, t0: float, may_shrink: bool = False) -> None:
         self._warmup_at = "the threaded precompile"
         if parallel and self.config.warmup_compile_threads > 1:
-            self._precompile()
+            deficit = self._precompile()
             logger.info("warm-up: %d step variants and the sampler compiled on %d threads in %.1f s",
                         len(self.token_buckets) * len(self.stages), self.config.warmup_compile_threads,
                         time.perf_counter() - t0)
+            if deficit and may_shrink and self.config.cache.num_gpu_blocks_override is None:
+                raise _StepWillNotFit(deficit)
         last = self.last
         sc = self.config.scheduler
         blocks = sc.num_scheduler_steps > 1 or sc.async_scheduling

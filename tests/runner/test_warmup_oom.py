@@ -21,12 +21,12 @@ def _inject(monkeypatch, asks: str, times: int):
     seen = []
     original = ModelRunner._run_every_bucket
 
-    def failing(self, parallel, t0):
+    def failing(self, parallel, t0, may_shrink=False):
         seen.append(self.num_blocks)
         if len(seen) <= times:
             raise jax.errors.JaxRuntimeError(
                 f"RESOURCE_EXHAUSTED: Out of memory while trying to allocate {asks} with allocator GPU_0_bfc")
-        return original(self, parallel, t0)
+        return original(self, parallel, t0, may_shrink)
 
     monkeypatch.setattr(ModelRunner, "_run_every_bucket", failing)
     return seen
@@ -89,3 +89,37 @@ def test_the_cli_prints_the_error_not_a_traceback(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()  # (other tests' logging handlers may add lines)
     assert rc == 2 and any(ln.startswith("error: a compiled step ran out of device memory") for ln in lines)
     assert not any("StepOutOfMemoryError" in ln for ln in lines)  # printed, not raised
+
+
+def test_a_compiled_step_that_will_not_fit_shrinks_the_cache_before_it_runs(monkeypatch, tmp_path):
+    """The threaded precompile reads every compiled step's temporaries; one that needs more than
+    the sizing kept free makes the cache give memory back before any step runs (on a GPU this
+    saves the allocator's ~40 s of retries before the out-of-memory error)."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    oracle = [o.outputs[0].token_ids for o in LLM(cpu_kv_cache_gib=0.5, **KW).generate(PROMPTS, params)]
+    reports, ran = [], []
+    report, forward = warmup.Warmup._report_step_temps, ModelRunner._forward
+
+    def short_of_memory_once(self, jobs, compiled):
+        report(self, jobs, compiled)
+        reports.append((self.num_blocks, len(ran)))
+        return (32 << 20) if len(reports) == 1 else 0  # the first pass lacks 32 MiB
+
+    def counting_forward(self, *a, **k):
+        ran.append(self.num_blocks)
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(warmup.Warmup, "_report_step_temps", short_of_memory_once)
+    monkeypatch.setattr(ModelRunner, "_forward", counting_forward)
+    try:  # the threaded precompile needs the persistent compilation cache
+        llm = LLM(cpu_kv_cache_gib=0.5, compilation_cache_dir=str(tmp_path), **KW)
+        runner = llm.llm_engine.runner
+        (before, ran_before), (after, _) = reports
+        assert ran_before == 0  # nothing ran before the give-back
+        assert after == runner.num_blocks and before - after >= 0.05 * before
+        assert (before - after) * runner.kv_spec.bytes_per_block >= 32 << 20
+        assert set(ran) == {after}  # every warm-up step ran on the smaller cache
+        assert llm.llm_engine.scheduler.kv.pool.num_blocks == runner.num_blocks
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == oracle
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
