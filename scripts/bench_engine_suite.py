@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 WORKLOADS = {  # name -> (kind, input_len, output_len, num_prompts or batch)
@@ -83,7 +84,8 @@ def main():
     print(json.dumps(dict(kind="startup", startup_s=startup, mesh=a.mesh, model=a.model, quantization=a.quantization,
                           kv_cache_tokens=eng.runner.num_blocks * eng.scheduler.block_size,
                           compilations=eng.runner.num_compilations(), max_num_seqs=eng.scheduler.cfg.max_num_seqs,
-                          max_num_batched_tokens=eng.scheduler.cfg.max_num_batched_tokens)), flush=True)
+                          max_num_batched_tokens=eng.scheduler.cfg.max_num_batched_tokens,
+                          xla_flags=os.environ.get("XLA_FLAGS", ""))), flush=True)
     base_cfg = eng.scheduler.cfg
     for name in a.workloads:
         kind, il, ol, n = WORKLOADS[name]
