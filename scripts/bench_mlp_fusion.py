@@ -114,7 +114,7 @@ def main():
 
         def rec(name, fn, args, flop, opts=None):
             t0 = time.perf_counter()
-            c = jax.jit(fn).lower(*args).compile(compiler_options=opts) if opts else jax.jit(fn).lower(*args).compile()
+            c = jax.jit(fn).lower(*args).compile(compiler_options=opts)
             ct = time.perf_counter() - t0
             dt = pipelined(c, args)
             rows.append({"rows": m, "variant": name, "ms": round(dt * 1e3, 4),

@@ -99,7 +99,7 @@ def sharegpt_requests(path: str, num: int, tokenizer: Any, max_model_len: int, s
 def check_dataset(dataset: str, dataset_path: Optional[str]) -> None:
     """The dataset settings' errors, raised before anything slow (an engine's start-up) runs."""
     if dataset not in DATASETS:
-        raise AssertionError(dataset)  # check_dataset refused it
+        raise ValueError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}")
     if dataset_path is not None and dataset != "sharegpt":
         raise ValueError(f"--dataset-path is read by --dataset sharegpt, not {dataset!r}")
     if dataset == "sharegpt":
