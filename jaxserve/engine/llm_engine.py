@@ -114,11 +114,8 @@ class LLMEngine:
             load_kw = dict(arch_fn=self.plan.arch_fn, transform_fn=self.plan.transform_fn,
                            shardings_fn=lambda arch: self.plan.param_shardings(registry.model_module(arch), arch))
         t0 = time.perf_counter()
-        self.model = load_model(mc, self.dtype, **load_kw)
-        if mc.quantization is not None:
-            from jaxserve.models.quant import quantize_params
-
-            quantize_params(self.model.params, mc.quantization)
+        # quantization: each layer projection becomes float8 as it is placed (models/quant.py)
+        self.model = load_model(mc, self.dtype, quantization=mc.quantization, **load_kw)
         module = registry.model_module(self.model.arch)
         if hasattr(module, "fuse_qkv"):  # one attention-projection GEMM per layer (models/llama.py)
             self.model = dataclasses.replace(self.model, params=module.fuse_qkv(self.model.params, self.model.arch))

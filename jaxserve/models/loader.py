@@ -195,13 +195,15 @@ class _Stack:
 
 
 def build_params(arch, tensors: Iterator[tuple[str, np.ndarray]], dtype, shardings=None,
-                 transform: Optional[Callable] = None) -> dict:
+                 transform: Optional[Callable] = None, on_placed: Optional[Callable] = None) -> dict:
     """Place each tensor as it streams in (one host copy at a time). A leaf stacked from several
     checkpoint tensors (w_gate_up from gate_proj and up_proj) waits in a host buffer until its last
     part arrives and is then placed once, whole, with its sharding (each device receives only its
     shard); the buffers held at once are those whose parts straddle the stream position, in
     practice one layer's. transform(path, array) may rewrite a leaf before it is placed (e.g.
-    replicate KV heads for tensor parallelism); for a stacked leaf it sees the stacked array."""
+    replicate KV heads for tensor parallelism); for a stacked leaf it sees the stacked array.
+    on_placed(path, device_array) -> what the leaf keeps (e.g. quant.LeafQuantizer: its float8
+    form, the 16-bit array freed before the next tensor is placed)."""
     module = registry.model_module(arch)
     shapes = module.param_shapes(arch)
     params = jax.tree_util.tree_map(lambda _: None, shapes, is_leaf=lambda x: isinstance(x, tuple))
@@ -230,7 +232,9 @@ def build_params(arch, tensors: Iterator[tuple[str, np.ndarray]], dtype, shardin
         want = _lookup(shapes, path)
         if tuple(arr.shape) != tuple(want):
             raise ValueError(f"tensor {name}: shape {arr.shape}, expected {want} for this config")
-        _set(params, path, _place(arr, dtype, _lookup(shardings, path)))
+        placed = _place(arr, dtype, _lookup(shardings, path))
+        _set(params, path, on_placed(path, placed) if on_placed is not None else placed)
+        del placed
     missing = [jax.tree_util.keystr(p) for p, v in
                jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0] if v is None]
     if missing:
@@ -297,13 +301,19 @@ def _eos_from_dir(d: str, tokenizer) -> list[int]:
 
 def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = None,
                max_model_len: Optional[int] = None, transform_fn: Optional[Callable] = None,
-               arch_fn: Optional[Callable] = None) -> LoadedModel:
+               arch_fn: Optional[Callable] = None, quantization: Optional[str] = None) -> LoadedModel:
     """shardings_fn(arch) -> pytree of shardings (or None); transform_fn(checkpoint_arch, arch) ->
     per-tensor rewrite (path, array) -> array; arch_fn(arch) -> the arch the engine runs (e.g. with
-    KV heads replicated for tensor parallelism)."""
+    KV heads replicated for tensor parallelism); quantization ("fp8" or None): quantize each layer
+    projection as it is placed (models/quant.py)."""
     from jaxserve import tokenizer as tok_mod
 
     kind, path = resolve(mc)
+    on_placed = None
+    if quantization is not None:
+        from jaxserve.models.quant import LeafQuantizer
+
+        on_placed = LeafQuantizer(quantization)
     if kind == "gguf":
         from jaxserve.models import gguf_reader
 
@@ -311,7 +321,7 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
         cfg = gguf_reader.hf_config(reader)
         arch, tf = _finish_arch(_arch(cfg, mc, max_model_len), arch_fn, transform_fn)
         sh = shardings_fn(arch) if shardings_fn else None
-        params = build_params(arch, gguf_reader.iter_tensors(reader, cfg), dtype, sh, tf)
+        params = build_params(arch, gguf_reader.iter_tensors(reader, cfg), dtype, sh, tf, on_placed)
         tokenizer = tok_mod.load_tokenizer(mc.tokenizer or path)
         eos = gguf_reader.eos_ids(reader) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         template = gguf_reader.chat_template(reader)
@@ -321,7 +331,7 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
             cfg = json.load(f)
         arch, tf = _finish_arch(_arch(cfg, mc, max_model_len), arch_fn, transform_fn)
         sh = shardings_fn(arch) if shardings_fn else None
-        params = build_params(arch, _iter_safetensors(_safetensors_files(path)), dtype, sh, tf)
+        params = build_params(arch, _iter_safetensors(_safetensors_files(path)), dtype, sh, tf, on_placed)
         tokenizer = tok_mod.load_tokenizer(mc.tokenizer or path)
         eos = _eos_from_dir(path, tokenizer)
         template = getattr(tokenizer, "chat_template", None)
@@ -335,7 +345,7 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
         arch, _ = _finish_arch(_arch(cfg, mc, max_model_len), arch_fn, None)
         module = registry.model_module(arch)
         sh = shardings_fn(arch) if shardings_fn else None
-        params = module.init_dummy_params(arch, dtype, mc.seed, sh)
+        params = module.init_dummy_params(arch, dtype, mc.seed, sh, on_placed)
         tokenizer = tok_mod.DummyTokenizer(arch.vocab_size)
         eos = [tokenizer.eos_token_id]
         template = tok_mod.DummyTokenizer.chat_template

@@ -6,6 +6,7 @@ is the null block. All copy functions take the cache list donated and return the
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 GIB = 1 << 30
+logger = logging.getLogger("jaxserve")
 
 
 class KVCacheTooSmallError(ValueError):
@@ -86,10 +88,25 @@ def configure_xla_memory(utilization: float) -> None:
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{utilization:.4f}")
 
 
+def contiguous_free_bytes(stats: dict) -> Optional[int]:
+    """The largest free block of the device allocator, where it is one pool reserved up front
+    (JAX's default on GPUs: a BFC allocator preallocated at the memory fraction); None where that
+    figure means something else (a growing pool, another allocator) or is not reported. One
+    allocation (a KV-cache layer, a step's temporaries) needs one such block."""
+    if os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true").strip().lower() in ("false", "0"):
+        return None
+    if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default").strip().lower() not in ("default", "bfc"):
+        return None
+    largest = stats.get("largest_free_block_bytes")
+    return None if largest is None else int(largest)
+
+
 def num_blocks_for_accelerator(spec: KVCacheSpec, device, utilization: float,
                                activation_bytes: int) -> int:
     """What is left of utilization x device memory after the weights (already resident) and the
-    peak activations of the largest compiled step."""
+    peak activations of the largest compiled step. Free memory split into holes (e.g. between
+    weights freed and re-made one by one) counts only as far as its largest block reaches: the
+    cache's layers and a step's temporaries each need a whole block."""
     stats = device.memory_stats() or {}
     limit = stats.get("bytes_limit")
     in_use = stats.get("bytes_in_use", 0)
@@ -99,7 +116,15 @@ def num_blocks_for_accelerator(spec: KVCacheSpec, device, utilization: float,
     # but never past what the allocator allows.
     frac = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
     cap = min(limit, int(limit / frac * utilization))
-    free = cap - in_use - activation_bytes - 256 * (1 << 20)
+    free = cap - in_use
+    largest = contiguous_free_bytes(stats)
+    if largest is not None and largest - (limit - cap) < free:
+        block = max(0, largest - (limit - cap))  # the pool's tail past the cap is not ours
+        logger.info("device memory: %.2f GiB free, but its largest free block is %.2f GiB (the rest "
+                    "lies in holes between resident arrays); the KV cache is sized from that block",
+                    free / GIB, block / GIB)
+        free = block
+    free -= activation_bytes + 256 * (1 << 20)
     return max(int(free // spec.bytes_per_block), 0)
 
 

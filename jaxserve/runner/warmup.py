@@ -46,6 +46,14 @@ class _StepWillNotFit(Exception):
         self.needed = needed
 
 
+def _temp_bytes(compiled) -> int:
+    """A compiled program's temporaries from XLA's memory analysis (0 where it has none)."""
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 (memory analysis is best effort)
+        return 0
+
+
 class Warmup:
     def _precompile(self) -> int:
         """Compile every bucket's stages on a thread pool (XLA compiles outside the GIL) into the
@@ -82,15 +90,17 @@ class Warmup:
                 side += [pool.submit(self._precompile_prompt_head, h) for h in hidden]
                 if self.config.scheduler.async_scheduling:
                     side += [pool.submit(self._precompile_feed_rows, pair) for pair in self._feed_pairs()]
-                deficit = self._report_step_temps(list(reversed(jobs)), [f.result() for f in steps])
+                compiled = [f.result() for f in steps]
+                samplers = []
                 try:
+                    samplers = [f.result() for f in side[:len(logits) * len(SAMPLER_VARIANTS)]]
                     for f in side:
                         f.result()
                 except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
                     logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
-                return deficit
+                return self._report_step_temps(list(reversed(jobs)), compiled, samplers)
             compiled = list(pool.map(compile_one, jobs))
-            deficit = self._report_step_temps(jobs, compiled)
+            samplers = []
             # Then the sampler variants, once per sequence bucket, from the logits' abstract
             # value (its sharding as the mesh step returns it): they too compile into the cache
             # instead of one after another below. Only an optimization: on any failure the
@@ -98,43 +108,54 @@ class Warmup:
             try:
                 outs = {T: c.out_info[0] for (T, s), c in zip(jobs, compiled) if s == self.last}
                 logits = {self.seq_bucket(T): o[0] for T, o in outs.items()}
-                list(pool.map(self._precompile_sampler, [(S, out, v) for S, out in logits.items()
-                                                         for v in SAMPLER_VARIANTS]))
+                samplers = list(pool.map(self._precompile_sampler, [(S, out, v) for S, out in logits.items()
+                                                                    for v in SAMPLER_VARIANTS]))
                 list(pool.map(self._precompile_prompt_head, [o[1] for o in outs.values()]))
                 if self.config.scheduler.async_scheduling:
                     list(pool.map(self._precompile_feed_rows, self._feed_pairs()))
             except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
                 logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
-        return deficit
+        return self._report_step_temps(jobs, compiled, samplers)
 
-    def _report_step_temps(self, jobs, compiled) -> int:
-        """Log the largest temporaries among the compiled (autotuned) steps next to what the cache
-        sizing reserved (its estimate compiles the largest bucket without autotuning). Returns
-        what a step needs beyond the whole reserve (0 if nothing): such a step would run out of
-        memory at warm-up (float8 weights on an H200: 3.91 GiB, after ~40 s of the allocator
-        retrying), so warm-up gives the cache's memory back before running it."""
-        temps = []
-        for (T, s), c in zip(jobs, compiled):
-            try:
-                temps.append((int(c.memory_analysis().temp_size_in_bytes), T, s))
-            except Exception:  # noqa: BLE001 (memory analysis is best effort)
-                pass
+    def _report_step_temps(self, jobs, compiled, samplers=()) -> int:
+        """Log the largest temporaries among the compiled (autotuned) steps and sampler variants
+        next to what the cache sizing reserved (its estimate compiles the largest bucket without
+        autotuning) and the device's largest free block. Returns what the largest of them lacks
+        (0 if nothing or nothing is known): XLA allocates a program's temporaries as one block, so
+        it must fit in the largest free block where the allocator reports it, else in the whole
+        reserve. Such a program would run out of memory at warm-up (float8 weights on an H200: the
+        sampler's 3.91 GiB at 1,024 rows, after ~40 s of the allocator retrying), so warm-up gives
+        the cache's memory back before running it."""
+        temps = [(b, T, s) for (T, s), c in zip(jobs, compiled) if (b := _temp_bytes(c))]
         if not temps:
             return 0
         top, T, s = max(temps)
-        logger.info("warm-up: the largest step temporaries: %.2f GiB at token bucket %d (stage %d)%s",
-                    top / kvc.GIB, T, s, "" if self._reserved_step_bytes is None else
+        big, S = max(samplers, default=(0, 0))
+        free = kvc.contiguous_free_bytes(self._device_memory_stats())
+        logger.info("warm-up: the largest step temporaries: %.2f GiB at token bucket %d (stage %d)%s%s%s",
+                    top / kvc.GIB, T, s,
+                    f"; the sampler's: {big / kvc.GIB:.2f} GiB at {S} rows" if big else "",
+                    "" if self._reserved_step_bytes is None else
                     f"; the cache sizing reserved {self._reserved_step_bytes / kvc.GIB:.2f} GiB for a step "
-                    f"and {self._reserved_spare_bytes / kvc.GIB:.2f} GiB besides")
-        if self._reserved_step_bytes is None:
+                    f"and {self._reserved_spare_bytes / kvc.GIB:.2f} GiB besides",
+                    "" if free is None else f"; the largest free block is {free / kvc.GIB:.2f} GiB")
+        need, what = max((top, f"token bucket {T}"), (big, f"the sampler at {S} rows"))
+        if free is not None:
+            kept = free
+        elif self._reserved_step_bytes is not None:
+            need, what = top, f"token bucket {T}"
+            kept = self._reserved_step_bytes + self._reserved_spare_bytes
+        else:
             return 0
-        kept = self._reserved_step_bytes + self._reserved_spare_bytes
-        if top <= kept:
+        if need <= kept:
             return 0
-        logger.warning("warm-up: token bucket %d needs %.2f GiB of temporaries, more than the %.2f GiB the "
-                       "cache sizing kept free", T, top / kvc.GIB, kept / kvc.GIB)
-        self._warmup_at = f"token bucket {T}, before running it"
-        return top - kept
+        logger.warning("warm-up: %s needs %.2f GiB of temporaries in one block, more than the %.2f GiB "
+                       "the KV cache left", what, need / kvc.GIB, kept / kvc.GIB)
+        self._warmup_at = f"{what}, before running it"
+        return need - kept
+
+    def _device_memory_stats(self) -> dict:
+        return self.device.memory_stats() or {}
 
     def _abstract_output(self, out) -> jax.ShapeDtypeStruct:
         """A step output's abstract value as the runtime array will be: single-device steps
@@ -142,15 +163,17 @@ class Warmup:
         to another cache key; mesh steps return committed ones."""
         return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding if self.plan is not None else None)
 
-    def _precompile_sampler(self, item) -> None:
-        """One sampler variant (penalties, mode, logprobs) of sequence bucket S."""
+    def _precompile_sampler(self, item) -> tuple[int, int]:
+        """One sampler variant (penalties, mode, logprobs) of sequence bucket S -> (its
+        temporaries in bytes (0 if unknown), S)."""
         S, out, (penalties, mode, lp) = item
         logits = self._abstract_output(out)
         st = self._put(self._dummy_sampling(S, penalties).packed(), self.last)
         if lp:
-            sample.lower(logits, *st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode).compile()
+            c = sample.lower(logits, *st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode).compile()
         else:
-            sample_tokens.lower(logits, *st, penalties=penalties, mode=mode).compile()
+            c = sample_tokens.lower(logits, *st, penalties=penalties, mode=mode).compile()
+        return _temp_bytes(c), S
 
     def _precompile_prompt_head(self, out) -> None:
         """The prompt-logprobs head of one bucket: logits of selected hidden rows."""
@@ -235,12 +258,13 @@ class Warmup:
                 f"max_num_batched_tokens (now {sc.max_num_batched_tokens}: the largest step) or max_num_seqs "
                 f"(now {sc.max_num_seqs}), or lower gpu_memory_utilization (now {cc.gpu_memory_utilization}) / "
                 f"num_gpu_blocks_override, or use more devices (tensor_parallel_size)") from err
-        stats = self.device.memory_stats() or {}
+        stats = self._device_memory_stats()
         if "bytes_in_use" in stats:  # what else held the memory the sizing kept free (diagnosis)
-            logger.info("warm-up: device memory at the failure: %.2f GiB in use (peak %.2f) of %.2f; "
-                        "KV cache %.2f GiB", stats["bytes_in_use"] / kvc.GIB,
+            logger.info("warm-up: device memory at the failure: %.2f GiB in use (peak %.2f) of %.2f, the "
+                        "largest free block %s; KV cache %.2f GiB", stats["bytes_in_use"] / kvc.GIB,
                         stats.get("peak_bytes_in_use", 0) / kvc.GIB, stats.get("bytes_limit", 0) / kvc.GIB,
-                        have * per_block / kvc.GIB)
+                        f"{stats['largest_free_block_bytes'] / kvc.GIB:.2f} GiB"
+                        if "largest_free_block_bytes" in stats else "unknown", have * per_block / kvc.GIB)
         logger.warning("warm-up: %s (%s, at %s); the KV cache gives back %.2f GiB: "
                        "%d -> %d blocks (%d tokens), and warm-up starts over",
                        "a compiled step would not fit" if isinstance(err, _StepWillNotFit)

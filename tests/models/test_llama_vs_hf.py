@@ -3,6 +3,7 @@ sharded safetensors) against HF transformers' own forward, float32."""
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,6 +92,36 @@ def test_logits_match_hf(tmp_path, case):
     got_fused = _run(fused, arch, ids)
     rel = np.linalg.norm(got_fused - ref) / np.linalg.norm(ref)
     assert rel < 1e-4, rel
+
+
+def test_fp8_quantized_while_loading(tmp_path):
+    """quantization="fp8" quantizes each projection as the loader places it: the same float8
+    weights as quantizing the loaded model afterwards (exactly), for a checkpoint (with biases:
+    qwen2) and for dummy weights; the float8 model stays close to the checkpoint's float32 one."""
+    from jaxserve.models import quant
+    from jaxserve.models.loader import _iter_safetensors, _safetensors_files
+
+    model, d = _save(tmp_path, "qwen2")
+    with open(os.path.join(d, "config.json")) as f:
+        arch = llama.LlamaConfig.from_hf_config(json.load(f))
+    after = quant.quantize_params(build_params(arch, _iter_safetensors(_safetensors_files(d)), jnp.float32), "fp8")
+    for mc, want in ((ModelConfig(model=d), after),
+                     (ModelConfig(model="tiny", load_format="dummy"), None)):
+        loaded = load_model(mc, jnp.float32, quantization="fp8")
+        if want is None:  # dummy weights: the same generator without quantization, then quantized
+            want = quant.quantize_params(load_model(mc, jnp.float32).params, "fp8")
+        assert jax.tree_util.tree_structure(loaded.params) == jax.tree_util.tree_structure(want)
+        for a, b in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(want)):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    lp = after["layers"][0]
+    assert quant.is_quantized(lp["wq"]) and quant.is_quantized(lp["w_down"]) and not quant.is_quantized(lp["bq"])
+    assert llama.fuse_qkv(after, arch)["layers"][0]["wq"] is lp["wq"]  # float8 q / k / v stay separate
+    ids = list(np.random.default_rng(1).integers(0, 256, 40))
+    got = _run(after, arch, ids)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.1
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

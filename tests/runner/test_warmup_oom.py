@@ -92,32 +92,40 @@ def test_the_cli_prints_the_error_not_a_traceback(monkeypatch, capsys):
 
 
 def test_a_compiled_step_that_will_not_fit_shrinks_the_cache_before_it_runs(monkeypatch, tmp_path):
-    """The threaded precompile reads every compiled step's temporaries; one that needs more than
-    the sizing kept free makes the cache give memory back before any step runs (on a GPU this
-    saves the allocator's ~40 s of retries before the out-of-memory error)."""
+    """The threaded precompile reads every compiled step's and sampler's temporaries; when the
+    largest is more than the device's largest free block (the allocator's figure, faked here: the
+    CPU reports none), the cache gives memory back before any step runs (on a GPU this saves the
+    allocator's ~40 s of retries before the out-of-memory error)."""
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     oracle = [o.outputs[0].token_ids for o in LLM(cpu_kv_cache_gib=0.5, **KW).generate(PROMPTS, params)]
-    reports, ran = [], []
+    reports, ran, stats = [], [], []
     report, forward = warmup.Warmup._report_step_temps, ModelRunner._forward
 
-    def short_of_memory_once(self, jobs, compiled):
-        report(self, jobs, compiled)
-        reports.append((self.num_blocks, len(ran)))
-        return (32 << 20) if len(reports) == 1 else 0  # the first pass lacks 32 MiB
+    def recorded_report(self, jobs, compiled, samplers=()):
+        need = max([warmup._temp_bytes(c) for c in compiled] + [b for b, _ in samplers])
+        stats.append(need)
+        lacks = report(self, jobs, compiled, samplers)
+        reports.append((self.num_blocks, len(ran), lacks, need))
+        return lacks
+
+    def fragmented_once(self):  # the first pass: a largest free block 32 MiB short of the need
+        return {"largest_free_block_bytes": max(0, stats[0] - (32 << 20)) if len(stats) == 1 else 1 << 40}
 
     def counting_forward(self, *a, **k):
         ran.append(self.num_blocks)
         return forward(self, *a, **k)
 
-    monkeypatch.setattr(warmup.Warmup, "_report_step_temps", short_of_memory_once)
+    monkeypatch.setattr(warmup.Warmup, "_report_step_temps", recorded_report)
+    monkeypatch.setattr(warmup.Warmup, "_device_memory_stats", fragmented_once)
     monkeypatch.setattr(ModelRunner, "_forward", counting_forward)
     try:  # the threaded precompile needs the persistent compilation cache
         llm = LLM(cpu_kv_cache_gib=0.5, compilation_cache_dir=str(tmp_path), **KW)
         runner = llm.llm_engine.runner
-        (before, ran_before), (after, _) = reports
+        (before, ran_before, lacks, need), (after, _, lacks_after, _) = reports
         assert ran_before == 0  # nothing ran before the give-back
+        assert need > 0 and lacks == min(need, 32 << 20) and lacks_after == 0
         assert after == runner.num_blocks and before - after >= 0.05 * before
-        assert (before - after) * runner.kv_spec.bytes_per_block >= 32 << 20
+        assert (before - after) * runner.kv_spec.bytes_per_block >= lacks
         assert set(ran) == {after}  # every warm-up step ran on the smaller cache
         assert llm.llm_engine.scheduler.kv.pool.num_blocks == runner.num_blocks
         assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == oracle
