@@ -1,0 +1,106 @@
+"""Batch-1 decode's weight stream without the engine: 32 layers of Llama-3-8B's projections
+(q, k, v, o, gate+up, down; unrolled as the engine runs them, no dispatch between layers) at one
+token, with bf16 weights (`x @ w`), float8 weights on XLA's weight-only path (`quant.linear`) and
+float8 weights through the Pallas split-K GEMV of scripts/bench_fp8_gemv.py (one config per
+projection, swept here).
+
+Why: single-GEMM timings (bench_fp8_gemv.py, bench_fp8_gemm.py) of 8-120 MB weights are
+dominated by the host's dispatch (~40 us per call); inside one program the stream shows what
+the GPU does. Roofline: bf16 reads 13.96 GB per token over the layers, float8 6.98 GB; the engine
+decoded 228 tok/s bf16 and 303 float8 on an H200 (2026-12-01): float8 streams at ~2.8 TB/s where
+bf16 reaches ~3.9 if the rest of a step costs the same. This decides whether a Pallas GEMV would
+lift float8 batch-1 decode toward ~390 tok/s.
+
+    python scripts/bench_fp8_decode_stream.py [--layers 32] [--rows 1]
+"""
+import argparse
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from bench_fp8_gemv import gemv  # (scripts/ is on sys.path when a script in it runs)
+from jaxserve.models import quant
+
+E, F, HQ, HKV = 4096, 14336, 4096, 1024  # Llama-3-8B: hidden, MLP, q width, k / v width
+SHAPES = {"wq": (E, HQ), "wk": (E, HKV), "wv": (E, HKV), "wo": (HQ, E), "w_gate_up": (E, 2 * F), "w_down": (F, E)}
+# (bn, bk, splits, warps, stages) candidates for every projection
+CONFIGS = [(64, 256, 2, 4, 4), (64, 128, 2, 4, 4), (32, 256, 2, 4, 4), (64, 256, 4, 4, 4), (128, 128, 2, 8, 3),
+           (64, 256, 1, 4, 4), (32, 256, 4, 4, 3)]
+
+
+def stream(layers, x, lin):
+    """x [M, E] through every layer's projections (no attention, no norms): what a decode step
+    reads from its weights. lin(x, w, name) -> x @ w."""
+    for lp in layers:
+        q = lin(x, lp["wq"], "wq")
+        kv = lin(x, lp["wk"], "wk").astype(jnp.float32).mean() + lin(x, lp["wv"], "wv").astype(jnp.float32).mean()
+        x = x + lin(q, lp["wo"], "wo") + (1e-6 * kv).astype(x.dtype)
+        gu = lin(x, lp["w_gate_up"], "w_gate_up")
+        h = jax.nn.silu(gu[:, :F]) * gu[:, F:]
+        x = x + lin(h, lp["w_down"], "w_down")
+    return x
+
+
+def timed(f, args, iters=20):
+    jax.block_until_ready(f(*args))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / iters
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1])
+    a = ap.parse_args()
+    key = jax.random.PRNGKey(0)
+    make = jax.jit(lambda k, shape: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(jnp.bfloat16),
+                   static_argnums=1)
+    bf16 = [{n: make(jax.random.fold_in(key, 7 * i + j), s) for j, (n, s) in enumerate(SHAPES.items())}
+            for i in range(a.layers)]
+    qz = jax.jit(quant.quantize_weight)
+    fp8 = [{n: qz(w) for n, w in lp.items()} for lp in bf16]
+    gb_bf16 = sum(k * n for k, n in SHAPES.values()) * 2 * a.layers / 1e9
+    for m in a.rows:
+        x = jax.random.normal(jax.random.fold_in(key, 99 + m), (m, E), jnp.bfloat16)
+        f_b = jax.jit(functools.partial(stream, lin=lambda x, w, n: x @ w))
+        f_x = jax.jit(functools.partial(stream, lin=lambda x, w, n: quant.linear(x, w, weight_only=True)))
+        t_b, t_x = timed(f_b, (bf16, x)), timed(f_x, (fp8, x))
+        ref = f_x(fp8, x).astype(jnp.float32)
+        out = dict(kind="decode_stream", rows=m, layers=a.layers, bf16_ms=t_b * 1e3, bf16_tb_s=gb_bf16 / t_b / 1e3,
+                   xla_fp8_ms=t_x * 1e3, xla_fp8_tb_s=gb_bf16 / 2 / t_x / 1e3, xla_fp8_over_bf16=t_x / t_b)
+        best = None
+        for cfg in CONFIGS:
+            bn, bk, splits, warps, stages = cfg
+
+            def lin(x, w, n, bn=bn, bk=bk, splits=splits, warps=warps, stages=stages):
+                k = SHAPES[n][0]
+                if SHAPES[n][1] % bn or k % (bk * splits):
+                    return quant.linear(x, w, weight_only=True)
+                return gemv(x, w, bn=bn, bk=bk, splits=splits, warps=warps, stages=stages)
+
+            f_p = jax.jit(functools.partial(stream, lin=lin))
+            try:
+                t_p = timed(f_p, (fp8, x))
+            except Exception as e:  # noqa: BLE001 (a tile that does not fit)
+                print(json.dumps({"rows": m, "config": list(cfg), "error": str(e).splitlines()[0][:160]}), flush=True)
+                continue
+            got = f_p(fp8, x).astype(jnp.float32)
+            err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+            print(json.dumps({"rows": m, "config": list(cfg), "pallas_ms": t_p * 1e3, "rel_err_vs_xla": err}),
+                  flush=True)
+            if best is None or t_p < best[0]:
+                best = (t_p, list(cfg), err)
+        if best is not None:
+            out.update(pallas_fp8_ms=best[0] * 1e3, pallas_fp8_tb_s=gb_bf16 / 2 / best[0] / 1e3,
+                       pallas_over_xla=best[0] / t_x, best_config=best[1], pallas_rel_err_vs_xla=best[2])
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
