@@ -9,7 +9,9 @@ dominated by the host's dispatch (~40 us per call); inside one program the strea
 the GPU does. Roofline: bf16 reads 13.96 GB per token over the layers, float8 6.98 GB; the engine
 decoded 228 tok/s bf16 and 303 float8 on an H200 (2026-12-01): float8 streams at ~2.8 TB/s where
 bf16 reaches ~3.9 if the rest of a step costs the same. This decides whether a Pallas GEMV would
-lift float8 batch-1 decode toward ~390 tok/s.
+lift float8 batch-1 decode toward ~390 tok/s. Measured on an H200 (2026-12-01, docs/benchmarks.md):
+it does not; the Pallas GEMV took 1.11x (1 row) and 1.23x (16 rows) XLA's time, and XLA's float8
+stream took 0.63-0.70x bf16's (2.35-2.50 TB/s against 2.96-3.51).
 
     python scripts/bench_fp8_decode_stream.py [--layers 32] [--rows 1]
 """
@@ -34,7 +36,7 @@ CONFIGS = [(64, 256, 2, 4, 4), (64, 128, 2, 4, 4), (32, 256, 2, 4, 4), (64, 256,
 def stream(layers, x, lin):
     """x [M, E] through every layer's projections (no attention): what a decode step reads from
     its weights. lin(x, w, name) -> x @ w. Each layer starts from an RMS-normalized x, so 32
-    random layers stay finite (an unnormalized stream overflowed: NaN errors on 2026-12-01)."""
+    random layers stay finite (an unnormalized stream overflowed to NaN on 2026-12-01)."""
     for lp in layers:
         xf = x.astype(jnp.float32)
         x = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + 1e-6)).astype(x.dtype)
@@ -74,8 +76,10 @@ def main():
         f_b = jax.jit(functools.partial(stream, lin=lambda x, w, n: x @ w))
         f_x = jax.jit(functools.partial(stream, lin=lambda x, w, n: quant.linear(x, w, weight_only=True)))
         t_b, t_x = timed(f_b, (bf16, x)), timed(f_x, (fp8, x))
-        ref = f_x(fp8, x).astype(jnp.float32)
-        ref_b = f_b(bf16, x).astype(jnp.float32)
+        # errors over one layer: 32 random layers amplify any rounding difference chaotically
+        # (relative errors ~1.4 between every pair of variants on 2026-12-01), so they check nothing
+        ref = f_x(fp8[:1], x).astype(jnp.float32)
+        ref_b = f_b(bf16[:1], x).astype(jnp.float32)
         out = dict(kind="decode_stream", rows=m, layers=a.layers, bf16_ms=t_b * 1e3, bf16_tb_s=gb_bf16 / t_b / 1e3,
                    xla_fp8_ms=t_x * 1e3, xla_fp8_tb_s=gb_bf16 / 2 / t_x / 1e3, xla_fp8_over_bf16=t_x / t_b,
                    xla_fp8_rel_err_vs_bf16=float(jnp.linalg.norm(ref - ref_b) / jnp.linalg.norm(ref_b)))
@@ -95,7 +99,7 @@ def main():
             except Exception as e:  # noqa: BLE001 (a tile that does not fit)
                 print(json.dumps({"rows": m, "config": list(cfg), "error": str(e).splitlines()[0][:160]}), flush=True)
                 continue
-            got = f_p(fp8, x).astype(jnp.float32)
+            got = f_p(fp8[:1], x).astype(jnp.float32)
             err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
             print(json.dumps({"rows": m, "config": list(cfg), "pallas_ms": t_p * 1e3, "rel_err_vs_xla": err}),
                   flush=True)

@@ -4,8 +4,9 @@
 # Usage (GPU machine, repo root): bash scripts/device_suite.sh [engine|table|probes|mesh|kernel|profile|steps]
 #   table: issue 6's whole table in one call (~6 minutes on an H200): the engine suite at K=1 and 16
 #          on b1, 128x128, 1024x128 and 1000x1000, serving (scripts/device_serve.sh: carry .whl), HF
-#   probes: the GEMM probes waiting for a GPU (~5 minutes): scripts/bench_fp8_gemv.py (weight-only
-#           float8 GEMV, Pallas vs XLA), scripts/bench_fp8_gemm.py (both float8 paths at 16-256 rows:
+#   probes: the GEMM probes (~6 minutes): scripts/bench_fp8_gemv.py (weight-only float8 GEMV, Pallas
+#           vs XLA, one call each), scripts/bench_fp8_decode_stream.py (the same over 32 layers in one
+#           program), scripts/bench_fp8_gemm.py (both float8 paths at 16-256 rows:
 #           where weight-only should stop), scripts/bench_mlp_fusion.py at 1,024 and 8,192 rows
 #           (Triton off, row chunks), then the float8 engine on b1 / 128x128 / 1024x128
 #   kernel: the kernel's GPU tests, scripts/bench_attention.py (kernel vs its one-block loop vs JAX's
@@ -30,6 +31,8 @@ elif [ "$MODE" = table ]; then
 elif [ "$MODE" = probes ]; then
   python3 scripts/bench_ceilings.py 2>&1 | grep '^{' | tee -a "$OUT/results.jsonl"
   timeout 150 python3 scripts/bench_fp8_gemv.py 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
+  timeout 150 python3 scripts/bench_fp8_decode_stream.py --rows 1 16 2>&1 | tee -a "$OUT/log.txt" | grep '^{' \
+    | tee -a "$OUT/results.jsonl"
   timeout 120 python3 scripts/bench_fp8_gemm.py --rows 16 64 128 256 2>&1 | tee -a "$OUT/log.txt" | grep '^{' \
     | tee -a "$OUT/results.jsonl"
   timeout 150 python3 scripts/bench_mlp_fusion.py --rows 1024 8192 2>&1 | tee -a "$OUT/log.txt" | grep '^{' \
