@@ -40,7 +40,7 @@ class ModelConfig:
     served_model_name: Optional[str] = None
     chat_template: Optional[str] = None  # a Jinja template string or a path to a file holding one
     revision: Optional[str] = None
-    # "fp8": the layer projections are quantized to float8 e4m3 after loading (per-channel weight
+    # "fp8": the layer projections are quantized to float8 e4m3 as they load (per-channel weight
     # scales, per-token activation scales; models/quant.py). None: the checkpoint's dtype.
     quantization: Optional[str] = None
     # Overrides of the checkpoint's config.json (vLLM's --rope-scaling / --rope-theta), e.g.
