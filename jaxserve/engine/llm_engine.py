@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -115,7 +116,8 @@ class LLMEngine:
                            shardings_fn=lambda arch: self.plan.param_shardings(registry.model_module(arch), arch))
         t0 = time.perf_counter()
         # quantization: each layer projection becomes float8 as it is placed (models/quant.py)
-        self.model = load_model(mc, self.dtype, quantization=mc.quantization, **load_kw)
+        self.model = load_model(mc, self.dtype, quantization=mc.quantization,
+                                before_load=functools.partial(self._check_weights_fit, devices), **load_kw)
         module = registry.model_module(self.model.arch)
         if hasattr(module, "fuse_qkv"):  # one attention-projection GEMM per layer (models/llama.py)
             self.model = dataclasses.replace(self.model, params=module.fuse_qkv(self.model.params, self.model.arch))
@@ -156,6 +158,23 @@ class LLMEngine:
         self._num_steps = 0
         self._inflight = None  # (SchedulerOutput, PendingStep): the next step, already dispatched
         self.trace: Optional[list] = None  # set to [] to record per-step scheduler stats
+
+    def _check_weights_fit(self, devices, arch) -> None:
+        """Before loading: refuse a model whose weights cannot fit on its devices (ModelTooLargeError
+        naming float8 weights or more devices), instead of running out of memory while loading."""
+        import jax
+
+        from jaxserve.models import footprint, registry
+
+        pc, mc = self.config.parallel, self.config.model
+        device = (devices or jax.local_devices())[0]
+        limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
+        shapes = registry.model_module(arch).param_shapes(arch)
+        footprint.check_weights_fit(
+            footprint.weight_bytes(shapes, self.dtype, mc.quantization),
+            devices=pc.tensor_parallel_size * pc.pipeline_parallel_size, device_limit=limit,
+            where=device.device_kind, utilization=self.config.cache.gpu_memory_utilization,
+            quantization=mc.quantization, fp8_total=footprint.weight_bytes(shapes, self.dtype, "fp8"))
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> "LLMEngine":

@@ -301,11 +301,13 @@ def _eos_from_dir(d: str, tokenizer) -> list[int]:
 
 def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = None,
                max_model_len: Optional[int] = None, transform_fn: Optional[Callable] = None,
-               arch_fn: Optional[Callable] = None, quantization: Optional[str] = None) -> LoadedModel:
+               arch_fn: Optional[Callable] = None, quantization: Optional[str] = None,
+               before_load: Optional[Callable] = None) -> LoadedModel:
     """shardings_fn(arch) -> pytree of shardings (or None); transform_fn(checkpoint_arch, arch) ->
     per-tensor rewrite (path, array) -> array; arch_fn(arch) -> the arch the engine runs (e.g. with
     KV heads replicated for tensor parallelism); quantization ("fp8" or None): quantize each layer
-    projection as it is placed (models/quant.py)."""
+    projection as it is placed (models/quant.py); before_load(arch): called once the arch is known,
+    before any tensor is read or placed (the engine checks that the weights fit: models/footprint.py)."""
     from jaxserve import tokenizer as tok_mod
 
     kind, path = resolve(mc)
@@ -320,6 +322,8 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
         reader = gguf_reader.open_gguf(path)
         cfg = gguf_reader.hf_config(reader)
         arch, tf = _finish_arch(_arch(cfg, mc, max_model_len), arch_fn, transform_fn)
+        if before_load is not None:
+            before_load(arch)
         sh = shardings_fn(arch) if shardings_fn else None
         params = build_params(arch, gguf_reader.iter_tensors(reader, cfg), dtype, sh, tf, on_placed)
         tokenizer = tok_mod.load_tokenizer(mc.tokenizer or path)
@@ -330,6 +334,8 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)
         arch, tf = _finish_arch(_arch(cfg, mc, max_model_len), arch_fn, transform_fn)
+        if before_load is not None:
+            before_load(arch)
         sh = shardings_fn(arch) if shardings_fn else None
         params = build_params(arch, _iter_safetensors(_safetensors_files(path)), dtype, sh, tf, on_placed)
         tokenizer = tok_mod.load_tokenizer(mc.tokenizer or path)
@@ -344,6 +350,8 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
             cfg = dict(DUMMY_SHAPES[path], architectures=["LlamaForCausalLM"])
         arch, _ = _finish_arch(_arch(cfg, mc, max_model_len), arch_fn, None)
         module = registry.model_module(arch)
+        if before_load is not None:
+            before_load(arch)
         sh = shardings_fn(arch) if shardings_fn else None
         params = module.init_dummy_params(arch, dtype, mc.seed, sh, on_placed)
         tokenizer = tok_mod.DummyTokenizer(arch.vocab_size)
