@@ -1,20 +1,21 @@
 """top-k / top-p thresholds without sorting the logits: a radix search over the logits' 32-bit
-order keys, RADIX_BITS per pass, against the engine's sort (runner/sampler.py `_filtered`).
+order keys, a few bits per pass, against the engine's sort (runner/sampler.py `_filtered`).
 
 Why: the "filtered" sampler mode (any request with top_k / top_p / min_p or penalties) sorts every
 row; on an H200 (2026-12-01, scripts/bench_sampler.py) that took 10.7 ms and 3.91 GiB of
 temporaries at 1,024 rows x 128,256 (12.4 ms with logprobs), 2.8 ms at 256 rows, 0.54 ms at 16:
 about a third of a Llama-3-8B decode step at 1,024 rows. A radix search reads the logits
-32 / RADIX_BITS times and keeps no sorted copy.
+32 / bits times and keeps no sorted copy.
 
 Not wired into the engine: written and checked against the sorted oracle on the CPU
-(tests/bench/test_filter_probe.py), where XLA materializes the search's [S, 2^RADIX_BITS, V]
-comparison (17.4 GiB of temporaries at 1,024 x 128,256 with 4 bits); whether XLA's GPU backend fuses it into
-the reductions instead, and how fast each width runs, is what this script measures (the session
-that wrote it had no device time left). If it does not fuse, the next step is a Pallas kernel
+(tests/bench/test_filter_probe.py). XLA's CPU backend keeps the per-digit comparisons in memory:
+temporaries at 1,024 x 128,256 of 17.4 GiB (4 bits, broadcast), 16.2 (4 bits, loop), 4.4 (2 bits,
+loop), 2.5 (1 bit) against the sort's 2.0 (3.91 on an H200). Whether XLA's GPU backend fuses them
+into the reductions instead, and how fast each width runs, is what this script measures (the
+session that wrote it had no device time left). If it does not fuse, the next step is a Pallas kernel
 that histograms one row's digits in shared memory per pass.
 
-    python scripts/bench_filter_radix.py [--rows 16 256 1024] [--bits 1 2 4]
+    python scripts/bench_filter_radix.py [--rows 16 256 1024] [--bits 1 2 4] [--impls broadcast loop]
 """
 import argparse
 import functools
@@ -36,31 +37,37 @@ def order_keys(x):
     return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(1 << 31))
 
 
-def radix_threshold(keys, weights, target, bits: int):
+def radix_threshold(keys, weights, target, bits: int, impl: str = "broadcast"):
     """keys [S, V] uint32, weights [S, V] (>= 0), target [S] -> [S] uint32: the largest key T with
     sum(weights[keys > T]) >= target, so keeping keys > T keeps the fewest largest elements whose
-    weight reaches the target (with their ties). One pass over [S, V] per `bits` bits, each testing
-    every digit of the next place at once ([S, 2^bits] sums)."""
+    weight reaches the target (with their ties). One place of `bits` bits at a time, testing every
+    digit of it ([S, 2^bits] sums): impl "broadcast" as one [S, 2^bits, V] comparison reduced over V
+    (one pass if XLA fuses it; the CPU backend materializes it), "loop" as 2^bits separate [S, V]
+    reductions (never materialized; one pass only if XLA fuses the siblings)."""
     digits = jnp.arange(1 << bits, dtype=jnp.uint32)
     prefix = jnp.zeros(keys.shape[:1], jnp.uint32)
     for shift in range(32 - bits, -1, -bits):
         cand = prefix[:, None] + (digits << shift)[None, :]  # [S, R]: the next place's digits
-        above = jnp.sum(jnp.where(keys[:, None, :] > cand[:, :, None], weights[:, None, :], 0), axis=-1)
+        if impl == "broadcast":
+            above = jnp.sum(jnp.where(keys[:, None, :] > cand[:, :, None], weights[:, None, :], 0), axis=-1)
+        else:
+            above = jnp.stack([jnp.sum(jnp.where(keys > cand[:, r:r + 1], weights, 0), axis=-1)
+                               for r in range(1 << bits)], axis=-1)
         d = jnp.maximum(jnp.sum(above >= target[:, None], axis=-1) - 1, 0).astype(jnp.uint32)
         prefix = prefix + (d << shift)
     return prefix
 
 
-@functools.partial(jax.jit, static_argnames=("bits",))
-def filtered_radix(scaled, top_k, top_p, min_p, *, bits: int = 4):
+@functools.partial(jax.jit, static_argnames=("bits", "impl"))
+def filtered_radix(scaled, top_k, top_p, min_p, *, bits: int = 4, impl: str = "broadcast"):
     """sampler._filtered's result (scaled [S, V] with tokens outside top-k / top-p / min-p at -inf)
     from radix-searched thresholds; top_k [S] int32 (0: off), top_p, min_p [S] float32."""
     s, v = scaled.shape
     keys = order_keys(scaled)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-    kth = radix_threshold(keys, jnp.ones(keys.shape, jnp.int32), k, bits)
+    kth = radix_threshold(keys, jnp.ones(keys.shape, jnp.int32), k, bits, impl)
     e = jnp.exp(scaled - scaled.max(-1, keepdims=True))  # [S, V] unnormalized probabilities
-    pth = radix_threshold(keys, e, top_p * e.sum(-1), bits)
+    pth = radix_threshold(keys, e, top_p * e.sum(-1), bits, impl)
     pth = jnp.where(top_p >= 1.0, jnp.uint32(0), pth)
     thresh = jnp.minimum(jnp.maximum(kth, pth), keys.max(-1) - 1)  # the largest token always stays
     keep = (keys > thresh[:, None]) & (e >= min_p[:, None] * e.max(-1, keepdims=True))
@@ -88,6 +95,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[16, 256, 1024])
     ap.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--impls", nargs="+", default=["broadcast", "loop"], choices=("broadcast", "loop"))
     ap.add_argument("--vocab", type=int, default=128256)
     a = ap.parse_args()
     for S in a.rows:
@@ -97,14 +105,16 @@ def main():
         line = dict(kind="filter_radix", rows=S, vocab=a.vocab, sort_ms=1e3 * timed(lambda: filtered_sort(*args)),
                     sort_temp_gib=filtered_sort.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2 ** 30)
         for b in a.bits:
-            f = functools.partial(filtered_radix, bits=b)
-            try:
-                line[f"radix{b}_ms"] = 1e3 * timed(lambda: f(*args))
-                line[f"radix{b}_temp_gib"] = (filtered_radix.lower(*args, bits=b).compile().memory_analysis()
-                                              .temp_size_in_bytes / 2 ** 30)
-                line[f"radix{b}_same_kept"] = bool(jnp.all((f(*args) > -jnp.inf) == want))
-            except Exception as e:  # noqa: BLE001 (e.g. out of memory where XLA materializes the search)
-                line[f"radix{b}_error"] = str(e).splitlines()[0][:160]
+            for impl in a.impls:
+                f = functools.partial(filtered_radix, bits=b, impl=impl)
+                name = f"{impl}{b}"
+                try:
+                    line[f"{name}_ms"] = 1e3 * timed(lambda: f(*args))
+                    line[f"{name}_temp_gib"] = (filtered_radix.lower(*args, bits=b, impl=impl).compile()
+                                                .memory_analysis().temp_size_in_bytes / 2 ** 30)
+                    line[f"{name}_same_kept"] = bool(jnp.all((f(*args) > -jnp.inf) == want))
+                except Exception as e:  # noqa: BLE001 (e.g. out of memory where XLA materializes the search)
+                    line[f"{name}_error"] = str(e).splitlines()[0][:160]
         print(json.dumps(line), flush=True)
 
 

@@ -6,8 +6,8 @@
 #          on b1, 128x128, 1024x128 and 1000x1000, serving (scripts/device_serve.sh: carry .whl), HF
 #   probes: the GEMM probes (~6 minutes): scripts/bench_fp8_gemv.py (weight-only float8 GEMV, Pallas
 #           vs XLA, one call each), scripts/bench_fp8_decode_stream.py (the same over 32 layers in one
-#           program), scripts/bench_filter_radix.py (top-k / top-p without a sort), scripts/bench_fp8_gemm.py (both float8 paths at 16-256 rows:
-#           where weight-only should stop), scripts/bench_mlp_fusion.py at 1,024 and 8,192 rows
+#           program), scripts/bench_filter_radix.py (top-k / top-p without a sort),
+#           scripts/bench_fp8_gemm.py (both float8 paths at 16-256 rows: where weight-only should stop), scripts/bench_mlp_fusion.py at 1,024 and 8,192 rows
 #           (Triton off, row chunks), then the float8 engine on b1 / 128x128 / 1024x128
 #   kernel: the kernel's GPU tests, scripts/bench_attention.py (kernel vs its one-block loop vs JAX's
 #           paged attention vs XLA) and the tile sweep; profile: the engine suite under the profiler

@@ -104,8 +104,8 @@ class LeafQuantizer:
     70B fits where its bf16 weights would not) and the float8 tensors lie one after another
     instead of among the holes a whole 16-bit model leaves when it is quantized afterwards. On an
     H200 (8B), quantized afterwards: the sampler's 3.92 GiB block did not fit in the 9.3 GiB the
-    KV cache left free and warm-up restarted; quantized while loading: 0.77 GiB of holes, a 9.55
-    GiB largest free block after the cache, no restart. Shardings follow the originals; one
+    KV cache left free and warm-up restarted; quantized while loading: 0.03 GiB of holes, a 9.55
+    GiB largest free block after the cache, no restart (docs/benchmarks.md, 2026-12-01). Shardings follow the originals; one
     compiled quantizer per (shape, dtype, sharding)."""
 
     def __init__(self, method: str):

@@ -39,7 +39,7 @@ OOM_MIN_SHARE = 0.05
 
 
 class _StepWillNotFit(Exception):
-    """A compiled step's temporaries exceed the memory the KV cache left (found before running it)."""
+    """A compiled program's temporaries exceed the memory the KV cache left (found before running it)."""
 
     def __init__(self, needed: int):
         super().__init__(f"a compiled step needs {needed / kvc.GIB:.2f} GiB more than the KV cache leaves")
@@ -267,7 +267,7 @@ class Warmup:
                         if "largest_free_block_bytes" in stats else "unknown", have * per_block / kvc.GIB)
         logger.warning("warm-up: %s (%s, at %s); the KV cache gives back %.2f GiB: "
                        "%d -> %d blocks (%d tokens), and warm-up starts over",
-                       "a compiled step would not fit" if isinstance(err, _StepWillNotFit)
+                       "a compiled program would not fit" if isinstance(err, _StepWillNotFit)
                        else "a step ran out of device memory",
                        f"asked for {asked / kvc.GIB:.2f} GiB" if asked is not None else first_line,
                        self._warmup_at,
