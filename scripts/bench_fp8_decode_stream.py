@@ -18,12 +18,12 @@ stream took 0.63-0.70x bf16's (2.35-2.50 TB/s against 2.96-3.51).
 import argparse
 import functools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 
-from bench_fp8_gemv import gemv  # (scripts/ is on sys.path when a script in it runs)
+from bench_fp8_gemm import pipelined  # (scripts/ is on sys.path when a script in it runs)
+from bench_fp8_gemv import gemv
 from jaxserve.models import quant
 
 E, F, HQ, HKV = 4096, 14336, 4096, 1024  # Llama-3-8B: hidden, MLP, q width, k / v width
@@ -49,15 +49,6 @@ def stream(layers, x, lin):
     return x
 
 
-def timed(f, args, iters=20):
-    jax.block_until_ready(f(*args))
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        out = f(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / iters
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -75,7 +66,7 @@ def main():
         x = jax.random.normal(jax.random.fold_in(key, 99 + m), (m, E), jnp.bfloat16)
         f_b = jax.jit(functools.partial(stream, lin=lambda x, w, n: x @ w))
         f_x = jax.jit(functools.partial(stream, lin=lambda x, w, n: quant.linear(x, w, weight_only=True)))
-        t_b, t_x = timed(f_b, (bf16, x)), timed(f_x, (fp8, x))
+        t_b, t_x = pipelined(f_b, (bf16, x)), pipelined(f_x, (fp8, x))
         # errors over one layer: 32 random layers amplify any rounding difference chaotically
         # (relative errors ~1.4 between every pair of variants on 2026-12-01), so they check nothing
         ref = f_x(fp8[:1], x).astype(jnp.float32)
@@ -95,7 +86,7 @@ def main():
 
             f_p = jax.jit(functools.partial(stream, lin=lin))
             try:
-                t_p = timed(f_p, (fp8, x))
+                t_p = pipelined(f_p, (fp8, x))
             except Exception as e:  # noqa: BLE001 (a tile that does not fit)
                 print(json.dumps({"rows": m, "config": list(cfg), "error": str(e).splitlines()[0][:160]}), flush=True)
                 continue
