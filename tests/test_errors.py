@@ -71,3 +71,29 @@ def test_rope_scaling_extends_the_context_and_bad_values_are_explained():
     assert len(out[0].outputs[0].token_ids) == 4
     with pytest.raises(ValueError, match="max_model_len=20000"):
         LLM(rope_scaling=sc, max_model_len=20000, warmup=False)
+
+
+def test_weights_that_cannot_fit_are_refused_before_loading(monkeypatch, capsys):
+    """A device whose allocator cannot hold the weights (faked: the CPU has no such limit) gets a
+    ModelTooLargeError naming float8 weights and the devices that would fit, before any tensor is
+    placed; the CLI prints it as an error line."""
+    from jaxserve.cli import main
+    from jaxserve.engine import llm_engine
+    from jaxserve.models import footprint, llama
+    from jaxserve.models.loader import DUMMY_SHAPES
+
+    placed = []
+    monkeypatch.setattr(llama, "init_dummy_params", lambda *a, **k: placed.append(1))
+    arch = llama.LlamaConfig.from_hf_config(dict(DUMMY_SHAPES["tiny"], architectures=["LlamaForCausalLM"]))
+    total = footprint.weight_bytes(llama.param_shapes(arch), "float32")
+    fp8 = footprint.weight_bytes(llama.param_shapes(arch), "float32", "fp8")
+    limit = total // 3
+    monkeypatch.setattr(llm_engine, "_allocator_limit", lambda device: limit)
+    with pytest.raises(footprint.ModelTooLargeError) as e:
+        LLM(model="tiny", load_format="dummy", dtype="float32", warmup=False)
+    msg = str(e.value)
+    assert "at least 3 devices" in msg and f"{limit / 2**30:.1f} GiB the allocator may use" in msg
+    assert f"quantization='fp8' ({fp8 / 2**30:.1f} GiB: " in msg
+    assert not placed  # refused before the weights were made
+    rc = main(["generate", "--model", "tiny", "--load-format", "dummy", "--dtype", "float32", "--prompt", "x"])
+    assert rc == 2 and "error: the model's weights take" in capsys.readouterr().err

@@ -68,6 +68,11 @@ class _ReqState:
     stream: bool = True  # report every step's progress (else only the finished request)
 
 
+def _allocator_limit(device) -> Optional[int]:
+    """The bytes the device's allocator may hand out (None on the CPU: host memory, not checked)."""
+    return None if device.platform == "cpu" else (device.memory_stats() or {}).get("bytes_limit")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, devices=None):
         """devices: the devices of this replica (default: the first tp x pp visible ones);
@@ -168,7 +173,7 @@ class LLMEngine:
 
         pc, mc = self.config.parallel, self.config.model
         device = (devices or jax.local_devices())[0]
-        limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
+        limit = _allocator_limit(device)
         shapes = registry.model_module(arch).param_shapes(arch)
         footprint.check_weights_fit(
             footprint.weight_bytes(shapes, self.dtype, mc.quantization),
