@@ -93,9 +93,7 @@ class Warmup:
                 compiled = [f.result() for f in steps]
                 samplers = []
                 try:
-                    samplers = [f.result() for f in side[:len(logits) * len(SAMPLER_VARIANTS)]]
-                    for f in side:
-                        f.result()
+                    samplers = [f.result() for f in side][:len(logits) * len(SAMPLER_VARIANTS)]
                 except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
                     logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
                 return self._report_step_temps(list(reversed(jobs)), compiled, samplers)
