@@ -5,7 +5,7 @@ engine. One JSON line per result.
 
     python3 scripts/bench_engine_suite.py --steps 1 8 [--async-scheduling on off] [--mesh]
         [--workloads b1 128x128 1024x128 1000x1000] [--timeline]
-        [--admission-headroom-tokens 0 256] [--num-gpu-blocks-override N]
+        [--admission-headroom-tokens 0 256] [--num-gpu-blocks-override N] [--sampling filtered]
 
 --mesh builds the engine through the device-mesh path (ParallelPlan with tp=1, pp=1) instead of
 the single-device path, to measure what the mesh costs on one GPU.
@@ -25,6 +25,7 @@ WORKLOADS = {  # name -> (kind, input_len, output_len, num_prompts or batch)
     "1000x1000": ("throughput", 1000, 1000, 256),
     "smoke": ("throughput", 64, 32, 32),
 }
+SAMPLING = {"random": None, "filtered": dict(temperature=0.8, top_k=50, top_p=0.95)}
 
 
 def main():
@@ -46,6 +47,8 @@ def main():
     ap.add_argument("--num-gpu-blocks-override", type=int, default=None,
                     help="KV cache blocks (of 16 tokens), e.g. 26300 for an H100's ~421k tokens of Llama-3-8B")
     ap.add_argument("--mesh", action="store_true")
+    ap.add_argument("--sampling", choices=tuple(SAMPLING), default="random",
+                    help="throughput workloads' sampling: random (temperature 1) or filtered (top-k / top-p)")
     ap.add_argument("--timeline", action="store_true", help="also run each throughput workload once more "
                     "(largest K) with the engine's step trace on and print where the wall time went: prefill "
                     "steps, decode steps by batch fill, preemptions")
@@ -96,8 +99,10 @@ def main():
             if kind == "latency":
                 res = run_latency({}, batch_size=n, input_len=il, output_len=ol, num_iters=3, llm=llm)
             else:
-                res = run_throughput({}, dataset="random", num_prompts=n, input_len=il, output_len=ol, llm=llm)
-            res.update(workload=name, num_scheduler_steps=k, async_scheduling=asyn, mesh=a.mesh, kv_cache_dtype=a.kv_cache_dtype,
+                res = run_throughput({}, dataset="random", num_prompts=n, input_len=il, output_len=ol, llm=llm,
+                                     sampling=SAMPLING[a.sampling])
+            res.update(workload=name, sampling=a.sampling, num_scheduler_steps=k, async_scheduling=asyn, mesh=a.mesh,
+                       kv_cache_dtype=a.kv_cache_dtype,
                        admission_headroom_tokens=eng.scheduler.cfg.admission_headroom_tokens,
                        quantization=a.quantization, new_compilations=eng.runner.num_compilations() - c0)
             print(json.dumps(res), flush=True)

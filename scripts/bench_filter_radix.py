@@ -1,21 +1,17 @@
 """top-k / top-p thresholds without sorting the logits: a radix search over the logits' 32-bit
-order keys, a few bits per pass, against the engine's sort (runner/sampler.py `_filtered`).
+order keys, a few bits per pass, against the engine's sort (runner/sampler.py `_filtered`): in
+XLA (impls "broadcast" and "loop", `--bits`) and as the Pallas kernel the sampler uses
+(pallas_kernels/filter_thresholds, `--kernel bits:chunk:num_warps`, GPU only). One JSON line per
+row count: each variant's time (pipelined calls), temporaries and whether it keeps exactly what
+the sort keeps. Inputs: N(0, 3) logits, top_k 50, top_p 0.95 on every row.
 
-Why: the "filtered" sampler mode (any request with top_k / top_p / min_p or penalties) sorts every
-row; on an H200 (2026-12-01, scripts/bench_sampler.py) that took 10.7 ms and 3.91 GiB of
-temporaries at 1,024 rows x 128,256 (12.4 ms with logprobs), 2.8 ms at 256 rows, 0.54 ms at 16:
-about a third of a Llama-3-8B decode step at 1,024 rows. A radix search reads the logits
-32 / bits times and keeps no sorted copy.
-
-Not wired into the engine: written and checked against the sorted oracle on the CPU
-(tests/bench/test_filter_probe.py). XLA's CPU backend keeps the per-digit comparisons in memory:
-temporaries at 1,024 x 128,256 of 17.4 GiB (4 bits, broadcast), 16.2 (4 bits, loop), 4.4 (2 bits,
-loop), 2.5 (1 bit) against the sort's 2.0 (3.91 on an H200). Whether XLA's GPU backend fuses them
-into the reductions instead, and how fast each width runs, is what this script measures (the
-session that wrote it had no device time left). If it does not fuse, the next step is a Pallas kernel
-that histograms one row's digits in shared memory per pass.
+Found on an H200 (2026-12-01, docs/benchmarks.md): XLA's GPU backend does not materialize the
+per-digit comparisons (the CPU's does: 16-17 GiB at 1,024 rows) but is no faster than the sort
+(1,024 rows: 9.8 ms for 4 bits as sibling reductions, 25 ms for 1 bit, the sort 10.1), so the
+sampler runs the Pallas kernel: 5.8 ms there.
 
     python scripts/bench_filter_radix.py [--rows 16 256 1024] [--bits 1 2 4] [--impls broadcast loop]
+        [--kernel 2:1024:4 2:2048:8]
 """
 import argparse
 import functools
@@ -26,6 +22,8 @@ import jax.numpy as jnp
 
 from bench_fp8_gemm import pipelined  # (scripts/ is on sys.path when a script in it runs)
 from jaxserve.runner import sampler
+from pallas_kernels.filter_thresholds import order_keys as signed_order_keys
+from pallas_kernels.filter_thresholds.kernel import filter_thresholds
 
 _NEG_INF = -jnp.inf
 
@@ -74,6 +72,16 @@ def filtered_radix(scaled, top_k, top_p, min_p, *, bits: int = 4, impl: str = "b
     return jnp.where(keep, scaled, _NEG_INF)
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "chunk", "num_warps"))
+def filtered_kernel(scaled, top_k, top_p, min_p, *, bits: int, chunk: int, num_warps: int):
+    """The same result from pallas_kernels/filter_thresholds (one program per row), as the sampler
+    applies it (runner/sampler.py _kept_by_thresholds), at temperature 1."""
+    ones = jnp.ones(scaled.shape[:1], jnp.float32)
+    thresh, m = filter_thresholds(scaled, ones, top_k, top_p, bits=bits, chunk=chunk, num_warps=num_warps)
+    keep = (signed_order_keys(scaled) > thresh[:, None]) & (jnp.exp(scaled - m[:, None]) >= min_p[:, None])
+    return jnp.where(keep, scaled, _NEG_INF)
+
+
 @jax.jit
 def filtered_sort(scaled, top_k, top_p, min_p):
     """The engine's filter (runner/sampler.py, a sort per row) on the same arguments."""
@@ -86,7 +94,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[16, 256, 1024])
     ap.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--impls", nargs="+", default=["broadcast", "loop"], choices=("broadcast", "loop"))
+    ap.add_argument("--impls", nargs="*", default=["broadcast", "loop"], choices=("broadcast", "loop"))
+    ap.add_argument("--kernel", nargs="*", default=["4:256:4", "4:512:8", "4:128:4", "2:1024:4", "2:2048:8",
+                                                      "2:512:4"],
+                    help="Pallas kernel configurations bits:chunk:num_warps (GPU only)")
     ap.add_argument("--vocab", type=int, default=128256)
     a = ap.parse_args()
     for S in a.rows:
@@ -96,7 +107,7 @@ def main():
         line = dict(kind="filter_radix", rows=S, vocab=a.vocab, sort_ms=1e3 * pipelined(filtered_sort, args),
                     sort_temp_gib=filtered_sort.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2 ** 30)
         for b in a.bits:
-            for impl in a.impls:
+            for impl in a.impls or []:
                 f = functools.partial(filtered_radix, bits=b, impl=impl)
                 name = f"{impl}{b}"
                 try:
@@ -106,6 +117,15 @@ def main():
                     line[f"{name}_same_kept"] = bool(jnp.all((f(*args) > -jnp.inf) == want))
                 except Exception as e:  # noqa: BLE001 (e.g. out of memory where XLA materializes the search)
                     line[f"{name}_error"] = str(e).splitlines()[0][:160]
+        for cfg in a.kernel if jax.default_backend() == "gpu" else []:
+            b, c, w = (int(z) for z in cfg.split(":"))
+            f = functools.partial(filtered_kernel, bits=b, chunk=c, num_warps=w)
+            name = f"kernel{b}_{c}_{w}"
+            try:
+                line[f"{name}_ms"] = 1e3 * pipelined(f, args)
+                line[f"{name}_same_kept"] = bool(jnp.all((f(*args) > -jnp.inf) == want))
+            except Exception as e:  # noqa: BLE001
+                line[f"{name}_error"] = str(e).splitlines()[0][:160]
         print(json.dumps(line), flush=True)
 
 

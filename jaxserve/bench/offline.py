@@ -23,9 +23,10 @@ def _build_llm(engine_kwargs: dict):
 
 def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input_len: int, output_len: int,
                    seed: int = 0, range_ratio: float = 0.0, llm=None, dataset_path: Optional[str] = None,
-                   fixed_output_len: Optional[int] = None) -> dict:
+                   fixed_output_len: Optional[int] = None, sampling: Optional[dict] = None) -> dict:
     """llm: an already built LLM (benchmark suites reuse one engine); else built from engine_kwargs.
-    dataset_path: a ShareGPT-format file for dataset "sharegpt", tokenized with the engine's tokenizer."""
+    dataset_path: a ShareGPT-format file for dataset "sharegpt", tokenized with the engine's tokenizer.
+    sampling: SamplingParams fields over the default (temperature 1, no filter), e.g. top_p."""
     check_dataset(dataset, dataset_path)  # before minutes of start-up, not after
     llm, startup_s = (llm, 0.0) if llm is not None else _build_llm(engine_kwargs)
     eng = llm.llm_engine
@@ -33,8 +34,8 @@ def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input
                          eng.max_model_len, seed, range_ratio, dataset_path=dataset_path,
                          tokenizer=eng.tokenizer, fixed_output_len=fixed_output_len)
     num_prompts = len(reqs)  # a dataset file may hold fewer that fit
-    params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.output_len, ignore_eos=True, seed=i)
-              for i, r in enumerate(reqs)]
+    params = [SamplingParams(**{**dict(temperature=1.0, top_p=1.0), **(sampling or {})}, max_tokens=r.output_len,
+                             ignore_eos=True, seed=i) for i, r in enumerate(reqs)]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     # A reused engine must not serve these prompts from the prefix cache of an earlier run.
     if not llm.reset_prefix_cache():
