@@ -12,8 +12,9 @@ largest T where count(key > T) >= k or mass(key > T) >= top_p * total.
 Work split: one program per row. Pass 0 reads the row once for its max and its probability mass
 (online, as in a softmax); each of the 32 / bits radix passes reads it again in chunks of
 `chunk` tokens, compares each key with the 2^bits candidates and accumulates counts and masses
-elementwise in [2^bits, chunk] registers, reduced once per pass (reducing per chunk cost
-1.5-2x). A row without top-k skips the counts, a row with neither filter runs no pass.
+elementwise in [2^bits, chunk] registers, reduced once per pass (a first version that reduced
+across warps in every chunk, with two separate searches, only tied the sort). A row without
+top-k skips the counts, a row with neither filter runs no pass.
 
 Cost (H200, 1,024 rows x 128,256, scripts/bench_filter_radix.py): 2 bits (17 reads of the row,
 8.9 GB: 2.8 ms at the copy ceiling) runs in 5.8 ms against the sort's 10.1 ms; 4 bits (9 reads)
