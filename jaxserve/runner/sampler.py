@@ -17,8 +17,8 @@ Cost (a 1024-row decode step of a 128k vocabulary reads 0.5 GB of float32 logits
 greedy and random modes are one fused reduction over the logits (the noise is hashed in
 registers, not drawn by threefry into memory), and the logit-bias scatter, which makes XLA copy
 the logits first, runs only in the modes that have bias entries ("biased", "filtered"). The
-filtered mode's top-k / top-p thresholds come from a Pallas radix search on GPUs from 64 rows
-(5.8 ms at 1,024 rows on an H200) and from a sort per row otherwise (10.1 ms there).
+filtered mode's top-k / top-p thresholds come from a radix search on GPUs (Pallas from 128 rows:
+5.8 ms at 1,024 rows on an H200; XLA ops below) and from a sort per row elsewhere (10.1 ms there).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jaxserve.runner.sampling_inputs import MAX_BIAS_ENTRIES, PACKED_FIELDS
 from pallas_kernels.filter_thresholds import order_keys
 from pallas_kernels.filter_thresholds.kernel import filter_thresholds
+from pallas_kernels.filter_thresholds.xla import radix_thresholds
 
 _NEG_INF = -jnp.inf
 
@@ -124,7 +125,7 @@ def _choose(logits, t: SamplingTensors, mode: str, penalties: bool, filter_impl:
     logits, plus (rows with temperature > 0) Gumbel noise after temperature and, in "filtered",
     top-k / top-p / min-p (thresholds by a radix search or a sort). Greedy rows of a random batch
     take the same single reduction with no noise. No data-dependent branch, so the step never waits on the device.
-    filter_impl: "auto" (see _filter_impl), "kernel" or "sort" (tests pin one)."""
+    filter_impl: "auto" (see _filter_impl), "kernel", "xla" or "sort" (tests pin one)."""
     if mode not in MODES:
         raise ValueError(f"sampling mode must be one of {MODES}, got {mode!r}")
     processed = _process(logits, t, penalties, bias=mode in ("biased", "filtered"))
@@ -134,8 +135,8 @@ def _choose(logits, t: SamplingTensors, mode: str, penalties: bool, filter_impl:
     scaled = processed / jnp.where(hot, t.temperature, 1.0)[:, None]
     if mode == "filtered":
         impl = _filter_impl(processed.shape[0]) if filter_impl == "auto" else filter_impl
-        if impl == "kernel":
-            scaled = jnp.where(_kept_by_thresholds(processed, t), scaled, _NEG_INF)
+        if impl in ("kernel", "xla"):
+            scaled = jnp.where(_kept_by_thresholds(processed, t, impl), scaled, _NEG_INF)
         else:
             scaled = _filtered(scaled, t)
     z = jnp.where(hot[:, None], scaled + gumbel_noise(t.seeds, t.counters, processed.shape[1]), processed)
@@ -166,29 +167,37 @@ def gumbel_noise(seeds, counters, v: int):
     return -jnp.log(-jnp.log(u))
 
 
-# The radix-search kernel runs one program per row: below this many rows the sort is as fast
-# (H200: 0.93-0.94x the sort's time at 64 and 128 rows, 0.58x at 1,024). Its (bits, chunk, num_warps)
-# from each row count up: the fastest measured (2026-12-01, fifth session,
-# scripts/bench_filter_radix.py; docs/benchmarks.md).
-FILTER_KERNEL_MIN_ROWS = 64
+# The radix-search kernel runs one program per row: below this many rows its XLA form, which
+# spreads every row over the GPU, is faster (H200, 2026-12-01, ms, sort / XLA form / kernel: 16
+# rows 0.52 / 0.21 / 0.87, 64 rows 1.09 / 0.62 / 0.91, 128 rows 1.33 / 2.22 / 1.23; 1,024 rows:
+# kernel 5.8 against the sort's 10.1). The kernel's (bits, chunk, num_warps) from each row count
+# up: the fastest measured (fifth session, scripts/bench_filter_radix.py; docs/benchmarks.md).
+FILTER_KERNEL_MIN_ROWS = 128
 FILTER_KERNEL_CONFIGS = ((512, dict(bits=2, chunk=1024, num_warps=4)), (0, dict(bits=2, chunk=2048, num_warps=8)))
 
 
 def _filter_impl(rows: int) -> str:
-    """The top-k / top-p implementation for a batch of `rows`: the Pallas radix search on NVIDIA
-    GPUs from FILTER_KERNEL_MIN_ROWS rows, else the sort (CPU: the kernel would run in Pallas'
-    interpret mode)."""
-    return "kernel" if jax.default_backend() == "gpu" and rows >= FILTER_KERNEL_MIN_ROWS else "sort"
+    """The top-k / top-p implementation for a batch of `rows`: on NVIDIA GPUs the Pallas radix
+    search from FILTER_KERNEL_MIN_ROWS rows and its XLA form below; elsewhere the sort (the
+    kernel would run in Pallas' interpret mode, and XLA's CPU backend materializes the XLA
+    form's comparisons)."""
+    if jax.default_backend() != "gpu":
+        return "sort"
+    return "kernel" if rows >= FILTER_KERNEL_MIN_ROWS else "xla"
 
 
-def _kept_by_thresholds(processed, t: SamplingTensors):
+def _kept_by_thresholds(processed, t: SamplingTensors, impl: str):
     """processed [S, V] float32 -> [S, V] bool: the tokens top-k / top-p / min-p keep, from the
-    per-row thresholds of pallas_kernels/filter_thresholds (no sorted copy of the logits; at
-    1,024 x 128,256 on an H200 0.49 GiB of temporaries against the sort's 3.9). The same sets as
-    _filtered up to float rounding of the top-p sums at the cut."""
+    per-row thresholds of pallas_kernels/filter_thresholds (impl "kernel": the Pallas search,
+    "xla": its XLA form; no sorted copy of the logits: at 1,024 x 128,256 on an H200 0.49 GiB of
+    temporaries against the sort's 3.9). The same sets as _filtered up to float rounding of the
+    top-p sums at the cut."""
     inv_t = 1.0 / jnp.where(t.temperature > 0, t.temperature, 1.0)
-    cfg = next(c for rows, c in FILTER_KERNEL_CONFIGS if processed.shape[0] >= rows)
-    thresh, m = filter_thresholds(processed, inv_t, t.top_k, t.top_p, **cfg)
+    if impl == "kernel":
+        cfg = next(c for rows, c in FILTER_KERNEL_CONFIGS if processed.shape[0] >= rows)
+        thresh, m = filter_thresholds(processed, inv_t, t.top_k, t.top_p, **cfg)
+    else:
+        thresh, m = radix_thresholds(processed, inv_t, t.top_k, t.top_p)
     keep = order_keys(processed) > thresh[:, None]
     # min-p: p >= min_p * max p, with p = exp((x - max) / T) and max p = 1
     return keep & (jnp.exp((processed - m[:, None]) * inv_t[:, None]) >= t.min_p[:, None])
