@@ -1,5 +1,5 @@
-"""The sampler's top-k / top-p / min-p filter, the engine's (a sort per row) and the radix-search
-probe of scripts/bench_filter_radix.py, against a numpy oracle of the kept sets."""
+"""scripts/bench_filter_radix.py's filters (the sampler's sort path, and the radix search's XLA
+form as the sampler applies it) against the numpy oracle of the kept sets."""
 import sys
 from pathlib import Path
 
@@ -22,8 +22,7 @@ def test_filters_keep_what_sorting_keeps(vocab):
     x, top_k, top_p, min_p, _ = random_filter_batch(rng, rows, vocab)
     args = tuple(jnp.asarray(a) for a in (x, top_k, top_p, min_p))
     engine = np.asarray(bench_filter_radix.filtered_sort(*args)) > -np.inf
-    radix = {(b, impl): np.asarray(bench_filter_radix.filtered_radix(*args, bits=b, impl=impl)) > -np.inf
-             for b, impl in ((1, "broadcast"), (4, "broadcast"), (4, "loop"))}
+    radix = {b: np.asarray(bench_filter_radix.filtered_xla(*args, bits=b)) > -np.inf for b in (1, 4)}
     checked = 0
     for i in range(rows):
         want = kept_by_sort(x[i], int(top_k[i]), float(top_p[i]), float(min_p[i]))

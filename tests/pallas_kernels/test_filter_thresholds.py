@@ -8,6 +8,7 @@ import pytest
 
 from pallas_kernels.filter_thresholds import filter_thresholds_reference, order_keys
 from pallas_kernels.filter_thresholds.kernel import filter_thresholds
+from pallas_kernels.filter_thresholds.xla import radix_thresholds
 from tests.filter_oracle import kept_by_sort, random_filter_batch
 
 
@@ -18,15 +19,18 @@ def test_order_keys_keep_the_floats_order():
     assert k[5] == k[6]  # -0.0 == 0.0, as in comparisons
 
 
-@pytest.mark.parametrize("vocab,chunk,bits", [(1000, 256, 4), (1000, 128, 2), (4099, 1024, 2), (300, 512, 1)])
-def test_thresholds_match_the_sort(vocab, chunk, bits):
-    """Vocabularies that are and are not multiples of the chunk (masked tail), ties, banned tokens,
-    each filter alone, both, and neither; every radix width."""
+@pytest.mark.parametrize("impl,vocab,chunk,bits", [("kernel", 1000, 256, 4), ("kernel", 1000, 128, 2),
+                                                  ("kernel", 4099, 1024, 2), ("kernel", 300, 512, 1),
+                                                  ("xla", 1000, None, 4), ("xla", 4099, None, 2)])
+def test_thresholds_match_the_sort(impl, vocab, chunk, bits):
+    """The Pallas kernel and its XLA form: vocabularies that are and are not multiples of the chunk
+    (masked tail), ties, banned tokens, each filter alone, both, and neither; radix widths."""
     rng = np.random.default_rng(vocab + bits)
     rows = 20
     x, top_k, top_p, min_p, temperature = random_filter_batch(rng, rows, vocab)
     args = tuple(jnp.asarray(a) for a in (x, 1 / temperature, top_k, top_p))
-    got_t, got_m = (np.asarray(a) for a in filter_thresholds(*args, chunk=chunk, bits=bits))
+    got = filter_thresholds(*args, chunk=chunk, bits=bits) if impl == "kernel" else radix_thresholds(*args, bits=bits)
+    got_t, got_m = (np.asarray(a) for a in got)
     want_t, want_m = (np.asarray(a) for a in filter_thresholds_reference(*args))
     np.testing.assert_array_equal(got_m, want_m)
     checked = 0
@@ -50,11 +54,14 @@ def test_bad_arguments_are_refused():
         filter_thresholds(x, jnp.ones(2), jnp.zeros(2, jnp.int32), jnp.ones(2), bits=3)
     with pytest.raises(ValueError, match="power of two"):
         filter_thresholds(x, jnp.ones(2), jnp.zeros(2, jnp.int32), jnp.ones(2), chunk=100)
+    with pytest.raises(ValueError, match="bits must divide 32"):
+        radix_thresholds(x, jnp.ones(2), jnp.zeros(2, jnp.int32), jnp.ones(2), bits=5)
 
 
-def test_sampler_kernel_path_samples_what_the_sort_path_samples():
-    """The same batch through the sampler's filtered mode with each implementation pinned: the
-    same kept sets, so (same noise) the same tokens; rows with temperature 0 stay greedy."""
+def test_sampler_threshold_paths_sample_what_the_sort_path_samples():
+    """The same batch through the sampler's filtered mode with each implementation pinned (the
+    kernel, its XLA form, the sort): the same kept sets, so (same noise) the same tokens; rows
+    with temperature 0 stay greedy."""
     from jaxserve.core.sched_output import SamplingState
     from jaxserve.runner import sampler
     from jaxserve.runner.sampling_inputs import pack_sampling
@@ -71,10 +78,11 @@ def test_sampler_kernel_path_samples_what_the_sort_path_samples():
     assert sb.mode == "filtered"
     t = sampler.unpack_sampling(*(jnp.asarray(a) for a in sb.packed()))
     runs = {impl: np.asarray(jax.jit(lambda lg, t, impl=impl: sampler._choose(
-        lg, t, "filtered", False, filter_impl=impl))(jnp.asarray(x), t)) for impl in ("sort", "kernel")}
+        lg, t, "filtered", False, filter_impl=impl))(jnp.asarray(x), t)) for impl in ("sort", "kernel", "xla")}
     ok = [i for i in range(rows) if temperature[i] == 0 or kept_by_sort(
         x[i], int(top_k[i]), float(top_p[i]), float(min_p[i]), float(temperature[i])) is not None]
     assert len(ok) >= rows - 3
-    np.testing.assert_array_equal(runs["kernel"][ok], runs["sort"][ok])
     cold = temperature == 0
-    np.testing.assert_array_equal(runs["kernel"][cold], x[cold].argmax(-1))
+    for impl in ("kernel", "xla"):
+        np.testing.assert_array_equal(runs[impl][ok], runs["sort"][ok], err_msg=impl)
+        np.testing.assert_array_equal(runs[impl][cold], x[cold].argmax(-1), err_msg=impl)
