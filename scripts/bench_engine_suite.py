@@ -48,7 +48,8 @@ def main():
                     help="KV cache blocks (of 16 tokens), e.g. 26300 for an H100's ~421k tokens of Llama-3-8B")
     ap.add_argument("--mesh", action="store_true")
     ap.add_argument("--sampling", choices=tuple(SAMPLING), default="random",
-                    help="throughput workloads' sampling: random (temperature 1) or filtered (top-k / top-p)")
+                    help="filtered: every request with temperature 0.8, top_k 50, top_p 0.95; else the "
+                    "throughput workloads sample at temperature 1, the latency one greedily")
     ap.add_argument("--timeline", action="store_true", help="also run each throughput workload once more "
                     "(largest K) with the engine's step trace on and print where the wall time went: prefill "
                     "steps, decode steps by batch fill, preemptions")
@@ -97,7 +98,8 @@ def main():
                                                     **({} if hr is None else dict(admission_headroom_tokens=hr)))
             c0 = eng.runner.num_compilations()
             if kind == "latency":
-                res = run_latency({}, batch_size=n, input_len=il, output_len=ol, num_iters=3, llm=llm)
+                res = run_latency({}, batch_size=n, input_len=il, output_len=ol, num_iters=3, llm=llm,
+                                  sampling=SAMPLING[a.sampling])
             else:
                 res = run_throughput({}, dataset="random", num_prompts=n, input_len=il, output_len=ol, llm=llm,
                                      sampling=SAMPLING[a.sampling])

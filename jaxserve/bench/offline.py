@@ -91,10 +91,11 @@ LATENCY_PERCENTILES = (10, 25, 50, 75, 90, 99)  # what vLLM's `bench latency` pr
 
 
 def run_latency(engine_kwargs: dict, *, batch_size: int, input_len: int, output_len: int,
-                num_iters: int = 3, num_iters_warmup: int = 1, llm=None) -> dict:
+                num_iters: int = 3, num_iters_warmup: int = 1, llm=None, sampling: Optional[dict] = None) -> dict:
     """Batch-N: time to first token (prefill of the batch), decode tokens/s per sequence, and the
     batch's end-to-end latency (mean and percentiles over the timed iterations), medians over
-    num_iters iterations after num_iters_warmup untimed ones."""
+    num_iters iterations after num_iters_warmup untimed ones. sampling: SamplingParams fields over
+    the default (greedy), e.g. temperature and top_p."""
     if num_iters < 1 or num_iters_warmup < 0:
         raise ValueError(f"--num-iters must be >= 1 and --num-iters-warmup >= 0 (got {num_iters}, {num_iters_warmup})")
     llm, startup_s = (llm, 0.0) if llm is not None else _build_llm(engine_kwargs)
@@ -105,8 +106,9 @@ def run_latency(engine_kwargs: dict, *, batch_size: int, input_len: int, output_
     for it in range(num_iters_warmup + num_iters):  # the warm-up iterations are not timed
         for i in range(batch_size):
             ids = rng.integers(min(1000, vocab // 2), vocab, input_len).tolist()
-            eng.add_request(f"lat-{it}-{i}", ids, SamplingParams(temperature=0, max_tokens=output_len,
-                                                                  ignore_eos=True))
+            sp = SamplingParams(**{"temperature": 0.0, **(sampling or {})}, max_tokens=output_len, ignore_eos=True,
+                                seed=i)
+            eng.add_request(f"lat-{it}-{i}", ids, sp)
         t0 = time.perf_counter()
         first = None
         while eng.has_unfinished_requests():
