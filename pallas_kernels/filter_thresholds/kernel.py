@@ -57,8 +57,11 @@ def _kernel(x_ref, inv_temp_ref, top_k_ref, top_p_ref, thresh_ref, max_ref, *, v
         m, total = carry
         x, _ = load(i)
         m_new = jnp.maximum(m, jnp.max(x))
-        total = total * jnp.exp((m - m_new) * inv_t) + jnp.sum(jnp.exp((x - m_new) * inv_t))
-        return m_new, total
+        # While every token so far is -inf (banned or masked), there is no mass to rescale and
+        # (-inf) - (-inf) would make it NaN.
+        ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        total = jnp.where(m == -jnp.inf, 0.0, total * jnp.exp((m - ref) * inv_t))
+        return m_new, total + jnp.sum(jnp.exp((x - ref) * inv_t))
 
     m, total = jax.lax.fori_loop(0, n_chunks, max_and_mass, (jnp.float32(-jnp.inf), jnp.float32(0)))
     k_on = k < v

@@ -48,6 +48,23 @@ def test_thresholds_match_the_sort(impl, vocab, chunk, bits):
     assert checked >= rows // 2
 
 
+@pytest.mark.parametrize("impl", ["kernel", "xla"])
+def test_rows_that_start_with_whole_chunks_of_banned_tokens(impl):
+    """Leading chunks all -inf (a mask over most of the vocabulary), down to one finite token:
+    the online max / mass must not turn NaN before the first finite value."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 1000)).astype(np.float32)
+    x[:, :300] = -np.inf
+    x[2, :999] = -np.inf
+    x[3, 500:] = -np.inf
+    args = (jnp.asarray(x), jnp.asarray([1.0, 0.5, 1.0, 2.0], jnp.float32), jnp.asarray([5, 0, 0, 0], jnp.int32),
+            jnp.asarray([0.9, 0.5, 0.9, 0.7], jnp.float32))
+    got = filter_thresholds(*args, chunk=128) if impl == "kernel" else radix_thresholds(*args)
+    want = filter_thresholds_reference(*args)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_bad_arguments_are_refused():
     x = jnp.zeros((2, 10))
     with pytest.raises(ValueError, match="bits must divide 32"):
