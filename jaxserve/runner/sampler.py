@@ -124,8 +124,9 @@ def _choose(logits, t: SamplingTensors, mode: str, penalties: bool, filter_impl:
     """mode (static, from the host) -> tokens [S] int32: one argmax per row over the processed
     logits, plus (rows with temperature > 0) Gumbel noise after temperature and, in "filtered",
     top-k / top-p / min-p (thresholds by a radix search or a sort). Greedy rows of a random batch
-    take the same single reduction with no noise. No data-dependent branch, so the step never waits on the device.
-    filter_impl: "auto" (see _filter_impl), "kernel", "xla" or "sort" (tests pin one)."""
+    take the same single reduction with no noise. No data-dependent branch, so the step never
+    waits on the device. filter_impl: "auto" (see _filter_impl), "kernel", "xla" or "sort" (tests
+    pin one)."""
     if mode not in MODES:
         raise ValueError(f"sampling mode must be one of {MODES}, got {mode!r}")
     processed = _process(logits, t, penalties, bias=mode in ("biased", "filtered"))

@@ -72,8 +72,6 @@ def _kernel(x_ref, inv_temp_ref, top_k_ref, top_p_ref, thresh_ref, max_ref, *, v
     target = jnp.where(p_on, top_p * total, jnp.inf)
     n_digits = 1 << bits
     digits = jnp.arange(n_digits, dtype=jnp.int32)[:, None]  # [R, 1]
-    # The prefix is in unsigned order (a bit pattern in int32); a key is above candidate c when
-    # key > (c ^ _SIGN) in signed comparison.
 
     def accumulate(i, carry, cand, do_k: bool):
         # elementwise partial sums [R, C], reduced once per pass rather than per chunk

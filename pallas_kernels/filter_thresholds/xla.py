@@ -5,8 +5,8 @@ pass's [S, 2^bits, V] comparisons over the whole GPU: on an H200 at 16 / 32 / 64
 2-bit form took 0.21 / 0.34 / 0.62 ms against the sort's 0.52 / 0.94 / 1.09 and the kernel's 0.87 /
 0.89 / 0.91 (4 bits: 0.24 / 0.43 / 0.82; 2026-12-01, scripts/bench_filter_radix.py); from 128 rows
 it is slower than both (2.22 ms against 1.33 and 1.23), every pass reading the rows again through
-XLA's reductions. XLA's CPU
-backend materializes the comparisons (GiBs at a large vocabulary): GPUs only.
+XLA's reductions. XLA's CPU backend materializes the comparisons (GiBs at a large vocabulary):
+GPUs only.
 """
 from __future__ import annotations
 
