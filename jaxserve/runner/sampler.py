@@ -170,11 +170,13 @@ def gumbel_noise(seeds, counters, v: int):
 
 # The radix-search kernel runs one program per row: below this many rows its XLA form, which
 # spreads every row over the GPU, is faster (H200, 2026-12-01, ms, sort / XLA form / kernel: 16
-# rows 0.52 / 0.21 / 0.87, 64 rows 1.09 / 0.62 / 0.91, 128 rows 1.33 / 2.22 / 1.23; 1,024 rows:
+# rows 0.52 / 0.21 / 0.87, 64 rows 1.09 / 0.62 / 0.91, 128 rows 1.34 / 2.22 / 0.96; 1,024 rows:
 # kernel 5.8 against the sort's 10.1). The kernel's (bits, chunk, num_warps) from each row count
-# up: the fastest measured (fifth session, scripts/bench_filter_radix.py; docs/benchmarks.md).
+# up: the fastest measured (fifth session, calls 5 and 9 of docs/benchmarks.md; fewer rows, wider
+# programs).
 FILTER_KERNEL_MIN_ROWS = 128
-FILTER_KERNEL_CONFIGS = ((512, dict(bits=2, chunk=1024, num_warps=4)), (0, dict(bits=2, chunk=2048, num_warps=8)))
+FILTER_KERNEL_CONFIGS = ((512, dict(bits=2, chunk=1024, num_warps=4)), (256, dict(bits=2, chunk=2048, num_warps=8)),
+                         (0, dict(bits=2, chunk=4096, num_warps=16)))
 
 
 def _filter_impl(rows: int) -> str:
