@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .reference import INT32_MIN, order_keys
+from .reference import INT32_MIN, effective_top_k, order_keys
 
 _SIGN = INT32_MIN  # xor with it maps signed order keys to unsigned order (as int32 bit patterns)
 
@@ -121,7 +121,7 @@ def filter_thresholds(x, inv_temp, top_k, top_p, *, chunk: int = 1024, bits: int
         raise ValueError(f"bits must divide 32 and chunk be a power of two, got bits={bits} chunk={chunk}")
     if interpret is None:
         interpret = jax.devices()[0].platform != "gpu"
-    k = jnp.where((top_k > 0) & (top_k < v), top_k, v).astype(jnp.int32)
+    k = effective_top_k(top_k, v)
     full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
     kwargs = {} if interpret else {"compiler_params": pltriton.CompilerParams(num_warps=num_warps, num_stages=2)}
     return pl.pallas_call(

@@ -23,6 +23,11 @@ def order_keys(x):
     return b ^ ((b >> 31) & jnp.int32(0x7FFFFFFF))
 
 
+def effective_top_k(top_k, v: int):
+    """top_k [S] int32 -> [S] int32 in [1, V]: V where the filter is off (<= 0 or >= V)."""
+    return jnp.where((top_k > 0) & (top_k < v), top_k, v).astype(jnp.int32)
+
+
 @jax.jit
 def filter_thresholds_reference(x, inv_temp, top_k, top_p):
     """x [S, V] float32 logits, inv_temp [S] float32 (> 0), top_k [S] int32, top_p [S] float32
@@ -31,7 +36,7 @@ def filter_thresholds_reference(x, inv_temp, top_k, top_p):
     keys = order_keys(x)
     desc = -jnp.sort(-keys, axis=-1)  # [S, V] keys, largest first
     m = x.max(-1)
-    k = jnp.where((top_k > 0) & (top_k < v), top_k, v)
+    k = effective_top_k(top_k, v)
     tk = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)[:, 0] - 1
     tk = jnp.where(k >= v, INT32_MIN, tk)
     e = jnp.exp((jnp.sort(x, axis=-1)[:, ::-1] - m[:, None]) * inv_temp[:, None])  # [S, V] desc

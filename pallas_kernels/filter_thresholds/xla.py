@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .reference import INT32_MIN, order_keys
+from .reference import INT32_MIN, effective_top_k, order_keys
 
 
 @functools.partial(jax.jit, static_argnames=("bits",))
@@ -31,7 +31,7 @@ def radix_thresholds(x, inv_temp, top_k, top_p, *, bits: int = 2):
     keys = order_keys(x)  # [S, V]
     m = x.max(-1)
     p = jnp.exp((x - m[:, None]) * inv_temp[:, None])  # [S, V]
-    k = jnp.where((top_k > 0) & (top_k < v), top_k, v)
+    k = effective_top_k(top_k, v)
     k_on, p_on = k < v, top_p < 1.0
     target = jnp.where(p_on, top_p * p.sum(-1), jnp.inf)
     digits = jnp.arange(1 << bits, dtype=jnp.int32)
