@@ -33,6 +33,10 @@ class AttentionBackend:
 
     name: str  # "reference" | "pallas"
     mesh: Optional[object] = None  # jax.sharding.Mesh with a "model" axis
+    # Long prompts that start in the step through cuDNN's dense flash attention (pallas only;
+    # the runner compiles a variant with it for the steps that have such prompts, since a call
+    # with none still costs ~40 us per layer: pallas_kernels/ragged_paged_attention/fresh_prompts.py)
+    dense_prompts: bool = False
 
 
 def paged_attention(
@@ -46,17 +50,19 @@ def paged_attention(
     sm_scale: float,
     soft_cap: Optional[float] = None,
     sliding_window: Optional[int] = None,
+    dense_prompts: bool = False,
 ):
-    """Returns (out [T, Hq, D], new kv_cache)."""
+    """Returns (out [T, Hq, D], new kv_cache). dense_prompts: see AttentionBackend (set from it)."""
     if isinstance(backend, AttentionBackend):
         mesh = backend.mesh
+        dense_prompts = backend.dense_prompts
         if mesh is not None and mesh.shape.get("model", 1) > 1:
             from jax.sharding import PartitionSpec as P
 
             heads = P(None, "model", None)
             cache = P(None, None, None, "model", None)
             fn = functools.partial(paged_attention, backend=backend.name, sm_scale=sm_scale, soft_cap=soft_cap,
-                                   sliding_window=sliding_window)
+                                   sliding_window=sliding_window, dense_prompts=dense_prompts)
             return jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads, cache, P()),
                                  out_specs=(heads, cache), check_vma=False)(q, k, v, kv_cache, md)
         backend = backend.name
@@ -67,11 +73,17 @@ def paged_attention(
             sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
         return out, kv_cache
     if backend == "pallas":
+        from pallas_kernels.ragged_paged_attention import fresh_prompts
         from pallas_kernels.ragged_paged_attention import kernel as _kernel
 
         kv_cache = _kernel.write_kv(kv_cache, k, v, md.slot_mapping)
+        # Long prompts starting in this step: cuDNN's dense flash attention over this step's K/V
+        # when the runner asked for it and cuDNN is there (fresh_prompts.py), the paged kernel for
+        # everything else.
+        dense = "cudnn" if dense_prompts and fresh_prompts.supported(q.dtype, q.shape[-1], soft_cap,
+                                                                     sliding_window) else None
         out = _kernel.ragged_paged_attention(
-            q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc,
-            sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
+            q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc, (k, v) if dense else None,
+            sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, dense_prompts=dense)
         return out, kv_cache
     raise ValueError(f"unknown attention backend {backend!r}")

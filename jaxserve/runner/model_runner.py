@@ -30,6 +30,7 @@ from jaxserve.runner.sampler import PROMPT_LOGPROB_ROWS, sample, sample_tokens, 
 from jaxserve.runner.sampling_inputs import pack_sampling
 from jaxserve.runner.warmup import Warmup
 from jaxserve.parallel.plan import fetch, put, split_layers
+from pallas_kernels.ragged_paged_attention import fresh_prompts
 
 logger = logging.getLogger("jaxserve")
 
@@ -70,6 +71,13 @@ class ModelRunner(Warmup):
         self.backends = [AttentionBackend(self.backend_name, plan.stage_mesh(s) if plan is not None else None)
                          for s in range(len(self.stages))]
         self.backend = self.backends[0]
+        # Steps with long prompts that start in them run a variant whose attention gives those
+        # prompts to cuDNN (fresh_prompts.py): only prefill-heavy buckets, where the kernel splits
+        # decodes off, and only on GPUs with cuDNN's packed attention, for plain attention.
+        self.dense_prompts = (self.backend_name == "pallas" and self.platform == "gpu"
+                              and fresh_prompts.supported(dtype, self.arch.head_dim, None,
+                                                         getattr(self.arch, "sliding_window", None)))
+        self.backends_dense = [dataclasses.replace(b, dense_prompts=True) for b in self.backends]
         self.stage_params = [self._stage_params(s) for s in range(len(self.stages))]
         head = "embed" if self.arch.tie_word_embeddings else "lm_head"
         self.head_params = {head: self.stage_params[self.last][head]}
@@ -94,6 +102,10 @@ class ModelRunner(Warmup):
         self._stage_jits_cublas = [jax.jit(functools.partial(self._stage_fn, s), donate_argnums=(1,),
                                            compiler_options=large)
                                    for s in range(len(self.stages))]
+        # (dense buckets hold >= fresh_prompts.MIN_LEN tokens, all past _TRITON_GEMM_MAX_TOKENS)
+        self._stage_jits_dense = [jax.jit(functools.partial(self._stage_fn, s, dense=True), donate_argnums=(1,),
+                                          compiler_options=large)
+                                  for s in range(len(self.stages))] if self.dense_prompts else []
         self._logits = jax.jit(self._logits_fn)
         # what _activation_bytes kept free (GPU sizing): the largest step's temporaries, and the rest
         self._reserved_step_bytes: Optional[int] = None
@@ -207,8 +219,9 @@ class ModelRunner(Warmup):
         compiled = jax.jit(fn).lower(params, kv, tok, meta).compile(compiler_options=opts)
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
-    def _stage_fn(self, s: int, params, kv_caches, x, meta, layers=None):
-        """One pipeline stage (the whole model when there is one stage).
+    def _stage_fn(self, s: int, params, kv_caches, x, meta, layers=None, dense: bool = False):
+        """One pipeline stage (the whole model when there is one stage); dense: the variant for
+        steps with long prompts that start in them (dense_bucket, has_dense_prompts).
 
         x: token_ids [T] on the first stage, else the previous stage's hidden [T, E];
         meta: the step's metadata packed by input_batch.pack_step_meta. Returns ((logits [S, V],
@@ -216,7 +229,8 @@ class ModelRunner(Warmup):
         first, last = s == 0, s == self.last
         positions, md, logits_indices = _unpack_meta(meta, x.shape[0], self.max_blocks_per_seq)
         hidden, kv_caches = self.module.forward(
-            params, self.arch, x if first else None, positions, kv_caches, md, attn_backend=self.backends[s],
+            params, self.arch, x if first else None, positions, kv_caches, md,
+            attn_backend=(self.backends_dense if dense else self.backends)[s],
             layers=layers or self.stages[s], hidden=None if first else x)
         if not last:
             return hidden, kv_caches
@@ -245,19 +259,34 @@ class ModelRunner(Warmup):
                 tok = tokens if self.plan is None else jax.device_put(tokens, self.plan.replicated(0))
         return (self.stage_params[s], kv, tok, meta)
 
-    def _stage_jit(self, s: int, T: int):
-        """Stage s's jitted step for token bucket T (larger buckets compile without Triton GEMMs)."""
+    def _stage_jit(self, s: int, T: int, dense: bool = False):
+        """Stage s's jitted step for token bucket T (larger buckets compile without Triton GEMMs);
+        dense: the variant with long prompts through cuDNN (only for dense_bucket(T))."""
+        if dense:
+            return self._stage_jits_dense[s]
         return self._stage_jits[s] if T <= _TRITON_GEMM_MAX_TOKENS else self._stage_jits_cublas[s]
+
+    def dense_bucket(self, T: int) -> bool:
+        """Whether token bucket T has the dense-prompt variant: prefill-heavy (the kernel's
+        split_decodes buckets, T > 2 S) and large enough for one prompt of MIN_LEN tokens."""
+        return self.dense_prompts and T > 2 * self.seq_bucket(T) and fresh_prompts.max_segments(T) > 0
+
+    def has_dense_prompts(self, inp: StepInputs) -> bool:
+        """Whether this step has a prompt the dense variant would take (host-side, from the same
+        arrays the device gets): its whole context in this step and >= MIN_LEN tokens."""
+        return self.dense_bucket(len(inp.token_ids)) and fresh_prompts.any_taken(inp.seq_lens, inp.query_start_loc)
 
     def _stage_meta(self, s: int, inp: StepInputs):
         """The step's metadata on stage s's devices: one int32 vector, one transfer."""
         return self._put(pack_step_meta(inp), s)
 
-    def _forward(self, inp: StepInputs, tokens=None):
-        """Dispatch every stage for one (micro)batch; returns (logits, hidden) without waiting."""
+    def _forward(self, inp: StepInputs, tokens=None, dense: Optional[bool] = None):
+        """Dispatch every stage for one (micro)batch; returns (logits, hidden) without waiting.
+        dense: run the dense-prompt variant (None: when the step has such prompts)."""
         x = None
+        dense = self.has_dense_prompts(inp) if dense is None else dense
         for s in range(len(self.stages)):
-            x, new = self._stage_jit(s, len(inp.token_ids))(*self._stage_args(s, inp, self._kv(s), x, tokens))
+            x, new = self._stage_jit(s, len(inp.token_ids), dense)(*self._stage_args(s, inp, self._kv(s), x, tokens))
             self._set_kv(s, new)
         return x
 

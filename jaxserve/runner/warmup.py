@@ -62,10 +62,11 @@ class Warmup:
         (_report_step_temps; 0 when it fits or nothing is known)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        jobs = [(T, s) for T in self.token_buckets for s in range(len(self.stages))]
+        jobs = [(T, s, d) for T in self.token_buckets for d in (False, True) if not d or self.dense_bucket(T)
+                for s in range(len(self.stages))]
 
         def compile_one(job):
-            T, s = job
+            T, s, dense = job
             inp = self._dummy_inputs(T)
             if s == 0:
                 args = self._stage_args(0, inp, self._kv(0))
@@ -73,7 +74,7 @@ class Warmup:
                 x = jax.ShapeDtypeStruct((T, self.arch.hidden_size), self.stage_params[0]["embed"].dtype,
                                          sharding=self.plan.replicated(s))
                 args = (self.stage_params[s], self._kv(s), x, self._stage_meta(s, inp))
-            return self._stage_jit(s, T).lower(*args).compile()
+            return self._stage_jit(s, T, dense).lower(*args).compile()
 
         with ThreadPoolExecutor(max(1, self.config.warmup_compile_threads)) as pool:
             if self.plan is None:
@@ -104,7 +105,7 @@ class Warmup:
             # instead of one after another below. Only an optimization: on any failure the
             # warm-up compiles them itself.
             try:
-                outs = {T: c.out_info[0] for (T, s), c in zip(jobs, compiled) if s == self.last}
+                outs = {T: c.out_info[0] for (T, s, _), c in zip(jobs, compiled) if s == self.last}
                 logits = {self.seq_bucket(T): o[0] for T, o in outs.items()}
                 samplers = list(pool.map(self._precompile_sampler, [(S, out, v) for S, out in logits.items()
                                                                     for v in SAMPLER_VARIANTS]))
@@ -124,7 +125,7 @@ class Warmup:
         reserve. Such a program would run out of memory at warm-up (float8 weights on an H200: the
         sampler's 3.91 GiB at 1,024 rows, after ~40 s of the allocator retrying), so warm-up gives
         the cache's memory back before running it."""
-        temps = [(b, T, s) for (T, s), c in zip(jobs, compiled) if (b := _temp_bytes(c))]
+        temps = [(b, T, s) for (T, s, _), c in zip(jobs, compiled) if (b := _temp_bytes(c))]
         if not temps:
             return 0
         top, T, s = max(temps)
@@ -281,7 +282,8 @@ class Warmup:
         if parallel and self.config.warmup_compile_threads > 1:
             deficit = self._precompile()
             logger.info("warm-up: %d step variants and the sampler compiled on %d threads in %.1f s",
-                        len(self.token_buckets) * len(self.stages), self.config.warmup_compile_threads,
+                        (len(self.token_buckets) + sum(map(self.dense_bucket, self.token_buckets))) * len(self.stages),
+                        self.config.warmup_compile_threads,
                         time.perf_counter() - t0)
             if deficit and may_shrink and self.config.cache.num_gpu_blocks_override is None:
                 raise _StepWillNotFit(deficit)
@@ -293,6 +295,8 @@ class Warmup:
             S = self.seq_bucket(T)
             self._warmup_at = f"token bucket {T} ({S} sequences)"
             logits, hidden = self._forward(self._dummy_inputs(T))
+            if self.dense_bucket(T):  # the variant for steps with long prompts that start in them
+                self._forward(self._dummy_inputs(T), dense=True)
             for penalties, mode, lp in SAMPLER_VARIANTS:
                 st = self._put(self._dummy_sampling(S, penalties).packed(), last)
                 if lp:
@@ -324,6 +328,6 @@ class Warmup:
         jax.block_until_ready(self.kv_caches)
 
     def num_compilations(self) -> int:
-        fns = [*self._stage_jits, *self._stage_jits_cublas, self._logits, sample, sample_tokens, token_logprobs,
+        fns = [*self._stage_jits, *self._stage_jits_cublas, *self._stage_jits_dense, self._logits, sample, sample_tokens, token_logprobs,
                kvc.copy_blocks, kvc.gather_blocks, kvc.scatter_blocks, feed, feed_rows, fill_tokens]
         return sum(f._cache_size() for f in fns)

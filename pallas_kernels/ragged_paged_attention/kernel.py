@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from . import fresh_prompts
 from .kv_write import write_kv_pallas as _write_kv_pallas
 from .reference import FP8_DTYPES
 from .reference import write_kv as _write_kv_ref
@@ -283,14 +284,16 @@ def choose_tiles(num_tokens: int, num_seqs: int, group: int, block_size: int, dt
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret", "bq",
                                              "kv_splits", "kv_tile", "num_warps", "num_stages",
-                                             "heavy_first", "fp8_widen_to", "split_decodes", "skip_empty"))
-def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, *, sm_scale: float,
+                                             "heavy_first", "fp8_widen_to", "split_decodes", "skip_empty",
+                                             "dense_prompts", "dense_min_len"))
+def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, new_kv=None, *, sm_scale: float,
                            soft_cap: Optional[float] = None, sliding_window: Optional[int] = None,
                            interpret: Optional[bool] = None, bq: Optional[int] = None,
                            kv_splits: Optional[int] = None, kv_tile: Optional[int] = None,
                            num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                            heavy_first: bool = True, fp8_widen_to: Optional[str] = "float16",
-                           split_decodes: Optional[bool] = None, skip_empty: bool = True):
+                           split_decodes: Optional[bool] = None, skip_empty: bool = True,
+                           dense_prompts: Optional[str] = None, dense_min_len: int = fresh_prompts.MIN_LEN):
     """q [T, Hq, D]; kv_cache [2, NB, BS, Hkv, D] -> [T, Hq, D]; semantics of reference.py.
 
     fp8_widen_to: with a float8 cache and 16-bit q, the dtype K/V tiles are widened to and both
@@ -302,8 +305,14 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
     instead of each taking a prefill tile of 128 matrix rows of which G are real. The two launches
     write disjoint rows of one buffer. bq, kv_tile, num_warps and num_stages set the main launch.
     skip_empty: programs of tiles past the work list return at once (off: the earlier kernel,
-    for same-run comparisons)."""
+    for same-run comparisons).
+    dense_prompts ("cudnn" or "reference"; with new_kv, this step's (k, v) [T, Hkv, D] as written
+    into the cache): in prefill-heavy buckets, prompts of at least dense_min_len tokens
+    that start in this step run as dense causal attention over new_kv (fresh_prompts.py) and the
+    paged launches skip them, storing into that output."""
     _validate(q, kv_cache, block_tables, seq_lens, query_start_loc)
+    if dense_prompts is not None and (new_kv is None or soft_cap is not None or sliding_window is not None):
+        raise ValueError("dense_prompts needs new_kv and runs without soft_cap or sliding_window")
     if fp8_widen_to not in (None, "float16", "bfloat16"):
         raise ValueError(f"fp8_widen_to must be None, 'float16' or 'bfloat16', got {fp8_widen_to!r}")
     if interpret is None:
@@ -339,11 +348,16 @@ def ragged_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
         return res if ks == 1 else _combine_splits(*res).astype(q.dtype)
     q_len = query_start_loc[1:] - query_start_loc[:-1]  # [S]
     short = q_len <= side[0]  # one decode tile holds all of the sequence's queries
-    # Decode launch first: one tile per short sequence, nothing else stored; then the main launch
-    # over the other sequences and the padding tokens, storing into the same buffer.
+    rest, out = ~short, None
+    if dense_prompts is not None and fresh_prompts.max_segments(T, dense_min_len) > 0:
+        taken, offsets, lengths = fresh_prompts.segments(seq_lens, query_start_loc, T, dense_min_len)
+        out = fresh_prompts.dense(q, *new_kv, offsets, lengths, sm_scale=sm_scale, impl=dense_prompts)
+        rest = rest & ~taken
+    # Decode launch: one tile per short sequence, nothing else stored; then the main launch over
+    # the other sequences and the padding tokens, each storing into the same buffer.
     out = launch(_tile_list(seq_lens, query_start_loc, T, side[0], include=short, pad=False, num_tiles=S),
-                 *side, ks=1)
-    return launch(_tile_list(seq_lens, query_start_loc, T, main[0], include=~short), *main, ks=1, into=out)
+                 *side, ks=1, into=out)
+    return launch(_tile_list(seq_lens, query_start_loc, T, main[0], include=rest), *main, ks=1, into=out)
 
 
 def _launch(q, kv_tokens, block_tables, tiles, bq: int, tk: int, warps: int, stages: int, *, ks: int, g: int,
