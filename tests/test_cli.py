@@ -43,6 +43,11 @@ def test_reused_engine_reruns_without_prefix_hits():
     for _ in range(2):
         llm.generate([{"prompt_token_ids": list(range(5, 38))}], use_tqdm=False)
     assert llm.get_stats().prefix_cache_hits > 0  # the cache itself still works after a reset
+    # prompts the engine refuses (longer than max_model_len) fail the run instead of timing nothing
+    import pytest
+
+    with pytest.raises(RuntimeError, match="6 of 6 benchmark requests failed.*max_model_len"):
+        run_throughput({}, **{**kw, "input_len": 200})
 
 
 def test_generate_and_chat_commands():

@@ -48,6 +48,9 @@ def run_throughput(engine_kwargs: dict, *, dataset: str, num_prompts: int, input
     with pauses:
         outs = llm.generate(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t0
+    failed = [o.error for o in outs if o.error]
+    if failed:  # a figure over requests that never ran would be meaningless
+        raise RuntimeError(f"{len(failed)} of {len(outs)} benchmark requests failed, e.g.: {failed[0]}")
     st = eng.get_stats()
     n_in = sum(len(r.prompt_token_ids) for r in reqs)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
