@@ -328,6 +328,7 @@ class Warmup:
         jax.block_until_ready(self.kv_caches)
 
     def num_compilations(self) -> int:
-        fns = [*self._stage_jits, *self._stage_jits_cublas, *self._stage_jits_dense, self._logits, sample, sample_tokens, token_logprobs,
+        fns = [*self._stage_jits, *self._stage_jits_cublas, *self._stage_jits_dense, self._logits, sample,
+               sample_tokens, token_logprobs,
                kvc.copy_blocks, kvc.gather_blocks, kvc.scatter_blocks, feed, feed_rows, fill_tokens]
         return sum(f._cache_size() for f in fns)
