@@ -62,8 +62,7 @@ class Warmup:
         (_report_step_temps; 0 when it fits or nothing is known)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        jobs = [(T, s, d) for T in self.token_buckets for d in (False, True) if not d or self.dense_bucket(T)
-                for s in range(len(self.stages))]
+        jobs = self._step_jobs()
 
         def compile_one(job):
             T, s, dense = job
@@ -115,6 +114,11 @@ class Warmup:
             except Exception as e:  # noqa: BLE001 (any failure just leaves the work to warm-up)
                 logger.warning("warm-up: precompiling the sampler failed (%s); compiling it in order", e)
         return self._report_step_temps(jobs, compiled, samplers)
+
+    def _step_jobs(self) -> list[tuple[int, int, bool]]:
+        """Every compiled step variant: (token bucket, stage, dense-prompt variant)."""
+        return [(T, s, d) for T in self.token_buckets for d in (False, True) if not d or self.dense_bucket(T)
+                for s in range(len(self.stages))]
 
     def _report_step_temps(self, jobs, compiled, samplers=()) -> int:
         """Log the largest temporaries among the compiled (autotuned) steps and sampler variants
@@ -282,8 +286,7 @@ class Warmup:
         if parallel and self.config.warmup_compile_threads > 1:
             deficit = self._precompile()
             logger.info("warm-up: %d step variants and the sampler compiled on %d threads in %.1f s",
-                        (len(self.token_buckets) + sum(map(self.dense_bucket, self.token_buckets))) * len(self.stages),
-                        self.config.warmup_compile_threads,
+                        len(self._step_jobs()), self.config.warmup_compile_threads,
                         time.perf_counter() - t0)
             if deficit and may_shrink and self.config.cache.num_gpu_blocks_override is None:
                 raise _StepWillNotFit(deficit)
