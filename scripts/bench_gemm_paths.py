@@ -1,0 +1,81 @@
+"""The engine's bf16 GEMM shapes (Llama-3-8B) through XLA's GEMM paths and through PyTorch on the
+same device, in one run: is XLA's GEMM rate (~650-700 TFLOP/s in the engine's profiles) what the
+device gives, or do PyTorch's cuBLAS choices (~790 TFLOP/s on 8192^3 here, KINDS.md) leave a gap?
+
+  xla            the engine's compile options for steps of more than 256 tokens (Triton GEMMs off)
+  xla_triton     XLA's defaults (its Triton GEMM emitter autotuned against cuBLAS)
+  xla_lt         Triton off and cuBLASLt (xla_gpu_enable_cublaslt)
+  torch          torch.matmul, timed the same way (pipelined, one sync at the end)
+
+Prints one JSON line per (shape, path): ms and TFLOP/s, pipelined.
+
+    python3 scripts/bench_gemm_paths.py [--rows 1024 8192] [--no-torch]
+"""
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+E, F, V, QKV = 4096, 14336, 128256, 6144
+SHAPES = {"qkv": (E, QKV), "o": (E, E), "gate_up": (E, 2 * F), "down": (F, E), "square": (8192, 8192)}
+PATHS = {"xla": {"xla_gpu_enable_triton_gemm": False}, "xla_triton": {},
+         "xla_lt": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True}}
+
+
+def pipelined(f, args, iters=30):
+    jax.block_until_ready(f(*args))
+    jax.block_until_ready(f(*args))
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(iters):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / iters
+
+
+def torch_time(m, k, n, iters=30):
+    import torch
+
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.matmul(a, b)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        torch.matmul(a, b)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[1024, 8192])
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--paths", nargs="+", default=list(PATHS))
+    a = ap.parse_args()
+    key = jax.random.PRNGKey(0)
+    for name, (k, n) in SHAPES.items():
+        w = jax.random.normal(key, (k, n), jnp.bfloat16)
+        for m in ([8192] if name == "square" else a.rows):
+            x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+            flops = 2 * m * k * n
+            times = {}
+            for p in a.paths:
+                try:
+                    f = jax.jit(lambda x, w: x @ w).lower(x, w).compile(compiler_options=PATHS[p])
+                    times[p] = pipelined(f, (x, w))
+                except Exception as e:  # an option this jaxlib does not know: say so, go on
+                    print(json.dumps(dict(kind="gemm_path", shape=name, rows=m, path=p, error=str(e)[:200])), flush=True)
+            if not a.no_torch:
+                times["torch"] = torch_time(m, k, n)
+            for p, t in times.items():
+                print(json.dumps(dict(kind="gemm_path", shape=name, rows=m, k=k, n=n, path=p, ms=t * 1e3,
+                                      tflop_per_s=flops / t / 1e12)), flush=True)
+            del x
+
+
+if __name__ == "__main__":
+    main()

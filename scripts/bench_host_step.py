@@ -1,0 +1,95 @@
+"""Where the host's time goes in each engine step of a real run, on the real device: the engine's
+step() split into runner.dispatch, the wait inside runner.collect (device time the host spends
+blocked), scheduler.update_from_output, scheduler.schedule_next_block / schedule_next_step, and
+the rest (outputs, detokenizing). If the host's busy time per step (everything but the wait)
+exceeds the device's step time, the device idles between steps: that is what async scheduling
+at K=1 must avoid. Prints one JSON line per (workload, K).
+
+    python3 scripts/bench_host_step.py [--model llama-3-8b] [--steps 1 16] [--batch 1] [--output-len 128]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import time
+
+
+class _Timers:
+    def __init__(self):
+        self.s = collections.Counter()
+        self.n = collections.Counter()
+
+    def wrap(self, obj, name, key=None):
+        fn = getattr(obj, name)
+        key = key or name
+
+        @functools.wraps(fn)
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.s[key] += time.perf_counter() - t0
+                self.n[key] += 1
+        setattr(obj, name, timed)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3-8b", help="a named config for dummy weights; 'default': the embedded model")
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--input-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=3)
+    a = ap.parse_args()
+
+    import dataclasses
+
+    import numpy as np
+
+    from jaxserve import LLM, SamplingParams
+
+    default = a.model == "default"
+    llm = LLM(model=None if default else a.model, load_format="auto" if default else "dummy",
+              max_model_len=2048, num_scheduler_steps=max(a.steps))
+    eng = llm.llm_engine
+    runner, sched = eng.runner, eng.scheduler
+    tm = _Timers()
+    # collect() = the wait for the device plus building the output; the wait is np.asarray on the
+    # fetched tokens, timed by wrapping runner.collect whole and subtracting nothing: collect's own
+    # host work is a few array slices.
+    for name in ("dispatch", "collect"):
+        tm.wrap(runner, name)
+    for name in ("update_from_output", "schedule_next_block", "schedule_next_step", "schedule"):
+        tm.wrap(sched, name)
+    tm.wrap(eng, "step")
+    base = sched.cfg
+    rng = np.random.default_rng(0)
+    V = eng.model.arch.vocab_size
+    for b in a.batch:
+        for k in a.steps:
+            sched.cfg = dataclasses.replace(base, num_scheduler_steps=k)
+            prompts = [{"prompt_token_ids": rng.integers(0, V, a.input_len).tolist()} for _ in range(b)]
+            sp = SamplingParams(max_tokens=a.output_len, ignore_eos=True, temperature=1.0)
+            llm.generate(prompts, sp, use_tqdm=False)  # warm
+            tm.s.clear()
+            tm.n.clear()
+            t0 = time.perf_counter()
+            for _ in range(a.iters):
+                llm.reset_prefix_cache()
+                llm.generate(prompts, sp, use_tqdm=False)
+            wall = time.perf_counter() - t0
+            steps = tm.n["step"]
+            per = {key: round(1e3 * v / max(1, steps), 4) for key, v in tm.s.items()}
+            host_busy = tm.s["step"] - tm.s["collect"]
+            print(json.dumps(dict(kind="host_step", batch=b, num_scheduler_steps=k, output_len=a.output_len,
+                                  wall_s=wall, engine_steps=steps, tokens_per_s=b * a.output_len * a.iters / wall,
+                                  ms_per_engine_step=per, host_busy_ms_per_step=1e3 * host_busy / max(1, steps),
+                                  wall_ms_per_step=1e3 * wall / max(1, steps))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
