@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from jaxserve.cli import main
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -27,6 +29,9 @@ def test_bench_throughput_and_latency_tiny(capsys, tmp_path):
     pct = res["latency_percentiles_s"]  # vLLM's latency report: the median is the median iteration
     assert pct["p50"] == res["e2e_s"] and pct["p10"] <= pct["p50"] <= pct["p99"]
     assert pct["p10"] <= res["avg_latency_s"] <= pct["p99"] and res["ttft_s"] < res["e2e_s"]
+    # the decode rate is the 3 tokens after the first over what they add to a 1-token batch's latency
+    assert 0 < res["prefill_e2e_s"] < res["e2e_s"]
+    assert res["decode_tokens_per_s_per_seq"] == pytest.approx(3 / (res["e2e_s"] - res["prefill_e2e_s"]))
     assert main(["bench", "latency", "--num-iters", "0"] + args) == 2  # refused before start-up
 
 

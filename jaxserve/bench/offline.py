@@ -95,39 +95,53 @@ LATENCY_PERCENTILES = (10, 25, 50, 75, 90, 99)  # what vLLM's `bench latency` pr
 
 def run_latency(engine_kwargs: dict, *, batch_size: int, input_len: int, output_len: int,
                 num_iters: int = 3, num_iters_warmup: int = 1, llm=None, sampling: Optional[dict] = None) -> dict:
-    """Batch-N: time to first token (prefill of the batch), decode tokens/s per sequence, and the
-    batch's end-to-end latency (mean and percentiles over the timed iterations), medians over
-    num_iters iterations after num_iters_warmup untimed ones. sampling: SamplingParams fields over
-    the default (greedy), e.g. temperature and top_p."""
+    """Batch-N: the batch's end-to-end latency (mean and percentiles over the timed iterations,
+    after num_iters_warmup untimed ones), the time to its first streamed token, and decode
+    tokens/s per sequence. sampling: SamplingParams fields over the default (greedy).
+
+    The decode rate is (output_len - 1) / (e2e - e2e of the same batch with one output token):
+    both runs pay the same prefill, so the difference is the decode steps alone. Timing from the
+    first streamed token instead over-counts when a step runs ahead of the host: with
+    num_scheduler_steps = K, steps after the first token were on the device before that token
+    reached the host, and the older figure read high (docs/benchmarks.md, 2026-12-01, seventh
+    session)."""
     if num_iters < 1 or num_iters_warmup < 0:
         raise ValueError(f"--num-iters must be >= 1 and --num-iters-warmup >= 0 (got {num_iters}, {num_iters_warmup})")
     llm, startup_s = (llm, 0.0) if llm is not None else _build_llm(engine_kwargs)
     eng = llm.llm_engine
     vocab = eng.model.arch.vocab_size
     rng = np.random.default_rng(0)
-    ttfts, decode_rates, e2e = [], [], []
-    for it in range(num_iters_warmup + num_iters):  # the warm-up iterations are not timed
+
+    def batch(tag: str, max_tokens: int) -> tuple[float, Optional[float]]:
+        """(end-to-end seconds, seconds to the first streamed token) of one batch; fresh random
+        prompts every time, so no run is served from the prefix cache of another."""
         for i in range(batch_size):
             ids = rng.integers(min(1000, vocab // 2), vocab, input_len).tolist()
-            sp = SamplingParams(**{"temperature": 0.0, **(sampling or {})}, max_tokens=output_len, ignore_eos=True,
-                                seed=i)
-            eng.add_request(f"lat-{it}-{i}", ids, sp)
+            sp = SamplingParams(**{"temperature": 0.0, **(sampling or {})}, max_tokens=max_tokens,
+                                ignore_eos=True, seed=i)
+            eng.add_request(f"lat-{tag}-{i}", ids, sp)
         t0 = time.perf_counter()
         first = None
         while eng.has_unfinished_requests():
             outs = eng.step()
             if first is None and any(o.outputs[0].token_ids for o in outs):
                 first = time.perf_counter()
-        t1 = time.perf_counter()
+        return time.perf_counter() - t0, None if first is None else first - t0
+
+    ttfts, e2e, prefill = [], [], []
+    for it in range(num_iters_warmup + num_iters):  # the warm-up iterations are not timed
+        full, ttft = batch(f"{it}", output_len)
+        one, _ = batch(f"{it}-1", 1)
         if it < num_iters_warmup:
             continue
-        ttfts.append(first - t0)
-        e2e.append(t1 - t0)
-        decode_rates.append((output_len - 1) / (t1 - first) if output_len > 1 else float("nan"))
+        ttfts.append(ttft)
+        e2e.append(full)
+        prefill.append(one)
+    decode_s = float(np.median(e2e)) - float(np.median(prefill))
+    rate = (output_len - 1) / decode_s if output_len > 1 and decode_s > 0 else float("nan")
     return dict(kind="latency", batch_size=batch_size, input_len=input_len, output_len=output_len,
-                ttft_s=float(np.median(ttfts)), e2e_s=float(np.median(e2e)),
-                decode_tokens_per_s_per_seq=float(np.median(decode_rates)),
-                decode_tokens_per_s=float(np.median(decode_rates)) * batch_size, startup_s=startup_s,
+                ttft_s=float(np.median(ttfts)), e2e_s=float(np.median(e2e)), prefill_e2e_s=float(np.median(prefill)),
+                decode_tokens_per_s_per_seq=rate, decode_tokens_per_s=rate * batch_size, startup_s=startup_s,
                 avg_latency_s=float(np.mean(e2e)),
                 latency_percentiles_s={f"p{q}": float(np.percentile(e2e, q)) for q in LATENCY_PERCENTILES})
 
