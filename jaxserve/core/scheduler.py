@@ -91,7 +91,8 @@ class Scheduler:
             self.waiting.append(s)
 
     # ---- the step ---------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_block_steps: Optional[int] = None) -> SchedulerOutput:
+        """The next step. max_block_steps: a decode block is at most this many steps long."""
         self.host_free.extend(self._host_release)
         self._host_release = []
         budget = self.cfg.max_num_batched_tokens
@@ -102,7 +103,7 @@ class Scheduler:
         self._step_hits = 0
         done: set[str] = set()
         preempted = False
-        multi = self._schedule_multistep()
+        multi = self._schedule_multistep(max_block_steps)
         if multi is not None:
             return multi
 
@@ -160,7 +161,7 @@ class Scheduler:
         self._step_swaps = (len(swap_out), len(swap_in))
         return out
 
-    def _schedule_multistep(self) -> Optional[SchedulerOutput]:
+    def _schedule_multistep(self, max_steps: Optional[int] = None) -> Optional[SchedulerOutput]:
         """A decode block of K = num_scheduler_steps steps (K = 1 with async scheduling: a
         decode-only step whose successor can be dispatched before its tokens are back), when
         nothing else could run (nothing swapped out; nothing waiting, or the batch is full so
@@ -175,7 +176,7 @@ class Scheduler:
             return None
         if len(self.running) > min(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens):
             return None
-        cap = K
+        cap = K if max_steps is None else min(K, max_steps)
         for seq in self.running:
             if seq.num_computed_tokens != seq.num_tokens - 1:
                 return None
@@ -247,7 +248,7 @@ class Scheduler:
         if not self.cfg.async_scheduling or prev.decode_block or self.swapped or self.priority \
                 or prev.swap_in or prev.swap_out or prev.copy_blocks or self._step_preempted:
             return None
-        live = []
+        live, first_token = [], False
         for sr in prev.scheduled:
             seq = self.seqs.get(sr.req_id)
             if seq is None or seq.status != RequestStatus.RUNNING:
@@ -256,6 +257,7 @@ class Scheduler:
                 return None
             assert seq.num_computed_tokens == sr.num_computed_tokens, sr.req_id  # prev not applied yet
             live.append((seq, sr))
+            first_token |= sr.sample and seq.num_output_tokens == 0
         if any(self._stop_check(s).kind == 0 for s in self.running):
             return None  # a running sequence prev did not carry needs host decisions
         projected, ending = [], []
@@ -275,7 +277,11 @@ class Scheduler:
                        for seq in self.running)
             if need > self.kv.pool.num_free:
                 return None
-            out = self.schedule()  # a decode block when every row is a plain decode
+            # A decode block when every row is a plain decode; one step long when prev samples a
+            # sequence's first token: the engine dispatches it before taking prev's tokens, and
+            # the host's dispatch of K steps (~2.6 ms each for an 8B model) would hold the first
+            # token back by that much (time to first token) where one step's overlaps prev.
+            out = self.schedule(max_block_steps=1 if first_token else None)
         finally:
             self._undo_projection(projected, ending)
         assert not out.swap_out and not self._step_preempted

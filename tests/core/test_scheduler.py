@@ -1,4 +1,6 @@
 """Exact block ids, eviction order, budgets and stop conditions of the core (no jax)."""
+import dataclasses
+
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
@@ -395,6 +397,35 @@ def test_stop_strings_take_one_step_blocks():
     assert blk.decode_block and blk.num_steps == 1 and len(blk.scheduled) == 2
     nxt = s.schedule_next_block(blk)
     assert nxt.num_steps == 1 and nxt.feed_rows == [0, 1]
+    check_invariants(s)
+
+
+def test_block_after_first_tokens_is_one_step_then_k():
+    """K = 8 with async scheduling: the block scheduled ahead of a prefill step that samples first
+    tokens is one step long (the engine dispatches it before taking the first tokens, so K
+    steps of host dispatch would delay them); the block after it takes K."""
+    s = make_sched(num_blocks=64, block_size=4, max_num_seqs=2, num_scheduler_steps=8)
+    s.add_request(req("a", [1, 2, 3], max_tokens=40))
+    s.add_request(req("b", [4, 5, 6, 7, 8], max_tokens=40))
+    pre = s.schedule()
+    assert not pre.decode_block and all(sr.sample for sr in pre.scheduled)
+    blk = s.schedule_next_step(pre)
+    assert blk.decode_block and blk.num_steps == 1 and blk.pending_token_rows == [0, 1]
+    s.update_from_output(pre, ModelRunnerOutput(["a", "b"], np.array([11, 12], np.int32)))
+    for sr in blk.scheduled:  # the engine's record of the rows fed on the device
+        sr.token_ids = [s.seqs[sr.req_id].token_ids[-1]]
+    nxt = s.schedule_next_block(blk)
+    assert nxt.decode_block and nxt.num_steps == 8 and nxt.feed_rows == [0, 1]
+    s.update_from_output(blk, ModelRunnerOutput(["a", "b"], np.array([[13], [14]], np.int32)))
+    s.update_from_output(nxt, ModelRunnerOutput(["a", "b"], np.arange(16, dtype=np.int32).reshape(2, 8) + 20))
+    # a third request: its prompt step also carries a and b (no first tokens for them), but c's
+    # first token is sampled: one step again
+    s.cfg = dataclasses.replace(s.cfg, max_num_seqs=3)
+    s.add_request(req("c", [9, 10], max_tokens=5, t=1.0))
+    mixed = s.schedule()
+    assert not mixed.decode_block and len(mixed.scheduled) == 3
+    after = s.schedule_next_step(mixed)
+    assert after is not None and after.decode_block and after.num_steps == 1
     check_invariants(s)
 
 
