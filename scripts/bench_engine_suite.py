@@ -48,6 +48,9 @@ def main():
                     "engine (default: the engine's)")
     ap.add_argument("--num-gpu-blocks-override", type=int, default=None,
                     help="KV cache blocks (of 16 tokens), e.g. 26300 for an H100's ~421k tokens of Llama-3-8B")
+    ap.add_argument("--preemption-mode", choices=("recompute", "swap"), default=None,
+                    help="what a sequence the cache cannot hold loses (default: the engine's, recompute)")
+    ap.add_argument("--swap-space", type=float, default=None, help="GiB of host memory for swap preemption")
     ap.add_argument("--mesh", action="store_true")
     ap.add_argument("--sampling", choices=tuple(SAMPLING), default="random",
                     help="filtered: every request with temperature 0.8, top_k 50, top_p 0.95; else the "
@@ -73,7 +76,8 @@ def main():
               max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
               max_num_batched_tokens=a.max_num_batched_tokens, num_scheduler_steps=max(a.steps),
               kv_cache_dtype=a.kv_cache_dtype, async_scheduling="on" in a.async_scheduling,
-              quantization=a.quantization, num_gpu_blocks_override=a.num_gpu_blocks_override)
+              quantization=a.quantization, num_gpu_blocks_override=a.num_gpu_blocks_override,
+              preemption_mode=a.preemption_mode, swap_space=a.swap_space)
     kw = {k: v for k, v in kw.items() if v is not None}  # unset: the engine's defaults
     t0 = time.perf_counter()
     if a.mesh:  # the same LLM front end over an engine placed through ParallelPlan on one device

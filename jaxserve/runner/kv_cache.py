@@ -155,8 +155,18 @@ def allocate(spec: KVCacheSpec, num_blocks: int, sharding=None) -> list:
     return out
 
 
-# Block lists of copy / gather / scatter are padded to one of these lengths (few compilations).
-PAIR_BUCKETS = (8, 64, 512, 4096)
+# Block lists of copy / gather / scatter are cut into chunks of at most BLOCK_CHUNK blocks, each
+# padded to one of these lengths: the shapes warm-up compiles, so a swap never compiles while
+# serving, and a chunk moves at most 8x its blocks' bytes only when it holds <= 8 (a sequence's
+# ~100 blocks used to be padded to 512: 5x the bytes, and lists past 4,096 compiled their own
+# shape; 2026-12-01, seventh session: 1000 / 1000 with swap preemption ran 3.2x slower than recompute).
+PAIR_BUCKETS = (8, 64)
+BLOCK_CHUNK = PAIR_BUCKETS[-1]  # 64 blocks of Llama-3-8B (all layers): 134 MB per transfer
+
+
+def chunks(pairs: list, size: int = BLOCK_CHUNK):
+    """pairs cut into consecutive lists of at most `size`."""
+    return [pairs[i:i + size] for i in range(0, len(pairs), size)]
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -177,11 +187,13 @@ def scatter_blocks(kv_caches, ids, data):
     return [kv.at[:, ids].set(data[i].astype(kv.dtype)) for i, kv in enumerate(kv_caches)]
 
 
-def pad_pairs(pairs, buckets) -> tuple[np.ndarray, np.ndarray]:
+def pad_pairs(pairs, buckets=PAIR_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
+    """pairs (at most the largest bucket) -> (src, dst) [k] int32 padded with (0, 0) pairs to the
+    smallest bucket k that holds them (the null block 0: its contents are never read)."""
     n = len(pairs)
     k = next((b for b in buckets if b >= n), None)
     if k is None:
-        k = n
+        raise ValueError(f"{n} block pairs exceed the largest bucket {buckets[-1]}: cut them with chunks()")
     src = np.zeros(k, np.int32)
     dst = np.zeros(k, np.int32)
     if n:

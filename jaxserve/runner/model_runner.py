@@ -295,14 +295,48 @@ class ModelRunner(Warmup):
         for s in range(len(self.stages)):
             self._set_kv(s, kvc.copy_blocks(self._kv(s), *self._put((src, dst), s)))
 
-    def _gather_blocks(self, ids: np.ndarray) -> np.ndarray:
-        """-> [L, 2, K, BS, H, D] on the host."""
+    def _gather_blocks(self, ids: np.ndarray) -> list:
+        """The blocks `ids` of every layer, gathered on each stage's devices and copying to the host
+        (read them with _fetch_blocks)."""
         parts = [kvc.gather_blocks(self._kv(s), self._put(ids, s)) for s in range(len(self.stages))]
+        for p in parts:
+            if getattr(p, "is_fully_addressable", True):
+                p.copy_to_host_async()
+        return parts
+
+    def _fetch_blocks(self, parts: list) -> np.ndarray:
+        """-> [L, 2, K, BS, H, D] on the host."""
         return np.concatenate([np.asarray(fetch(p, self.plan, s)) for s, p in enumerate(parts)])
 
     def _scatter_blocks(self, ids: np.ndarray, data: np.ndarray) -> None:
         for s, r in enumerate(self.stages):
             self._set_kv(s, kvc.scatter_blocks(self._kv(s), *self._put((ids, data[r.start:r.stop]), s)))
+
+    def _swap_out(self, pairs: list) -> None:
+        """(device block, host slot) pairs: copy the blocks into the host pool, kvc.BLOCK_CHUNK at a
+        time (the next chunk's gather is dispatched before the previous chunk is read back)."""
+        pool, prev = self._host(), None
+        for part in kvc.chunks(pairs):
+            ids, _ = kvc.pad_pairs([(d, d) for d, _ in part])
+            cur = (self._gather_blocks(ids), [h for _, h in part])
+            if prev is not None:
+                pool[:, :, prev[1]] = self._fetch_blocks(prev[0])[:, :, :len(prev[1])]
+            prev = cur
+        if prev is not None:
+            pool[:, :, prev[1]] = self._fetch_blocks(prev[0])[:, :, :len(prev[1])]
+
+    def _swap_in(self, pairs: list) -> None:
+        """(host slot, device block) pairs: write the slots back into the cache, kvc.BLOCK_CHUNK at
+        a time; at most two chunks' transfers are in flight (each holds device memory the cache
+        leaves little of)."""
+        pool = self._host()
+        for i, part in enumerate(kvc.chunks(pairs)):
+            ids, _ = kvc.pad_pairs([(d, d) for _, d in part])
+            data = np.zeros(pool[:, :, :len(ids)].shape, pool.dtype)
+            data[:, :, :len(part)] = pool[:, :, [h for h, _ in part]]
+            if i >= 2:
+                jax.block_until_ready(self.kv_caches[0])
+            self._scatter_blocks(ids, data)
 
     def _host(self) -> np.ndarray:
         if self._host_pool is None:
@@ -314,18 +348,11 @@ class ModelRunner(Warmup):
     def _apply_block_ops(self, so: SchedulerOutput) -> None:
         # Order matters: swap-out reads blocks the scheduler may have re-assigned this step.
         if so.swap_out:
-            dev, host = zip(*so.swap_out)
-            ids, _ = kvc.pad_pairs([(d, d) for d in dev], kvc.PAIR_BUCKETS)
-            data = self._gather_blocks(ids)
-            self._host()[:, :, list(host)] = data[:, :, :len(host)]
+            self._swap_out(so.swap_out)
         if so.swap_in:
-            host, dev = zip(*so.swap_in)
-            ids, _ = kvc.pad_pairs([(d, d) for d in dev], kvc.PAIR_BUCKETS)
-            data = np.zeros(self._host()[:, :, :len(ids)].shape, self._host().dtype)
-            data[:, :, :len(host)] = self._host()[:, :, list(host)]
-            self._scatter_blocks(ids, data)
-        if so.copy_blocks:
-            self._copy_blocks(*kvc.pad_pairs(so.copy_blocks, kvc.PAIR_BUCKETS))
+            self._swap_in(so.swap_in)
+        for part in kvc.chunks(so.copy_blocks):
+            self._copy_blocks(*kvc.pad_pairs(part))
 
     # ---- one step ---------------------------------------------------------------------------
     def _microbatches(self, so: SchedulerOutput) -> list[SchedulerOutput]:

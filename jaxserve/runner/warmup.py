@@ -323,11 +323,11 @@ class Warmup:
                 samples = feed(self._put(np.zeros(S, np.int32), last), s_max)
             jax.block_until_ready([fill_tokens(self._put(np.zeros(T, np.int32), last), samples)
                                    for T in self.token_buckets])
-        for k in kvc.PAIR_BUCKETS[:2]:
+        for k in kvc.PAIR_BUCKETS:
             z = np.zeros(k, np.int32)
             self._copy_blocks(z, z)
             if self.num_host_blocks:
-                self._scatter_blocks(z, self._gather_blocks(z))
+                self._scatter_blocks(z, self._fetch_blocks(self._gather_blocks(z)))
         jax.block_until_ready(self.kv_caches)
 
     def num_compilations(self) -> int:
