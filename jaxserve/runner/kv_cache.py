@@ -157,9 +157,9 @@ def allocate(spec: KVCacheSpec, num_blocks: int, sharding=None) -> list:
 
 # Block lists of copy / gather / scatter are cut into chunks of at most BLOCK_CHUNK blocks, each
 # padded to one of these lengths: the shapes warm-up compiles, so a swap never compiles while
-# serving, and a chunk moves at most 8x its blocks' bytes only when it holds <= 8 (a sequence's
-# ~100 blocks used to be padded to 512: 5x the bytes, and lists past 4,096 compiled their own
-# shape; 2026-12-01, seventh session: 1000 / 1000 with swap preemption ran 3.2x slower than recompute).
+# serving, and only a list's last chunk carries padding (a sequence's ~100 blocks move as 64 + 64;
+# they used to be padded to 512, 5x the bytes, and lists past 4,096 compiled their own shape:
+# 1000 / 1000 with swap preemption ran 3.2x slower than with recompute, 2026-12-01, seventh session).
 PAIR_BUCKETS = (8, 64)
 BLOCK_CHUNK = PAIR_BUCKETS[-1]  # 64 blocks of Llama-3-8B (all layers): 134 MB per transfer
 
