@@ -1,0 +1,96 @@
+"""One engine step's device time under XLA compile options, in one process: the stage function of
+a real decode step (captured from a short generate: batch 1 at ~40 tokens of context, and a
+1,024-sequence step at ~140), compiled once per option set, timed pipelined (the KV cache fed
+back, as the engine donates it), with the number of kernels XLA emitted at the top level.
+Options that this jaxlib does not know are reported and skipped.
+
+    python3 scripts/bench_step_flags.py [--batches 1 1024] [--iters 30]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+
+OPTION_SETS = {
+    "default": {},
+    "no_triton_softmax": {"xla_gpu_enable_triton_softmax_fusion": False},
+    "triton_softmax_priority": {"xla_gpu_experimental_enable_triton_softmax_priority_fusion": True},
+    "triton_multi_output": {"xla_gpu_unsupported_enable_triton_multi_output_fusion": True},
+    "block_level_rewriter": {"xla_gpu_experimental_enable_fusion_block_level_rewriter": True},
+    "warp_specialization": {"xla_gpu_experimental_enable_triton_warp_specialization": True},
+    "no_reduction_epilogue": {"xla_gpu_enable_reduction_epilogue_fusion": False},
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 1024])
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--sets", nargs="+", default=list(OPTION_SETS))
+    ap.add_argument("--model", default="llama-3-8b", help="a named config for dummy weights; 'default': the embedded model")
+    a = ap.parse_args()
+
+    import functools
+
+    import jax
+    import numpy as np
+
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.runner import model_runner as mr
+
+    default = a.model == "default"
+    llm = LLM(model=None if default else a.model, load_format="auto" if default else "dummy", max_model_len=2048,
+              warmup=False)
+    r = llm.llm_engine.runner
+    captured = {}
+    fwd = r._forward
+
+    def capture(inp, tokens=None, dense=None):
+        n = inp.num_seqs
+        if n in a.batches and n not in captured and int(inp.query_start_loc[n]) == n:  # a decode step
+            captured[n] = inp
+        return fwd(inp, tokens, dense)
+    r._forward = capture
+    rng = np.random.default_rng(0)
+    V = r.arch.vocab_size
+    for b in a.batches:
+        prompts = [{"prompt_token_ids": rng.integers(0, V, 32 if b == 1 else 128).tolist()} for _ in range(b)]
+        llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True), use_tqdm=False)
+    r._forward = fwd
+    for b in a.batches:
+        inp = captured[b]
+        T = len(inp.token_ids)
+        base_opts = mr._LARGE_STEP_OPTIONS if T > mr._TRITON_GEMM_MAX_TOKENS else {}
+        base_t = None
+        for name in a.sets:
+            opts = {**base_opts, **OPTION_SETS[name]}
+            row = dict(kind="step_flags", batch=b, tokens=T, set=name, options=opts)
+            params, kv, tok, meta = r._stage_args(0, inp, r._kv(0))
+            try:
+                t0 = time.perf_counter()
+                exe = jax.jit(functools.partial(r._stage_fn, 0), donate_argnums=(1,)).lower(
+                    params, kv, tok, meta).compile(compiler_options=opts)
+                row["compile_s"] = round(time.perf_counter() - t0, 1)
+            except Exception as e:  # an option this jaxlib does not have
+                print(json.dumps(dict(row, error=str(e)[:200])), flush=True)
+                continue
+            entry = exe.as_text().split("\nENTRY", 1)[1]
+            row["kernels"] = len(re.findall(r"= \S+ (?:fusion|custom-call)\(", entry))
+            for _ in range(3):
+                out, kv = exe(params, kv, tok, meta)
+            jax.block_until_ready(out)
+            t0 = time.perf_counter()
+            for _ in range(a.iters):
+                out, kv = exe(params, kv, tok, meta)
+            jax.block_until_ready(out)
+            t = (time.perf_counter() - t0) / a.iters
+            r._set_kv(0, kv)
+            base_t = base_t or t
+            row.update(ms=round(t * 1e3, 4), over_default=round(t / base_t, 4))
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
