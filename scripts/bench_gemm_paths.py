@@ -5,6 +5,8 @@ device gives, or do PyTorch's cuBLAS choices (~790 TFLOP/s on 8192^3 here, KINDS
   xla            the engine's compile options for steps of more than 256 tokens (Triton GEMMs off)
   xla_triton     XLA's defaults (its Triton GEMM emitter autotuned against cuBLAS)
   xla_lt         Triton off and cuBLASLt (xla_gpu_enable_cublaslt)
+  xla_tn         Triton off, the weight stored [out, in] (x @ w.T: the "TN" GEMM; cuBLAS's choice of
+                 kernel depends on the layouts, and a layout is free to pick when loading)
   torch          torch.matmul, timed the same way (pipelined, one sync at the end)
 
 Prints one JSON line per (shape, path): ms and TFLOP/s, pipelined.
@@ -21,7 +23,8 @@ import jax.numpy as jnp
 E, F, V, QKV = 4096, 14336, 128256, 6144
 SHAPES = {"qkv": (E, QKV), "o": (E, E), "gate_up": (E, 2 * F), "down": (F, E), "square": (8192, 8192)}
 PATHS = {"xla": {"xla_gpu_enable_triton_gemm": False}, "xla_triton": {},
-         "xla_lt": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True}}
+         "xla_lt": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True},
+         "xla_tn": {"xla_gpu_enable_triton_gemm": False}}
 
 
 def pipelined(f, args, iters=30):
@@ -65,6 +68,13 @@ def main():
             times = {}
             for p in a.paths:
                 try:
+                    if p == "xla_tn":  # [N, K] weight, contracted on its last axis
+                        wt = jnp.asarray(w.T)
+                        f = jax.jit(lambda x, wt: jax.lax.dot_general(x, wt, (((1,), (1,)), ((), ())))).lower(
+                            x, wt).compile(compiler_options=PATHS[p])
+                        times[p] = pipelined(f, (x, wt))
+                        del wt
+                        continue
                     f = jax.jit(lambda x, w: x @ w).lower(x, w).compile(compiler_options=PATHS[p])
                     times[p] = pipelined(f, (x, w))
                 except Exception as e:  # an option this jaxlib does not know: say so, go on
