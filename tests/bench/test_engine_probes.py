@@ -1,0 +1,41 @@
+"""The engine probe scripts run on the embedded model (CPU) so they cannot rot:
+scripts/bench_host_step.py (the host's share of each engine step) and scripts/bench_step_flags.py
+(one decode step under XLA compile options)."""
+import json
+import os
+import subprocess
+import sys
+
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _rows(args):
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(ENV, PYTHONPATH=ROOT), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_host_step_accounts_for_every_step_and_the_one_step_block_after_first_tokens():
+    rows = _rows(["scripts/bench_host_step.py", "--model", "default", "--steps", "1", "4", "--output-len", "8",
+                  "--iters", "1"])
+    k1, k4 = rows
+    assert k1["num_scheduler_steps"] == 1 and k1["engine_steps"] == 8  # the prefill's token + 7 decode steps
+    # K = 4: the prefill, the one-step block scheduled ahead of its first token, a 4-step block,
+    # and the 2 steps max_tokens leaves
+    assert k4["engine_steps"] == 4
+    for r in rows:
+        assert abs(r["tokens_per_s"] * r["wall_s"] - 8) < 1e-6
+        per = r["ms_per_engine_step"]
+        assert per["dispatch"] + per["collect"] <= per["step"] + 1e-6
+        assert 0 < r["host_busy_ms_per_step"] <= r["wall_ms_per_step"]
+
+
+def test_step_flags_times_the_step_and_reports_unknown_options():
+    rows = _rows(["scripts/bench_step_flags.py", "--model", "default", "--batches", "1", "--iters", "2",
+                  "--sets", "default", "no_triton_softmax"])
+    base = next(r for r in rows if r["set"] == "default")
+    assert base["tokens"] == 16 and base["kernels"] > 0 and base["ms"] > 0 and base["over_default"] == 1.0
+    other = next(r for r in rows if r["set"] == "no_triton_softmax")
+    assert "error" in other or other["kernels"] > 0  # an option this jaxlib lacks is a row, not a crash
