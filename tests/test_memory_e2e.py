@@ -1,4 +1,6 @@
 """Prefix caching and preemption on the real model: outputs identical to the plain run (greedy)."""
+import logging
+
 import pytest
 
 from jaxserve import LLM, SamplingParams
@@ -34,24 +36,32 @@ def test_prefix_caching_identical_and_reports_hits(reference):
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_preemption_gives_identical_outputs(reference, mode):
+def test_preemption_gives_identical_outputs(reference, mode, caplog):
     _, ref = reference
     # 20 blocks x 16 = 304 usable tokens for 8 sequences of ~60-90 tokens: preemption is forced
     # (admission without headroom: every prompt that fits now is admitted).
     llm = LLM(enable_prefix_caching=False, warmup=False, num_gpu_blocks_override=20, preemption_mode=mode,
               admission_headroom_tokens=0, **COMMON)
-    outs = llm.generate([SYSTEM + q for q in QUESTIONS], GREEDY, use_tqdm=False)
+    with caplog.at_level(logging.WARNING, logger="jaxserve"):
+        outs = llm.generate([SYSTEM + q for q in QUESTIONS], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == ref
     assert llm.get_stats().num_preemptions_total > 0
     assert llm.llm_engine.scheduler.kv_usage() == 0.0
+    # the user is told once (a minute at most), with the cache's size and what to change
+    warned = [r.getMessage() for r in caplog.records if "preempted" in r.getMessage()]
+    assert len(warned) == 1 and f"({mode}:" in warned[0] and "holds 304 tokens" in warned[0]
+    assert "kv_cache_dtype='fp8'" in warned[0] and "max_num_seqs (now 8)" in warned[0]
 
 
-def test_admission_headroom_avoids_the_preemptions(reference):
+def test_admission_headroom_avoids_the_preemptions(reference, caplog):
     """The same tight cache with the default admission headroom: prompts wait until the running
-    sequences' remaining tokens fit, so nothing is preempted, and the outputs are the same."""
+    sequences' remaining tokens fit, so nothing is preempted (and nothing warns), and the outputs
+    are the same."""
     _, ref = reference
     llm = LLM(enable_prefix_caching=False, warmup=False, num_gpu_blocks_override=20, **COMMON)
-    outs = llm.generate([SYSTEM + q for q in QUESTIONS], GREEDY, use_tqdm=False)
+    with caplog.at_level(logging.WARNING, logger="jaxserve"):
+        outs = llm.generate([SYSTEM + q for q in QUESTIONS], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == ref
     assert llm.get_stats().num_preemptions_total == 0
+    assert not [r for r in caplog.records if "preempted" in r.getMessage()]
     assert llm.llm_engine.scheduler.kv_usage() == 0.0

@@ -163,6 +163,8 @@ class LLMEngine:
         self._num_steps = 0
         self._inflight = None  # (SchedulerOutput, PendingStep): the next step, already dispatched
         self.trace: Optional[list] = None  # set to [] to record per-step scheduler stats
+        self._preemptions_warned = 0  # the preemption count at the last warning
+        self._preemption_warned_at = None  # time.monotonic() of that warning
 
     def _check_weights_fit(self, devices, arch) -> None:
         """Before loading: refuse a model whose weights cannot fit on its devices (ModelTooLargeError
@@ -373,7 +375,36 @@ class LLMEngine:
             rec.update(self.scheduler.step_stats())
             self.trace.append(rec)
         self._drop_idle_block()
+        self._warn_preemptions()
         return outputs
+
+    # At most one preemption warning per this many seconds (each names the running total).
+    PREEMPTION_WARNING_INTERVAL_S = 60.0
+
+    def _warn_preemptions(self) -> None:
+        """A warning when sequences were preempted since the last one (at most one a minute): the
+        cache could not hold every running sequence's next tokens, which costs throughput, and
+        what to change."""
+        n = self.scheduler.num_preemptions
+        if n == self._preemptions_warned:
+            return
+        now = time.monotonic()
+        if self._preemption_warned_at is not None and now - self._preemption_warned_at < self.PREEMPTION_WARNING_INTERVAL_S:
+            return
+        cfg = self.config
+        mode = cfg.scheduler.preemption_mode
+        fixes = [f"raise gpu_memory_utilization (now {cfg.cache.gpu_memory_utilization:.2f})",
+                 f"lower max_num_seqs (now {cfg.scheduler.max_num_seqs})"]
+        if cfg.cache.kv_cache_dtype == "auto":
+            fixes.append("use kv_cache_dtype='fp8' (twice the tokens in the same memory)")
+        fixes.append("spread the model over more GPUs (tensor_parallel_size)")
+        logger.warning(
+            "KV cache full: %d sequence(s) preempted so far (%s: %s), which costs throughput. The cache holds "
+            "%d tokens; to avoid preemption %s.", n, mode,
+            "their tokens are computed again when they resume" if mode == "recompute"
+            else "their blocks go to host memory and back", (self.runner.num_blocks - 1) * self.scheduler.block_size,
+            ", ".join(fixes[:-1]) + " or " + fixes[-1])
+        self._preemptions_warned, self._preemption_warned_at = n, now
 
     def _fill_prompt_ids(self, so) -> None:
         """The runner needs the prompt for prompt logprobs."""
