@@ -11,6 +11,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from bench_attention import timeit_pipelined  # (scripts/ is on sys.path when a script in it runs)
+
 
 def _median_time(f, *args, iters=20):
     jax.block_until_ready(f(*args))
@@ -23,29 +25,17 @@ def _median_time(f, *args, iters=20):
     return ts[len(ts) // 2]
 
 
-def _pipelined_time(f, xs, iters=40):
-    """Seconds per call, calls dispatched back to back with one wait at the end (alternating
-    inputs so no call can reuse a cached line of the previous one's)."""
-    for x in xs:
-        jax.block_until_ready(f(x))
-    t0 = time.perf_counter()
-    out = None
-    for i in range(iters):
-        out = f(xs[i % len(xs)])
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / iters
-
-
 def main():
     n = 1 << 30  # 2 GiB of bf16
     xs = [jax.random.normal(jax.random.PRNGKey(i), (n,), jnp.bfloat16) for i in range(2)]
     copy = jax.jit(lambda x: x * 1)
     t = min(_median_time(copy, x) for x in xs)
     bw = 2 * n * 2 / t
-    bw_pipe = 2 * n * 2 / _pipelined_time(copy, xs)
+    # back to back, one wait at the end, alternating inputs (no call reuses the last one's lines)
+    bw_pipe = 2 * n * 2 / timeit_pipelined(copy, [(x,) for x in xs])
     # [rows, 4096] summed over the rows: a column-parallel read that XLA tiles across every SM.
     read = jax.jit(lambda x: jnp.sum(x.reshape(-1, 4096), axis=0, dtype=jnp.float32))
-    bw_read = n * 2 / _pipelined_time(read, xs)
+    bw_read = n * 2 / timeit_pipelined(read, [(x,) for x in xs])
     del xs
     m = 8192
     a = jax.random.normal(jax.random.PRNGKey(3), (m, m), jnp.bfloat16)

@@ -20,22 +20,13 @@ import time
 import jax
 import jax.numpy as jnp
 
+from bench_fp8_gemm import pipelined  # (scripts/ is on sys.path when a script in it runs)
+
 E, F, V, QKV = 4096, 14336, 128256, 6144
 SHAPES = {"qkv": (E, QKV), "o": (E, E), "gate_up": (E, 2 * F), "down": (F, E), "square": (8192, 8192)}
 PATHS = {"xla": {"xla_gpu_enable_triton_gemm": False}, "xla_triton": {},
          "xla_lt": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True},
          "xla_tn": {"xla_gpu_enable_triton_gemm": False}}
-
-
-def pipelined(f, args, iters=30):
-    jax.block_until_ready(f(*args))
-    jax.block_until_ready(f(*args))
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(iters):
-        out = f(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / iters
 
 
 def torch_time(m, k, n, iters=30):
