@@ -315,15 +315,17 @@ class ModelRunner(Warmup):
     def _swap_out(self, pairs: list) -> None:
         """(device block, host slot) pairs: copy the blocks into the host pool, kvc.BLOCK_CHUNK at a
         time (the next chunk's gather is dispatched before the previous chunk is read back)."""
-        pool, prev = self._host(), None
+        pool, pending = self._host(), []  # (gathered parts, host slots), in flight
+
+        def land(parts, slots):
+            pool[:, :, slots] = self._fetch_blocks(parts)[:, :, :len(slots)]
         for part in kvc.chunks(pairs):
             ids, _ = kvc.pad_pairs([(d, d) for d, _ in part])
-            cur = (self._gather_blocks(ids), [h for _, h in part])
-            if prev is not None:
-                pool[:, :, prev[1]] = self._fetch_blocks(prev[0])[:, :, :len(prev[1])]
-            prev = cur
-        if prev is not None:
-            pool[:, :, prev[1]] = self._fetch_blocks(prev[0])[:, :, :len(prev[1])]
+            pending.append((self._gather_blocks(ids), [h for _, h in part]))
+            if len(pending) == 2:
+                land(*pending.pop(0))
+        for p in pending:
+            land(*p)
 
     def _swap_in(self, pairs: list) -> None:
         """(host slot, device block) pairs: write the slots back into the cache, kvc.BLOCK_CHUNK at
