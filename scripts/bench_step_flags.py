@@ -4,7 +4,12 @@ a real decode step (captured from a short generate: batch 1 at ~40 tokens of con
 back, as the engine donates it), with the number of kernels XLA emitted at the top level.
 Options that this jaxlib does not know are reported and skipped.
 
-    python3 scripts/bench_step_flags.py [--batches 1 1024] [--iters 30]
+    python3 scripts/bench_step_flags.py [--batches 1 1024] [--iters 30] [--prompt-len 128]
+    python3 scripts/bench_step_flags.py --sets default --batches 256 1024 --profile /tmp/steps
+
+--profile DIR also runs each step (the first option set only) under the JAX profiler and prints
+its device time by kernel category and, per matrix-product shape, the device time and TFLOP/s of
+the step's GEMMs (jaxserve.bench.hlo_dots): the rate each projection runs at inside the step.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 1024])
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--sets", nargs="+", default=list(OPTION_SETS))
+    ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens of the batches over 1")
+    ap.add_argument("--profile", default=None, metavar="DIR", help="profile each step's first option set")
     ap.add_argument("--model", default="llama-3-8b", help="a named config for dummy weights; 'default': the embedded model")
     a = ap.parse_args()
 
@@ -41,8 +48,8 @@ def main():
     from jaxserve.runner import model_runner as mr
 
     default = a.model == "default"
-    llm = LLM(model=None if default else a.model, load_format="auto" if default else "dummy", max_model_len=2048,
-              warmup=False)
+    llm = LLM(model=None if default else a.model, load_format="auto" if default else "dummy",
+              max_model_len=max(2048, a.prompt_len + 64), warmup=False)
     r = llm.llm_engine.runner
     captured = {}
     fwd = r._forward
@@ -56,8 +63,10 @@ def main():
     rng = np.random.default_rng(0)
     V = r.arch.vocab_size
     for b in a.batches:
-        prompts = [{"prompt_token_ids": rng.integers(0, V, 32 if b == 1 else 128).tolist()} for _ in range(b)]
-        llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True), use_tqdm=False)
+        prompts = [{"prompt_token_ids": rng.integers(0, V, 32 if b == 1 else a.prompt_len).tolist()} for _ in range(b)]
+        # enough tokens that every sequence is still decoding once the last prompt is in
+        prefill_steps = -(-b * len(prompts[0]["prompt_token_ids"]) // 8192)
+        llm.generate(prompts, SamplingParams(max_tokens=prefill_steps + 12, ignore_eos=True), use_tqdm=False)
     r._forward = fwd
     for b in a.batches:
         inp = captured[b]
@@ -90,6 +99,39 @@ def main():
             base_t = base_t or t
             row.update(ms=round(t * 1e3, 4), over_default=round(t / base_t, 4))
             print(json.dumps(row), flush=True)
+            if a.profile and name == a.sets[0]:
+                kv = profile_step(exe, (params, kv, tok, meta), a.iters, f"{a.profile}/b{b}", row)
+                r._set_kv(0, kv)
+
+
+def profile_step(exe, args, iters: int, trace_dir: str, row: dict):
+    """Run the compiled step iters times under the profiler; print its device time by category and
+    its GEMMs' rates per shape. Returns the KV cache (donated each call)."""
+    import jax
+
+    from jaxserve.bench import profile as prof
+    from jaxserve.bench.hlo_dots import dot_rates
+
+    params, kv, tok, meta = args
+    with jax.profiler.trace(trace_dir):
+        for _ in range(iters):
+            out, kv = exe(params, kv, tok, meta)
+        jax.block_until_ready(out)
+    summ = prof.summarize(trace_dir, 0.0, top=12)
+    print(json.dumps(dict(kind="step_profile", batch=row["batch"], tokens=row["tokens"],
+                          device_ms_per_step=round(summ.get("kernel_s", 0) * 1e3 / iters, 4),
+                          by_category=summ.get("by_category"), top_kernels=summ.get("top_kernels"))), flush=True)
+    times = prof.op_times(trace_dir)
+    rates = dot_rates(exe.as_text(), times, iters)
+    for d in rates:
+        print(json.dumps(dict(kind="step_gemm", batch=row["batch"], tokens=row["tokens"], **d)), flush=True)
+    if not rates:  # the profile's op names do not match the program's: say what each side has
+        from jaxserve.bench.hlo_dots import dots
+
+        print(json.dumps(dict(kind="step_gemm_unmatched", profiled_ops=sorted(times)[:20],
+                              program_dots=sorted(dots(exe.as_text()))[:20],
+                              lines=prof.line_stats(trace_dir))), flush=True)
+    return kv
 
 
 if __name__ == "__main__":

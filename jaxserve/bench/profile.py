@@ -94,3 +94,48 @@ def profile(fn: Callable[[], object], trace_dir: str, top: int = 20) -> tuple[ob
         res = fn()
     wall = time.perf_counter() - t0
     return res, summarize(trace_dir, wall, top)
+
+
+def op_times(trace_dir: str, plane_prefix: str = "/device:GPU") -> dict:
+    """{HLO instruction: [device ns, kernel launches]} over the newest .xplane.pb under trace_dir:
+    from the `hlo_op` stat on the kernels' events, else from the device's "XLA Ops" line
+    (plane_prefix picks the device)."""
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    out: dict = {}
+    if not files:
+        return out
+    by_line: dict = {"stat": {}, "ops_line": {}}  # kernels tagged with hlo_op; the "XLA Ops" line
+    for plane in ProfileData.from_file(files[-1]).planes:
+        if not plane.name.startswith(plane_prefix):
+            continue
+        for line in plane.lines:
+            ops_line = line.name == "XLA Ops"
+            if plane_prefix.startswith("/device:GPU") and not (ops_line or line.name.lower().startswith("stream")):
+                continue
+            for ev in line.events:
+                op = ev.name if ops_line else dict(ev.stats).get("hlo_op")
+                if op:
+                    acc = by_line["ops_line" if ops_line else "stat"].setdefault(op, [0.0, 0])
+                    acc[0] += ev.duration_ns
+                    acc[1] += 1
+    return by_line["stat"] or by_line["ops_line"]
+
+
+def line_stats(trace_dir: str, plane_prefix: str = "/device:GPU") -> list:
+    """Each line of the device planes with its event count and its first event's name and stats: to
+    see where a profile keeps what (diagnostics for op_times)."""
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    out = []
+    for plane in ProfileData.from_file(files[-1]).planes if files else []:
+        if plane.name.startswith(plane_prefix):
+            for line in plane.lines:
+                evs = list(line.events)
+                first = evs[0] if evs else None
+                out.append(dict(plane=plane.name, line=line.name, events=len(evs),
+                                first=first.name[:80] if first else None,
+                                stats={k: str(v)[:60] for k, v in first.stats} if first else None))
+    return out
