@@ -175,16 +175,19 @@ def copy_blocks(kv_caches, src, dst):
     return [kv.at[:, dst].set(kv[:, src]) for kv in kv_caches]
 
 
+# Swapped blocks travel and rest block-major, [K, L, 2, BS, H, D]: one block's every layer is one
+# contiguous host row (2 MB of Llama-3-8B), so landing a chunk in the host pool and taking it back
+# out are K row copies, not L x 2 x K scattered pieces.
 @jax.jit
 def gather_blocks(kv_caches, ids):
-    """-> [L, 2, K, BS, H, D]: the blocks `ids` [K] of every layer (for swap-out)."""
-    return jnp.stack([kv[:, ids] for kv in kv_caches])
+    """-> [K, L, 2, BS, H, D]: the blocks `ids` [K] of every layer (for swap-out)."""
+    return jnp.stack([jnp.moveaxis(kv[:, ids], 1, 0) for kv in kv_caches], axis=1)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def scatter_blocks(kv_caches, ids, data):
-    """Write data [L, 2, K, BS, H, D] into blocks `ids` [K] (swap-in)."""
-    return [kv.at[:, ids].set(data[i].astype(kv.dtype)) for i, kv in enumerate(kv_caches)]
+    """Write data [K, L, 2, BS, H, D] into blocks `ids` [K] (swap-in)."""
+    return [kv.at[:, ids].set(jnp.moveaxis(data[:, i], 0, 1).astype(kv.dtype)) for i, kv in enumerate(kv_caches)]
 
 
 def pad_pairs(pairs, buckets=PAIR_BUCKETS) -> tuple[np.ndarray, np.ndarray]:

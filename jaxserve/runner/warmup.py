@@ -328,6 +328,8 @@ class Warmup:
             self._copy_blocks(z, z)
             if self.num_host_blocks:
                 self._scatter_blocks(z, self._fetch_blocks(self._gather_blocks(z)))
+        if self.num_host_blocks:
+            self._host()  # the swap pool, its pages touched now rather than at the first preemption
         jax.block_until_ready(self.kv_caches)
 
     def num_compilations(self) -> int:

@@ -40,6 +40,29 @@ for tp, pp in [(1, 1), (3, 2)]:
                 wo_scales=[float(x) for x in wo["s"]][:64], wo_q=[float(x) for x in wo["q"][:4, :].ravel()])
     print(f"QLAYOUT {tp} {pp} " + json.dumps(info), flush=True)
     del llm, wo
+# swap preemption's block transfers under TP=3 x PP=2: blocks of every layer out to the host pool
+# (each stage's layers gathered on its own devices, pinned where the device has that memory) and
+# back into other blocks, exact
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxserve.core.sched_output import SchedulerOutput  # noqa: E402
+
+llm = LLM(tensor_parallel_size=3, pipeline_parallel_size=2, preemption_mode="swap", swap_space=0.05,
+          **engine_kwargs("default"))
+r = llm.llm_engine.runner
+nb = r.kv_caches[0].shape[1]
+r.kv_caches = [jax.device_put(np.random.default_rng(i).standard_normal(kv.shape).astype(kv.dtype), kv.sharding)
+               for i, kv in enumerate(r.kv_caches)]
+before = [np.asarray(kv) for kv in r.kv_caches]
+src, slots, dst = list(range(1, 71)), list(range(2, 72)), list(range(nb - 70, nb))
+r._apply_block_ops(SchedulerOutput(scheduled=[], total_num_tokens=0, swap_out=list(zip(src, slots))))
+r._apply_block_ops(SchedulerOutput(scheduled=[], total_num_tokens=0, swap_in=list(zip(slots, dst))))
+after = [np.asarray(kv) for kv in r.kv_caches]
+ok = all((a[:, dst] == b[:, src]).all() for a, b in zip(after, before))
+print(f"SWAP {json.dumps(dict(ok=bool(ok), layers=len(after), specs=sorted({str(kv.sharding.spec) for kv in r.kv_caches})))}",
+      flush=True)
+del llm, r
 for bad in (dict(tensor_parallel_size=2), dict(pipeline_parallel_size=31), dict(tensor_parallel_size=3, data_parallel_size=3)):
     try:
         LLM(**bad, **engine_kwargs("default"))

@@ -53,6 +53,9 @@ def test_tp_pp_dp_equal_one_device_and_bad_sizes_are_explained():
     assert q[(3, 2)]["wo_scales"] == q[(1, 1)]["wo_scales"] and q[(3, 2)]["wo_q"] == q[(1, 1)]["wo_q"]
     assert q[(1, 1)]["wo"][0] == "float8_e4m3fn" and q[(3, 2)]["wo"][1] == [None, "model"]
     assert sum(a[0] == b[0] for a, b in zip(q[(1, 1)]["tokens"], one)) >= 3  # first tokens as unquantized
+    # swap out 70 blocks and back into others under TP=3 x PP=2 (two chunks, both stages): exact
+    swap = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("SWAP "))[5:])
+    assert swap["ok"] and swap["layers"] == 30 and any("model" in sp for sp in swap["specs"]), swap
     errors = [line for line in out.stdout.splitlines() if line.startswith("ERROR ")]
     assert len(errors) == 3, out.stdout
     assert "tensor_parallel_size=2 does not divide the model's 9 attention heads; sizes that work: [1, 3, 9]" in errors[0]

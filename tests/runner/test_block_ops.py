@@ -35,9 +35,9 @@ def test_swap_round_trip_in_chunks_exact_and_without_compiling(runner):
         src = rng.choice(np.arange(1, 400), n, replace=False).tolist()
         slots = rng.choice(r.num_host_blocks, n, replace=False).tolist()
         r._apply_block_ops(_ops(swap_out=list(zip(src, slots))))
-        pool = r._host()  # [L, 2, host blocks, BS, H, D]
+        pool = r._host()  # [host blocks, L, 2, BS, H, D]: a block's layers side by side
         for layer, ref in enumerate(before):
-            np.testing.assert_array_equal(pool[layer][:, slots], ref[:, src])
+            np.testing.assert_array_equal(pool[slots, layer], np.moveaxis(ref[:, src], 1, 0))
         free = sorted(set(range(1, 400)) - set(src))
         dst = rng.choice(free, n, replace=False).tolist()
         r._apply_block_ops(_ops(swap_in=list(zip(slots, dst))))
