@@ -93,7 +93,9 @@ class Scheduler:
     # ---- the step ---------------------------------------------------------------------------
     def schedule(self, max_block_steps: Optional[int] = None) -> SchedulerOutput:
         """The next step. max_block_steps: a decode block is at most this many steps long."""
-        self.host_free.extend(self._host_release)
+        # highest first, so pop() hands them out ascending: a sequence swapped out next gets a
+        # consecutive run of slots where one is free, which swap-in reads as one view, no copy
+        self.host_free.extend(sorted(self._host_release, reverse=True))
         self._host_release = []
         budget = self.cfg.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []

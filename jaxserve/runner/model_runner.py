@@ -330,9 +330,14 @@ class ModelRunner(Warmup):
         pool = self._host()
         for i, part in enumerate(kvc.chunks(pairs)):
             ids, _ = kvc.pad_pairs([(d, d) for _, d in part])
-            data = np.empty((len(ids),) + pool.shape[1:], pool.dtype)
-            data[:len(part)] = pool[[h for h, _ in part]]
-            data[len(part):] = 0  # padding rows go to the null block 0
+            slots = [h for h, _ in part]
+            if len(slots) == len(ids) and slots == list(range(slots[0], slots[0] + len(slots))):
+                data = pool[slots[0]:slots[0] + len(slots)]  # a view: no host copy before the transfer
+            else:  # row by row (2 MB rows): a fancy-indexed gather plus a copy took 74 ms per chunk on the H200 host
+                data = np.empty((len(ids),) + pool.shape[1:], pool.dtype)
+                for j, h in enumerate(slots):
+                    data[j] = pool[h]
+                data[len(slots):] = 0  # padding rows go to the null block 0
             if i >= 2:
                 jax.block_until_ready(self.kv_caches[0])
             self._scatter_blocks(ids, data)

@@ -170,6 +170,14 @@ def test_swap_preemption_pairs():
     check_invariants(s)
 
 
+def test_released_swap_slots_are_handed_out_ascending():
+    s = make_sched(num_blocks=5, block_size=2, max_model_len=8, host_blocks=8, preemption_mode="swap")
+    s.host_free = []  # every slot taken, then four released in some order
+    s._host_release = [6, 4, 5, 7]
+    s.schedule()
+    assert [s.host_free.pop() for _ in range(4)] == [4, 5, 6, 7]
+
+
 def test_priority_policy_preempts_lower_priority():
     s = make_sched(num_blocks=5, block_size=2, max_model_len=8, scheduling_policy="priority",
                    enable_prefix_caching=False)

@@ -31,9 +31,11 @@ def test_swap_round_trip_in_chunks_exact_and_without_compiling(runner):
     before = [np.asarray(kv) for kv in r.kv_caches]  # [2, NB, BS, H, D] per layer
     compiles = r.num_compilations()
     rng = np.random.default_rng(1)
-    for n in (133, 70, 5):  # 64 + 64 + 5 (padded to 8), 64 + 6, one padded chunk
+    # 64 + 64 + 5 (padded to 8), 64 + 6, one padded chunk, then a full chunk of consecutive slots
+    # (swap-in sends a view of the pool, no copy)
+    for n, run in ((133, False), (70, False), (5, False), (64, True)):
         src = rng.choice(np.arange(1, 400), n, replace=False).tolist()
-        slots = rng.choice(r.num_host_blocks, n, replace=False).tolist()
+        slots = list(range(10, 10 + n)) if run else rng.choice(r.num_host_blocks, n, replace=False).tolist()
         r._apply_block_ops(_ops(swap_out=list(zip(src, slots))))
         pool = r._host()  # [host blocks, L, 2, BS, H, D]: a block's layers side by side
         for layer, ref in enumerate(before):
