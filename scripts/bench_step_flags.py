@@ -7,9 +7,10 @@ Options that this jaxlib does not know are reported and skipped.
     python3 scripts/bench_step_flags.py [--batches 1 1024] [--iters 30] [--prompt-len 128]
     python3 scripts/bench_step_flags.py --sets default --batches 256 1024 --profile /tmp/steps
 
---profile DIR also runs each step (the first option set only) under the JAX profiler and prints
-its device time by kernel category and, per matrix-product shape, the device time and TFLOP/s of
-the step's GEMMs (jaxserve.bench.hlo_dots): the rate each projection runs at inside the step.
+--profile DIR also runs each step (the first option set only, compiled again without command
+buffers so that each kernel names its HLO instruction) under the JAX profiler and prints its device
+time by kernel category and, per matrix-product shape, the device time and TFLOP/s of the step's
+GEMMs (jaxserve.bench.hlo_dots): the rate each projection runs at inside the step.
 """
 from __future__ import annotations
 
@@ -100,37 +101,36 @@ def main():
             row.update(ms=round(t * 1e3, 4), over_default=round(t / base_t, 4))
             print(json.dumps(row), flush=True)
             if a.profile and name == a.sets[0]:
-                kv = profile_step(exe, (params, kv, tok, meta), a.iters, f"{a.profile}/b{b}", row)
+                step = jax.jit(functools.partial(r._stage_fn, 0), donate_argnums=(1,))
+                kv = profile_step(lambda o: step.lower(params, kv, tok, meta).compile(compiler_options=o),  # noqa: B023
+                                  (params, kv, tok, meta), a.iters, f"{a.profile}/b{b}", row)
                 r._set_kv(0, kv)
 
 
-def profile_step(exe, args, iters: int, trace_dir: str, row: dict):
-    """Run the compiled step iters times under the profiler; print its device time by category and
-    its GEMMs' rates per shape. Returns the KV cache (donated each call)."""
+def profile_step(compile_step, args, iters: int, trace_dir: str, row: dict):
+    """Compile the step again without command buffers (inside one, every kernel is tagged with the
+    buffer's name, not its HLO instruction), run it iters times under the profiler and print its
+    device time by category and its GEMMs' rates per shape. compile_step(options) -> executable.
+    Returns the KV cache (donated each call)."""
     import jax
 
     from jaxserve.bench import profile as prof
     from jaxserve.bench.hlo_dots import dot_rates
 
+    exe = compile_step({**row["options"], "xla_gpu_enable_command_buffer": ""})
     params, kv, tok, meta = args
+    out, kv = exe(params, kv, tok, meta)
+    jax.block_until_ready(out)
     with jax.profiler.trace(trace_dir):
         for _ in range(iters):
             out, kv = exe(params, kv, tok, meta)
         jax.block_until_ready(out)
     summ = prof.summarize(trace_dir, 0.0, top=12)
-    print(json.dumps(dict(kind="step_profile", batch=row["batch"], tokens=row["tokens"],
+    print(json.dumps(dict(kind="step_profile", batch=row["batch"], tokens=row["tokens"], command_buffers=False,
                           device_ms_per_step=round(summ.get("kernel_s", 0) * 1e3 / iters, 4),
                           by_category=summ.get("by_category"), top_kernels=summ.get("top_kernels"))), flush=True)
-    times = prof.op_times(trace_dir)
-    rates = dot_rates(exe.as_text(), times, iters)
-    for d in rates:
+    for d in dot_rates(exe.as_text(), prof.op_times(trace_dir), iters):
         print(json.dumps(dict(kind="step_gemm", batch=row["batch"], tokens=row["tokens"], **d)), flush=True)
-    if not rates:  # the profile's op names do not match the program's: say what each side has
-        from jaxserve.bench.hlo_dots import dots
-
-        print(json.dumps(dict(kind="step_gemm_unmatched", profiled_ops=sorted(times)[:20],
-                              program_dots=sorted(dots(exe.as_text()))[:20],
-                              lines=prof.line_stats(trace_dir))), flush=True)
     return kv
 
 

@@ -121,21 +121,3 @@ def op_times(trace_dir: str, plane_prefix: str = "/device:GPU") -> dict:
                     acc[0] += ev.duration_ns
                     acc[1] += 1
     return by_line["stat"] or by_line["ops_line"]
-
-
-def line_stats(trace_dir: str, plane_prefix: str = "/device:GPU") -> list:
-    """Each line of the device planes with its event count and its first event's name and stats: to
-    see where a profile keeps what (diagnostics for op_times)."""
-    from jax.profiler import ProfileData
-
-    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
-    out = []
-    for plane in ProfileData.from_file(files[-1]).planes if files else []:
-        if plane.name.startswith(plane_prefix):
-            for line in plane.lines:
-                evs = list(line.events)
-                first = evs[0] if evs else None
-                out.append(dict(plane=plane.name, line=line.name, events=len(evs),
-                                first=first.name[:80] if first else None,
-                                stats={k: str(v)[:60] for k, v in first.stats} if first else None))
-    return out
