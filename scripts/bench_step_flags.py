@@ -129,7 +129,8 @@ def profile_step(compile_step, args, iters: int, trace_dir: str, row: dict):
     print(json.dumps(dict(kind="step_profile", batch=row["batch"], tokens=row["tokens"], command_buffers=False,
                           device_ms_per_step=round(summ.get("kernel_s", 0) * 1e3 / iters, 4),
                           by_category=summ.get("by_category"), top_kernels=summ.get("top_kernels"))), flush=True)
-    for d in dot_rates(exe.as_text(), prof.op_times(trace_dir), iters):
+    plane = "/host:CPU" if jax.devices()[0].platform == "cpu" else "/device:GPU"  # (CPU: CI runs this)
+    for d in dot_rates(exe.as_text(), prof.op_times(trace_dir, plane), iters):
         print(json.dumps(dict(kind="step_gemm", batch=row["batch"], tokens=row["tokens"], **d)), flush=True)
     return kv
 

@@ -32,10 +32,15 @@ def test_host_step_accounts_for_every_step_and_the_one_step_block_after_first_to
         assert 0 < r["host_busy_ms_per_step"] <= r["wall_ms_per_step"]
 
 
-def test_step_flags_times_the_step_and_reports_unknown_options():
+def test_step_flags_times_the_step_and_reports_unknown_options(tmp_path):
     rows = _rows(["scripts/bench_step_flags.py", "--model", "default", "--batches", "1", "--iters", "2",
-                  "--sets", "default", "no_triton_softmax"])
-    base = next(r for r in rows if r["set"] == "default")
+                  "--sets", "default", "no_triton_softmax", "--profile", str(tmp_path)])
+    base = next(r for r in rows if r.get("set") == "default")
     assert base["tokens"] == 16 and base["kernels"] > 0 and base["ms"] > 0 and base["over_default"] == 1.0
-    other = next(r for r in rows if r["set"] == "no_triton_softmax")
+    other = next(r for r in rows if r.get("set") == "no_triton_softmax")
     assert "error" in other or other["kernels"] > 0  # an option this jaxlib lacks is a row, not a crash
+    # --profile: every projection of SmolLM2's 30 layers at the 16-token bucket, found in the program
+    # and timed in the profile (qkv 576 -> 9 x 64 + 2 x 3 x 64, o, gate_up 576 -> 2 x 1536, down)
+    gemms = {r["shape"]: r for r in rows if r["kind"] == "step_gemm"}
+    for shape in ("16x576x960", "16x576x576", "16x576x3072", "16x1536x576"):
+        assert gemms[shape]["per_run"] == 30 and gemms[shape]["us_each"] > 0, (shape, sorted(gemms))
