@@ -34,6 +34,17 @@ def test_kv_cache_too_small_names_the_setting():
     assert "max_model_len" in msg and ("cpu_kv_cache_gib" in msg or "gpu_memory_utilization" in msg)
 
 
+def test_swap_space_beyond_the_host_memory_names_the_setting(monkeypatch):
+    from jaxserve.runner import kv_cache as kvc
+
+    monkeypatch.setattr(kvc, "host_available_bytes", lambda: 3 * kvc.GIB)
+    with pytest.raises(ValueError) as e:
+        LLM(preemption_mode="swap", swap_space=8, warmup=False)
+    msg = str(e.value)
+    assert "swap_space=8 GiB" in msg and "3.0 GiB available" in msg and "recompute" in msg
+    LLM(preemption_mode="swap", swap_space=2, warmup=False)  # within 90%: accepted
+
+
 def test_unknown_engine_argument():
     with pytest.raises(TypeError, match="max_num_seqs"):
         LLM(max_num_seq=4)

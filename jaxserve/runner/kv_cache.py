@@ -24,6 +24,10 @@ class KVCacheTooSmallError(ValueError):
     pass
 
 
+class SwapSpaceTooLargeError(ValueError):
+    """preemption_mode="swap" asks for more host memory than the host has available."""
+
+
 class StepOutOfMemoryError(MemoryError):
     """A compiled step does not fit in the device memory the KV cache leaves."""
 
@@ -137,6 +141,16 @@ def check_fits(num_blocks: int, spec: KVCacheSpec, max_model_len: int, where: st
             f"sequence of max_model_len={max_model_len} needs {max_model_len}. Lower max_model_len, or "
             f"give the cache more memory (gpu_memory_utilization on GPU, cpu_kv_cache_gib on CPU, "
             f"or num_gpu_blocks_override).")
+
+
+def check_swap_space(swap_space_gib: float, available: int) -> None:
+    """The swap pool is allocated and touched whole at start-up: refuse one that would take more
+    than 90% of the host memory available now (it would end in the kernel's OOM killer instead)."""
+    if swap_space_gib * GIB > 0.9 * available:
+        raise SwapSpaceTooLargeError(
+            f"swap_space={swap_space_gib:g} GiB of host memory for preemption_mode='swap', but the host "
+            f"has {available / GIB:.1f} GiB available. Lower swap_space (at most "
+            f"{0.9 * available / GIB:.0f}), or keep preemption_mode='recompute' (the default).")
 
 
 def allocate(spec: KVCacheSpec, num_blocks: int, sharding=None) -> list:

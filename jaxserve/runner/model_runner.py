@@ -116,6 +116,7 @@ class ModelRunner(Warmup):
         self._warmup_at = "warm-up"  # what warm-up is running (named when a step runs out of memory)
         self._host_pool: Optional[np.ndarray] = None
         if sc.preemption_mode == "swap":
+            kvc.check_swap_space(config.cache.swap_space, kvc.host_available_bytes())
             self.num_host_blocks = int(config.cache.swap_space * kvc.GIB // self.kv_spec.bytes_per_block)
 
     # ---- placement ----------------------------------------------------------------------------
