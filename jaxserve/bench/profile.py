@@ -97,27 +97,23 @@ def profile(fn: Callable[[], object], trace_dir: str, top: int = 20) -> tuple[ob
 
 
 def op_times(trace_dir: str, plane_prefix: str = "/device:GPU") -> dict:
-    """{HLO instruction: [device ns, kernel launches]} over the newest .xplane.pb under trace_dir:
-    from the `hlo_op` stat on the kernels' events, else from the device's "XLA Ops" line
-    (plane_prefix picks the device)."""
+    """{HLO instruction: [device ns, kernel launches]} over the newest .xplane.pb under trace_dir,
+    from the `hlo_op` stat on each kernel's event (plane_prefix picks the device; inside a command
+    buffer every kernel carries the buffer's name, so profile programs compiled without them)."""
     from jax.profiler import ProfileData
 
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     out: dict = {}
-    if not files:
-        return out
-    by_line: dict = {"stat": {}, "ops_line": {}}  # kernels tagged with hlo_op; the "XLA Ops" line
-    for plane in ProfileData.from_file(files[-1]).planes:
+    for plane in ProfileData.from_file(files[-1]).planes if files else []:
         if not plane.name.startswith(plane_prefix):
             continue
         for line in plane.lines:
-            ops_line = line.name == "XLA Ops"
-            if plane_prefix.startswith("/device:GPU") and not (ops_line or line.name.lower().startswith("stream")):
-                continue
+            if plane_prefix.startswith("/device:GPU") and not line.name.lower().startswith("stream"):
+                continue  # the XLA-op and module lines repeat the kernels' time
             for ev in line.events:
-                op = ev.name if ops_line else dict(ev.stats).get("hlo_op")
+                op = dict(ev.stats).get("hlo_op")
                 if op:
-                    acc = by_line["ops_line" if ops_line else "stat"].setdefault(op, [0.0, 0])
+                    acc = out.setdefault(op, [0.0, 0])
                     acc[0] += ev.duration_ns
                     acc[1] += 1
-    return by_line["stat"] or by_line["ops_line"]
+    return out
