@@ -67,17 +67,9 @@ def torch_time(m, k, n, iters=30):
 
 def device_time(f, args, iters=30):
     """Seconds of kernel time per call of the compiled f (every kernel it runs), from the profiler."""
-    import tempfile
+    from jaxserve.bench.profile import op_times, trace_calls
 
-    from jaxserve.bench.profile import op_times
-
-    jax.block_until_ready(f(*args))
-    d = tempfile.mkdtemp(prefix="gemm_paths_")
-    with jax.profiler.trace(d):
-        for _ in range(iters):
-            out = f(*args)
-        jax.block_until_ready(out)
-    return sum(ns for ns, _ in op_times(d).values()) / 1e9 / iters
+    return sum(ns for ns, _ in op_times(trace_calls(f, args, iters)).values()) / 1e9 / iters
 
 
 def main():

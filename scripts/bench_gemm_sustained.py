@@ -8,7 +8,6 @@ nvidia-smi meanwhile. docs/benchmarks.md, 2026-12-01 eighth session, call 4.
 """
 import json
 import subprocess
-import tempfile
 import threading
 import time
 
@@ -35,17 +34,12 @@ def clocks(stop, out):
 
 def run(name, f, args, iters):
     """iters calls of the compiled f under the profiler: kernel ms per call, SM clock, top kernels."""
-    jax.block_until_ready(f(*args))
-    d = tempfile.mkdtemp()
     stop, samp = threading.Event(), []
     th = threading.Thread(target=clocks, args=(stop, samp))
     th.start()
     time.sleep(0.2)
     t0 = time.perf_counter()
-    with jax.profiler.trace(d):
-        for _ in range(iters):
-            out = f(*args)
-        jax.block_until_ready(out)
+    d = prof.trace_calls(f, args, iters)
     wall = time.perf_counter() - t0
     stop.set()
     th.join()

@@ -7,7 +7,7 @@ import collections
 import glob
 import os
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 CATEGORIES = (  # first match wins; lower-case substrings of kernel names
     ("attention", ("ragged_paged_attention", "paged_attention")),
@@ -94,6 +94,22 @@ def profile(fn: Callable[[], object], trace_dir: str, top: int = 20) -> tuple[ob
         res = fn()
     wall = time.perf_counter() - t0
     return res, summarize(trace_dir, wall, top)
+
+
+def trace_calls(f, args, iters: int, trace_dir: Optional[str] = None) -> str:
+    """One warm call of f(*args), then iters calls back to back under the profiler and one wait;
+    returns the trace directory (read it with summarize or op_times)."""
+    import tempfile
+
+    import jax
+
+    jax.block_until_ready(f(*args))
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="jaxserve_trace_")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(iters):
+            out = f(*args)
+        jax.block_until_ready(out)
+    return trace_dir
 
 
 def op_times(trace_dir: str, plane_prefix: str = "/device:GPU") -> dict:
