@@ -27,6 +27,10 @@ OPTION_SETS = {
     "block_level_rewriter": {"xla_gpu_experimental_enable_fusion_block_level_rewriter": True},
     "warp_specialization": {"xla_gpu_experimental_enable_triton_warp_specialization": True},
     "no_reduction_epilogue": {"xla_gpu_enable_reduction_epilogue_fusion": False},
+    # Hopper's programmatic dependent launch: a kernel starts while its predecessor drains
+    "pdl": {"xla_gpu_enable_pdl": True},
+    # independent kernels of a command buffer (CUDA graph) as parallel branches of the graph
+    "concurrent_region": {"xla_gpu_graph_enable_concurrent_region": True},
 }
 
 
@@ -73,7 +77,7 @@ def main():
         inp = captured[b]
         T = len(inp.token_ids)
         base_opts = mr._LARGE_STEP_OPTIONS if T > mr._TRITON_GEMM_MAX_TOKENS else {}
-        base_t = None
+        base_t, base_out = None, None
         for name in a.sets:
             opts = {**base_opts, **OPTION_SETS[name]}
             row = dict(kind="step_flags", batch=b, tokens=T, set=name, options=opts)
@@ -98,7 +102,10 @@ def main():
             t = (time.perf_counter() - t0) / a.iters
             r._set_kv(0, kv)
             base_t = base_t or t
-            row.update(ms=round(t * 1e3, 4), over_default=round(t / base_t, 4))
+            outs = [np.asarray(x, np.float32) for x in jax.tree.leaves(out)]
+            base_out = base_out or outs  # the same inputs each call: options must not change the results
+            row.update(ms=round(t * 1e3, 4), over_default=round(t / base_t, 4),
+                       max_abs_diff=float(max(np.abs(x - y).max() for x, y in zip(outs, base_out))))
             print(json.dumps(row), flush=True)
             if a.profile and name == a.sets[0]:
                 step = jax.jit(functools.partial(r._stage_fn, 0), donate_argnums=(1,))
