@@ -19,6 +19,7 @@ _POLICIES = ("fcfs", "priority")
 _PREEMPTION = ("recompute", "swap")
 _ATTN_BACKENDS = ("auto", "reference", "pallas")
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+_NGRAM = ("[ngram]", "ngram")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -140,6 +141,58 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding with n-gram prompt lookup (vLLM's speculative_model="[ngram]"): a
+    decoding sequence whose last tokens occurred earlier in its prompt or output proposes the
+    tokens that followed them there; one step checks all of them and keeps the longest prefix
+    the model itself samples, plus one token of its own. Outputs equal decoding without it (same
+    seed); a step yields 1..k+1 tokens where the text repeats itself (code edits, extraction,
+    summaries quoting their source) and 1 elsewhere."""
+
+    speculative_model: Optional[str] = None  # "[ngram]" (no draft model: proposals come from the text)
+    num_speculative_tokens: int = 0  # k: tokens proposed per step
+    ngram_prompt_lookup_max: int = 4  # longest suffix looked up
+    ngram_prompt_lookup_min: int = 2  # shortest suffix looked up (1: any repeated token proposes)
+    # Speculate only while at most this many sequences run (None: always): large batches are
+    # compute-bound, so a rejected proposal costs real time there.
+    speculative_disable_by_batch_size: Optional[int] = None
+
+    def __post_init__(self):
+        m = self.speculative_model
+        _check(m is None or m in _NGRAM,
+               f"speculative_model={m!r} is not supported: jaxserve speculates with n-gram prompt lookup "
+               f"(speculative_model='[ngram]', num_speculative_tokens=5); draft models are not supported")
+        _check(m is None or 1 <= self.num_speculative_tokens <= 16,
+               f"num_speculative_tokens must be in [1, 16] with speculative_model={m!r}, got "
+               f"{self.num_speculative_tokens}")
+        _check(m is not None or self.num_speculative_tokens == 0,
+               f"num_speculative_tokens={self.num_speculative_tokens} needs speculative_model='[ngram]'")
+        _check(1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max <= 64,
+               f"need 1 <= ngram_prompt_lookup_min <= ngram_prompt_lookup_max <= 64, got "
+               f"{self.ngram_prompt_lookup_min} and {self.ngram_prompt_lookup_max}")
+        _check(self.speculative_disable_by_batch_size is None or self.speculative_disable_by_batch_size >= 1,
+               "speculative_disable_by_batch_size must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculative_model is not None
+
+    @staticmethod
+    def from_dict(d: dict) -> dict:
+        """vLLM's speculative_config={"method": "ngram", "num_speculative_tokens": 5,
+        "prompt_lookup_max": 4, "prompt_lookup_min": 1} -> this section's flat keywords."""
+        if not isinstance(d, dict):
+            raise ValueError(f"speculative_config must be a dict, got {d!r}")
+        names = {"method": "speculative_model", "model": "speculative_model",
+                 "num_speculative_tokens": "num_speculative_tokens",
+                 "prompt_lookup_max": "ngram_prompt_lookup_max", "prompt_lookup_min": "ngram_prompt_lookup_min",
+                 "disable_by_batch_size": "speculative_disable_by_batch_size"}
+        unknown = sorted(set(d) - set(names))
+        _check(not unknown, f"speculative_config: unknown keys {unknown}; accepted: {sorted(names)}")
+        return {names[k]: v for k, v in d.items()}
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -169,6 +222,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     attention_backend: str = "auto"  # "auto": the Pallas kernel on GPU, the jnp reference on CPU
     # Largest number of top logprobs a request may ask for (compiled into the sampler).
     max_logprobs: int = 20
@@ -195,6 +249,7 @@ _SECTIONS = {
     "cache": CacheConfig,
     "scheduler": SchedulerConfig,
     "parallel": ParallelConfig,
+    "speculative": SpeculativeConfig,
 }
 
 
@@ -206,6 +261,12 @@ def engine_config_from_kwargs(**kwargs) -> EngineConfig:
     parts: dict[str, dict] = {k: {} for k in _SECTIONS}
     top: dict = {}
     top_fields = {f.name for f in dataclasses.fields(EngineConfig)} - set(_SECTIONS)
+    spec = kwargs.pop("speculative_config", None)
+    if spec is not None:  # vLLM's dict form; its keys may not also be given flat
+        flat = SpeculativeConfig.from_dict(spec)
+        both = sorted(set(flat) & set(kwargs))
+        _check(not both, f"give {both} either in speculative_config or as keywords, not both")
+        kwargs = {**kwargs, **flat}
     for key, value in kwargs.items():
         for section, cls in _SECTIONS.items():
             if key in {f.name for f in dataclasses.fields(cls)}:
@@ -220,7 +281,7 @@ def engine_config_from_kwargs(**kwargs) -> EngineConfig:
 
 
 def accepted_engine_args() -> set[str]:
-    names = {f.name for f in dataclasses.fields(EngineConfig)} - set(_SECTIONS)
+    names = ({f.name for f in dataclasses.fields(EngineConfig)} - set(_SECTIONS)) | {"speculative_config"}
     for cls in _SECTIONS.values():
         names |= {f.name for f in dataclasses.fields(cls)}
     return names

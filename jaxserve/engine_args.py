@@ -7,10 +7,10 @@ import dataclasses
 import json
 import typing
 
-from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 
-_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, EngineConfig)
-_SKIP = {"model", "cache", "scheduler", "parallel"}  # EngineConfig's sub-configs
+_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, SpeculativeConfig, EngineConfig)
+_SKIP = {"model", "cache", "scheduler", "parallel", "speculative"}  # EngineConfig's sub-configs
 
 
 def _arg_type(tp):
@@ -48,6 +48,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
                                help=f"(default: {default})")
             else:
                 g.add_argument(flag, type=tp, default=None, help=f"(default: {default})")
+    g.add_argument("--speculative-config", type=_json_dict, default=None,
+                   help='vLLM\'s dict form, e.g. \'{"method": "ngram", "num_speculative_tokens": 5}\'')
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
@@ -60,4 +62,6 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
             v = getattr(args, f.name, None)
             if v is not None:
                 out[f.name] = v
+    if getattr(args, "speculative_config", None) is not None:
+        out["speculative_config"] = args.speculative_config
     return out

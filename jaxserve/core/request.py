@@ -64,6 +64,11 @@ class Sequence:
         self.stop_reason: Union[int, str, None] = None
         self.host_blocks: list[int] = []  # swap slots while SWAPPED
         self.stop_check = None  # the scheduler's cached StopCheck for this sequence
+        # Speculative decoding (n-gram lookup): the index, built on first use, and the back-off
+        # after proposals that found nothing or were rejected (no proposal before that length).
+        self.ngram = None
+        self.spec_backoff = 0
+        self.spec_resume_at = 0
         p = request.params
         self.seed = (request.seed + index * _SEED_STRIDE) & 0x7FFFFFFF
         self.sampling = SamplingState(

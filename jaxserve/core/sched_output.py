@@ -28,6 +28,10 @@ class ScheduledRequest:
     # True when this step reaches the end of the known tokens, so a new token is sampled.
     sample: bool
     sampling: "SamplingState"
+    # Speculative decoding: proposed tokens, computed after token_ids[0] (the sequence's last
+    # token) in this step; token_ids is [last token] + spec_token_ids. The runner checks them
+    # against the model's own samples (ModelRunnerOutput.spec_token_ids).
+    spec_token_ids: Optional[list[int]] = None
 
 
 @dataclass
@@ -111,3 +115,7 @@ class ModelRunnerOutput:
     # top_logprobs [n, k], ranks [n]) for the n prompt positions computed this step, starting at
     # first_position; position p holds the logprob of prompt[p + 1].
     prompt_logprobs: dict[str, tuple] = field(default_factory=dict)
+    # Rows with proposed tokens: the tokens the row emits, by req_id: the model's samples at the
+    # row's positions up to and including the first that differs from the proposal (all of them,
+    # k + 1, when every proposed token matched).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)

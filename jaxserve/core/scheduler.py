@@ -13,8 +13,9 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from jaxserve.config import CacheConfig, SchedulerConfig
+from jaxserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from jaxserve.core.kv_cache_manager import KVCacheManager
+from jaxserve.core.ngram import NgramIndex
 from jaxserve.core.request import Request, RequestStatus, Sequence, SeqUpdate
 from jaxserve.core.sched_output import PENDING_TOKEN, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
@@ -28,9 +29,16 @@ class StopCheck(NamedTuple):
     kind: int  # 0: a host decision every token (penalties, logprobs); 1: stop strings; 2: free
 
 
+# Speculative decoding: a sequence whose lookup found nothing (or whose proposal's first token
+# was rejected) stops proposing for 1, 2, 4, ... up to this many tokens; meanwhile its steps may
+# run ahead of the host (async scheduling), which a step with proposals cannot.
+SPEC_MAX_BACKOFF = 32
+
+
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, *,
-                 num_device_blocks: int, num_host_blocks: int, block_size: int, max_model_len: int):
+                 num_device_blocks: int, num_host_blocks: int, block_size: int, max_model_len: int,
+                 speculative: Optional[SpeculativeConfig] = None, max_spec_rows: int = 256):
         if (num_device_blocks - 1) * block_size < max_model_len:
             # Otherwise a lone sequence could outgrow the cache and preempt itself forever.
             raise ValueError(f"the KV cache ({num_device_blocks - 1} blocks x {block_size}) must hold one "
@@ -55,6 +63,13 @@ class Scheduler:
         self._step_preempted: list[str] = []
         self._step_hits = 0
         self._step_swaps = (0, 0)
+        # Speculative decoding: max_spec_rows positions per step can be checked (the runner's
+        # verification rows); each sequence with k proposed tokens takes k + 1 of them.
+        self.spec = speculative if speculative is not None and speculative.enabled else None
+        self.max_spec_rows = max_spec_rows
+        self.num_spec_drafts = 0  # sequence-steps that carried proposed tokens
+        self.num_spec_draft_tokens = 0
+        self.num_spec_accepted_tokens = 0
 
     # ---- admission --------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -115,9 +130,21 @@ class Scheduler:
         i = 0
         while i < len(self.running) and self.running[i].seq_id in done:
             i += 1
+        drafts: dict[str, list[int]] = {}
+        spec_rows = self.max_spec_rows if self.spec is not None and self._spec_batch_ok(len(self.running)) else 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = self._chunk(seq, budget)
+            if spec_rows > 1 and num_new == 1 and seq.num_computed_tokens == seq.num_tokens - 1:
+                d = self._propose(seq, min(budget, spec_rows) - 1)
+                if d and self.kv.allocate(seq, 1 + len(d)):  # (no preemption for a proposal)
+                    drafts[seq.seq_id] = d
+                    spec_rows -= 1 + len(d)
+                    scheduled.append((seq, 1 + len(d)))
+                    done.add(seq.seq_id)
+                    budget -= 1 + len(d)
+                    i += 1
+                    continue
             while not self.kv.allocate(seq, num_new):
                 victim = self._pick_victim(exclude=done | {seq.seq_id})
                 preempted = True
@@ -156,7 +183,7 @@ class Scheduler:
         # Admit waiting sequences.
         budget, preempted = self._admit(budget, preempted, scheduled, done, swap_out, outranking_only=False)
         out = SchedulerOutput(
-            scheduled=[self._scheduled_request(s, n) for s, n in scheduled],
+            scheduled=[self._scheduled_request(s, n, drafts.get(s.seq_id)) for s, n in scheduled],
             total_num_tokens=sum(n for _, n in scheduled),
             swap_out=swap_out, swap_in=swap_in, finished_req_ids=self._finished_ids)
         self._finished_ids = []
@@ -178,6 +205,8 @@ class Scheduler:
             return None
         if len(self.running) > min(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens):
             return None
+        if self._any_spec_ready(self.running):
+            return None  # the host's schedule proposes tokens for them
         cap = K if max_steps is None else min(K, max_steps)
         for seq in self.running:
             if seq.num_computed_tokens != seq.num_tokens - 1:
@@ -216,6 +245,8 @@ class Scheduler:
                 return None
             rows.append(r)
             seqs.append(seq)
+        if self._any_spec_ready(seqs, P):
+            return None  # the step after prev proposes tokens: it needs prev's tokens on the host
         # The host's next schedule (prev applied) would give every continuing sequence one token
         # before admitting: those blocks are spoken for, the finishers' blocks free.
         if not seqs or self._admission_possible(
@@ -262,6 +293,8 @@ class Scheduler:
             first_token |= sr.sample and seq.num_output_tokens == 0
         if any(self._stop_check(s).kind == 0 for s in self.running):
             return None  # a running sequence prev did not carry needs host decisions
+        if self._any_spec_ready(self.running, 1):
+            return None  # proposals need prev's tokens on the host
         projected, ending = [], []
         for seq, sr in live:
             seq.num_computed_tokens += len(sr.token_ids)
@@ -471,12 +504,82 @@ class Scheduler:
         full = (seq.num_prompt_tokens - 1) // self.block_size * self.block_size
         return first.status.finished or first.num_computed_tokens >= full
 
-    def _scheduled_request(self, seq: Sequence, num_new: int) -> ScheduledRequest:
+    def _scheduled_request(self, seq: Sequence, num_new: int, drafts: Optional[list[int]] = None) -> ScheduledRequest:
         start = seq.num_computed_tokens
+        if drafts:  # the last token, then the proposal
+            return ScheduledRequest(
+                req_id=seq.seq_id, token_ids=seq.token_ids[start:start + 1] + drafts, num_computed_tokens=start,
+                block_ids=list(seq.block_ids), sample=True, sampling=seq.refresh_sampling(), spec_token_ids=drafts)
         return ScheduledRequest(
             req_id=seq.seq_id, token_ids=seq.token_ids[start:start + num_new], num_computed_tokens=start,
             block_ids=list(seq.block_ids), sample=start + num_new == seq.num_tokens,
             sampling=seq.refresh_sampling())
+
+    # ---- speculative decoding (n-gram lookup) -----------------------------------------------
+    def _spec_batch_ok(self, num_running: int) -> bool:
+        lim = self.spec.speculative_disable_by_batch_size
+        return lim is None or num_running <= lim
+
+    def _spec_allowed(self, seq: Sequence, ahead: int = 0) -> bool:
+        """seq may propose when its length is len + ahead: no per-token host decision (penalties,
+        logprobs, stop strings), past min_tokens, room for 2+ more tokens, not backing off."""
+        _, limit, min_len, kind = self._stop_check(seq)
+        n = len(seq.token_ids) + ahead
+        return kind == 2 and n >= min_len and n >= seq.spec_resume_at and n + 2 <= limit
+
+    def _lookup(self, seq: Sequence, k: int) -> list[int]:
+        if seq.ngram is None:
+            seq.ngram = NgramIndex(self.spec.ngram_prompt_lookup_min, self.spec.ngram_prompt_lookup_max)
+        return seq.ngram.propose(seq.token_ids, k)
+
+    def _spec_ready(self, seq: Sequence, ahead: int = 0) -> bool:
+        """seq would propose tokens: allowed, and the lookup finds a continuation for its text as the
+        host knows it (with `ahead` tokens still on the device, the text a few tokens back: in a
+        repeating stretch that predicts a hit). Steps run ahead of the host unless this holds, so
+        text that never repeats costs a dictionary lookup per token, not a synchronous step."""
+        return self._spec_allowed(seq, ahead) and bool(self._lookup(seq, 1))
+
+    def _any_spec_ready(self, seqs, ahead: int = 0) -> bool:
+        return self.spec is not None and self._spec_batch_ok(len(seqs)) and \
+            any(self._spec_ready(s, ahead) for s in seqs)
+
+    def _propose(self, seq: Sequence, cap: int) -> Optional[list[int]]:
+        """Up to min(k, cap) proposed tokens for a decoding sequence, none past its length limit."""
+        if cap < 1 or not self._spec_allowed(seq):
+            return None
+        k = min(self.spec.num_speculative_tokens, cap, self._stop_check(seq).limit - len(seq.token_ids) - 1)
+        d = self._lookup(seq, k)
+        if not d:  # (a step that waited for the host to propose found nothing after all)
+            self._spec_back_off(seq)
+        return d or None
+
+    def _spec_back_off(self, seq: Sequence) -> None:
+        seq.spec_backoff = min(2 * seq.spec_backoff, SPEC_MAX_BACKOFF) if seq.spec_backoff else 1
+        seq.spec_resume_at = len(seq.token_ids) + seq.spec_backoff
+
+    def _update_spec(self, seq: Sequence, sr: ScheduledRequest, emitted: list[int]) -> list[int]:
+        """A row that carried proposed tokens: the fed token and every accepted one are now
+        cached; its tokens are taken up to the first stop."""
+        accepted = len(emitted) - 1
+        self.num_spec_drafts += 1
+        self.num_spec_draft_tokens += len(sr.spec_token_ids)
+        self.num_spec_accepted_tokens += accepted
+        if accepted:
+            seq.spec_backoff = 0
+        new = []
+        for tok in emitted:
+            seq.num_computed_tokens += 1
+            seq.token_ids.append(tok)
+            new.append(tok)
+            reason = self._stops(seq, tok)
+            if reason is not None:
+                self._finish(seq, reason)
+                break
+        if seq.status == RequestStatus.RUNNING:
+            if not accepted:
+                self._spec_back_off(seq)
+            self.kv.cache_computed(seq)
+        return new
 
     # ---- preemption -------------------------------------------------------------------------
     def _pick_victim(self, exclude: set) -> Optional[Sequence]:
@@ -520,6 +623,9 @@ class Scheduler:
             seq = self.seqs.get(sr.req_id)
             if seq is None or seq.status != RequestStatus.RUNNING:
                 continue  # aborted meanwhile
+            if sr.spec_token_ids:
+                updates.append(self._update(seq, self._update_spec(seq, sr, out.spec_token_ids[sr.req_id])))
+                continue
             seq.num_computed_tokens += len(sr.token_ids)
             self.kv.cache_computed(seq)
             if not sr.sample:

@@ -40,6 +40,11 @@ class EngineStats:
     num_compilations: int  # jit cache entries; constant after warm-up
     num_steps: int
     num_async_steps: int = 0  # steps dispatched before the previous step's tokens were back
+    # Speculative decoding: sequence-steps that carried proposed tokens, the tokens proposed,
+    # and of those the tokens accepted (each such step also emits one token of the model's own).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -91,6 +96,7 @@ class LLMEngine:
         from jaxserve.models import registry
         from jaxserve.models.loader import load_model
         from jaxserve.runner.model_runner import ModelRunner
+        from jaxserve.runner.sampler import SPEC_VERIFY_ROWS
 
         cache_dir = config.compilation_cache_dir
         if cache_dir is None and jax.devices()[0].platform != "cpu":
@@ -153,7 +159,14 @@ class LLMEngine:
             self.runner.warmup(parallel=bool(self.compilation_cache_dir))
         self.scheduler = Scheduler(sc, config.cache, num_device_blocks=self.runner.num_blocks,
                                    num_host_blocks=self.runner.num_host_blocks,
-                                   block_size=config.cache.block_size, max_model_len=self.max_model_len)
+                                   block_size=config.cache.block_size, max_model_len=self.max_model_len,
+                                   speculative=config.speculative, max_spec_rows=SPEC_VERIFY_ROWS[-1])
+        if config.speculative.enabled:
+            sp = config.speculative
+            logger.info("speculative decoding: n-gram lookup (%d..%d tokens), up to %d proposed tokens per step%s",
+                        sp.ngram_prompt_lookup_min, sp.ngram_prompt_lookup_max, sp.num_speculative_tokens,
+                        f", while at most {sp.speculative_disable_by_batch_size} sequences run"
+                        if sp.speculative_disable_by_batch_size else "")
         self._rng = np.random.default_rng(mc.seed)
         self._requests: dict[str, _ReqState] = {}
         self._seq_owner: dict[str, tuple[str, int]] = {}
@@ -487,7 +500,9 @@ class LLMEngine:
             generation_tokens_total=self._generation_tokens_total,
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
             num_preemptions_total=s.num_preemptions, num_compilations=self.runner.num_compilations(),
-            num_steps=self._num_steps, num_async_steps=s.num_async_blocks)
+            num_steps=self._num_steps, num_async_steps=s.num_async_blocks,
+            spec_num_drafts=s.num_spec_drafts, spec_num_draft_tokens=s.num_spec_draft_tokens,
+            spec_num_accepted_tokens=s.num_spec_accepted_tokens)
 
 
 def _write_pending_tokens(so, ro) -> None:

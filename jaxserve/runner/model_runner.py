@@ -26,7 +26,7 @@ from jaxserve.runner import kv_cache as kvc
 from jaxserve.runner.input_batch import (StepInputs, advance_decode, geometric_buckets, pack_step_meta,
                                          pick_bucket, prepare_inputs, step_meta_layout)
 from jaxserve.runner.feed import feed, feed_rows, fill_tokens
-from jaxserve.runner.sampler import PROMPT_LOGPROB_ROWS, sample, sample_tokens, token_logprobs
+from jaxserve.runner.sampler import PROMPT_LOGPROB_ROWS, SPEC_VERIFY_ROWS, sample, sample_tokens, token_logprobs
 from jaxserve.runner.sampling_inputs import pack_sampling
 from jaxserve.runner.warmup import Warmup
 from jaxserve.parallel.plan import fetch, put, split_layers, to_host_async
@@ -391,7 +391,8 @@ class ModelRunner(Warmup):
         """Whether a prefill / mixed step can be dispatched without waiting for its tokens: one
         pipeline stage, and nobody asked for logprobs (those come back with the tokens)."""
         return len(self.stages) == 1 and not any(
-            (sr.sample and sr.sampling.logprobs >= 0) or sr.sampling.prompt_logprobs >= 0 for sr in so.scheduled)
+            (sr.sample and sr.sampling.logprobs >= 0) or sr.sampling.prompt_logprobs >= 0 or sr.spec_token_ids
+            for sr in so.scheduled)
 
     def dispatch(self, so: SchedulerOutput, prev: Optional["PendingStep"] = None) -> "PendingStep":
         """Start one step. A decode block, and a step async_step allows, only dispatch their device
@@ -499,6 +500,8 @@ class ModelRunner(Warmup):
 
     def _sample(self, so: SchedulerOutput, inp: StepInputs, logits, hidden, want_lp: bool) -> ModelRunnerOutput:
         rows = inp.sample_rows
+        # proposals are checked in the same device queue, before this step's tokens are fetched
+        check = self._check_proposals(so, inp, hidden) if any(sr.spec_token_ids for sr in so.scheduled) else None
         sb, st = self._sampling_inputs(so, inp)
         # One device-to-host transfer: the token ids, plus logprobs only when someone asked (the
         # logprob work itself runs only then).
@@ -515,7 +518,40 @@ class ModelRunner(Warmup):
             out.top_token_ids = top_ids[rows]
             out.top_logprobs = top_lps[rows]
         self._prompt_logprobs(so, inp, hidden, out)
+        if check is not None:
+            out.spec_token_ids = _accepted(*check, self.plan, self.last)
         return out
+
+    def _check_proposals(self, so: SchedulerOutput, inp: StepInputs, hidden):
+        """Speculative decoding: at each position of a row with proposed tokens (its fed token and
+        every proposal; position j predicts token j + 1), the token the model samples there with
+        the PRNG counter that token has without speculation. Dispatched only: returns (the samples
+        on the device, the rows' spans) for _accepted. With a proposal that is a single token (no
+        draft distribution), accepting it exactly when the model's own sample equals it is
+        speculative sampling's rule (accept with probability p(x); on rejection, a sample of p
+        without x), so outputs are those of decoding without speculation."""
+        idx, states, spans = [], [], []
+        for i, sr in enumerate(so.scheduled):
+            d = sr.spec_token_ids
+            if not d:
+                continue
+            spans.append((sr.req_id, len(idx), d))
+            for j in range(len(d) + 1):
+                idx.append(int(inp.query_start_loc[i]) + j)
+                st = sr.sampling.clone()
+                st.num_output_tokens += j
+                states.append(st)
+        if len(idx) > SPEC_VERIFY_ROWS[-1]:  # (the scheduler keeps a step's proposals within these)
+            raise ValueError(f"{len(idx)} positions to verify, more than the {SPEC_VERIFY_ROWS[-1]} compiled rows")
+        R = next(r for r in SPEC_VERIFY_ROWS if r >= len(idx))
+        rows = np.zeros(R, np.int32)
+        rows[:len(idx)] = idx
+        logits = self._logits(self.head_params, hidden, self._put(rows, self.last))  # [R, V]
+        sb = pack_sampling(states + [None] * (R - len(states)), R, self.max_model_len)
+        toks = sample_tokens(logits, *self._put(sb.packed(), self.last), penalties=False, mode=sb.mode)
+        if getattr(toks, "is_fully_addressable", True):
+            toks.copy_to_host_async()
+        return toks, spans
 
     def _prompt_logprobs(self, so: SchedulerOutput, inp: StepInputs, hidden, out: ModelRunnerOutput):
         jobs = []  # (req_id, first position, flat token indices, targets)
@@ -580,6 +616,20 @@ def _unpack_meta(meta, num_tokens: int, max_blocks_per_seq: int):
     return pos, md, li
 
 
+def _accepted(samples, spans, plan, stage: int) -> dict[str, list[int]]:
+    """_check_proposals' samples -> each row's emitted tokens: its samples up to and including
+    the first that differs from its proposal (all k + 1 when every proposed token matched)."""
+    toks = np.asarray(fetch(samples, plan, stage)).tolist()
+    out = {}
+    for req_id, o, d in spans:
+        s = toks[o:o + len(d) + 1]
+        a = 0
+        while a < len(d) and s[a] == d[a]:
+            a += 1
+        out[req_id] = s[:a + 1]
+    return out
+
+
 def _merge(outs: list[ModelRunnerOutput]) -> ModelRunnerOutput:
     """Micro-batch outputs -> one, in scheduled order."""
     cat = lambda name: (None if getattr(outs[0], name) is None  # noqa: E731
@@ -590,4 +640,5 @@ def _merge(outs: list[ModelRunnerOutput]) -> ModelRunnerOutput:
                                sampled_ranks=cat("sampled_ranks"))
     for o in outs:
         merged.prompt_logprobs.update(o.prompt_logprobs)
+        merged.spec_token_ids.update(o.spec_token_ids)
     return merged

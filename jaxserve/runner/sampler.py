@@ -118,6 +118,9 @@ def _process(logits, t: SamplingTensors, penalties: bool, bias: bool = True):
 MODES = ("greedy", "random", "biased", "filtered")
 # Prompt logprobs are computed this many positions at a time ([rows, vocab] float32 temporaries).
 PROMPT_LOGPROB_ROWS = 256
+# Speculative decoding checks a step's proposed positions in the smallest of these row counts
+# that holds them (each compiled at warm-up when speculation is on); the last bounds a step's.
+SPEC_VERIFY_ROWS = (16, 64, PROMPT_LOGPROB_ROWS)
 
 
 def _choose(logits, t: SamplingTensors, mode: str, penalties: bool, filter_impl: str = "auto"):

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxserve.runner import kv_cache as kvc
 from jaxserve.runner.feed import feed, feed_rows, fill_tokens
-from jaxserve.runner.sampler import PROMPT_LOGPROB_ROWS, sample, sample_tokens, token_logprobs
+from jaxserve.runner.sampler import PROMPT_LOGPROB_ROWS, SPEC_VERIFY_ROWS, sample, sample_tokens, token_logprobs
 from jaxserve.runner.sampling_inputs import pack_sampling
 
 logger = logging.getLogger("jaxserve")
@@ -311,6 +311,14 @@ class Warmup:
             z = np.zeros(PROMPT_LOGPROB_ROWS, np.int32)
             lg = self._logits(self.head_params, hidden, self._put(z, last))
             out2 = token_logprobs(lg, self._put(z, last), num_logprobs=self.max_logprobs)
+            if self.config.speculative.enabled:  # the logits and samples of proposed positions
+                for R in SPEC_VERIFY_ROWS:
+                    lg = self._logits(self.head_params, hidden, self._put(np.zeros(R, np.int32), last))
+                    if T == self.token_buckets[0]:
+                        st = self._put(self._dummy_sampling(R, False).packed(), last)
+                        for penalties, mode, lp in SAMPLER_VARIANTS:
+                            if not penalties and not lp:
+                                sample_tokens(lg, *st, penalties=False, mode=mode)
             jax.block_until_ready((out, toks, out2))
         self._warmup_at = "the token feeds and block copies"
         if sc.async_scheduling:  # a block's first tokens from the previous (same or larger) block

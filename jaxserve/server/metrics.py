@@ -49,6 +49,11 @@ class _EngineCollector:
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
         yield counter("num_preemptions", "Sequences preempted.", s.num_preemptions_total)
+        yield counter("spec_decode_num_drafts", "Speculative decoding: sequence-steps with proposed tokens.",
+                      s.spec_num_drafts)
+        yield counter("spec_decode_num_draft_tokens", "Speculative decoding: tokens proposed.", s.spec_num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Speculative decoding: proposed tokens accepted.",
+                      s.spec_num_accepted_tokens)
         yield gauge("num_compilations", "Compiled step variants (constant after warm-up).", s.num_compilations)
 
 
