@@ -63,6 +63,19 @@ ok = all((a[:, dst] == b[:, src]).all() for a, b in zip(after, before))
 print(f"SWAP {json.dumps(dict(ok=bool(ok), layers=len(after), specs=sorted({str(kv.sharding.spec) for kv in r.kv_caches})))}",
       flush=True)
 del llm, r
+# speculative decoding under TP=3 x PP=2 (a step split into micro-batches, the proposals checked
+# on the last stage): the tokens of the same engine without it
+llm = LLM(tensor_parallel_size=3, pipeline_parallel_size=2, speculative_model="[ngram]", num_speculative_tokens=3,
+          **engine_kwargs("default"))
+eng = llm.llm_engine
+rep = ["1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "a b c d a b c d a b c d a b", *PROMPTS[:2]]
+spec_sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+with_spec = [o.outputs[0].token_ids for o in llm.generate(rep, spec_sp, use_tqdm=False)]
+accepted = eng.get_stats().spec_num_accepted_tokens
+eng.scheduler.spec = None
+without = [o.outputs[0].token_ids for o in llm.generate(rep, spec_sp, use_tqdm=False)]
+print(f"SPEC {json.dumps(dict(same=with_spec == without, accepted=accepted))}", flush=True)
+del llm, eng
 for bad in (dict(tensor_parallel_size=2), dict(pipeline_parallel_size=31), dict(tensor_parallel_size=3, data_parallel_size=3)):
     try:
         LLM(**bad, **engine_kwargs("default"))

@@ -56,6 +56,9 @@ def test_tp_pp_dp_equal_one_device_and_bad_sizes_are_explained():
     # swap out 70 blocks and back into others under TP=3 x PP=2 (two chunks, both stages): exact
     swap = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("SWAP "))[5:])
     assert swap["ok"] and swap["layers"] == 30 and any("model" in sp for sp in swap["specs"]), swap
+    # n-gram speculation under TP=3 x PP=2: the tokens without it, proposals accepted
+    spec = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("SPEC "))[5:])
+    assert spec["same"] and spec["accepted"] > 0, spec
     errors = [line for line in out.stdout.splitlines() if line.startswith("ERROR ")]
     assert len(errors) == 3, out.stdout
     assert "tensor_parallel_size=2 does not divide the model's 9 attention heads; sizes that work: [1, 3, 9]" in errors[0]
