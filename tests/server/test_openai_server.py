@@ -18,7 +18,10 @@ API_KEY = "test-key"
 @pytest.fixture(scope="module")
 def server():
     proc, base = start_server(["--max-model-len", "512", "--max-num-seqs", "32", "--max-num-batched-tokens", "128",
-                               "--api-key", API_KEY, "--seed", "0"], vllm_spelling=True)
+                               "--api-key", API_KEY, "--seed", "0",
+                               # every test also runs with n-gram speculation on (requests with
+                               # logprobs, penalties or stop strings never propose)
+                               "--speculative-model", "[ngram]", "--num-speculative-tokens", "3"], vllm_spelling=True)
     yield base
     proc.terminate()
     try:
@@ -181,6 +184,21 @@ def test_schema_fuzz_finds_no_5xx(server):
         from hypothesis import given
         given(strategy)(check)()
     assert not failures, failures[:3]
+
+
+def test_speculation_streams_what_it_returns(server, client, model):
+    """A prompt that repeats itself: proposals are accepted (several tokens a step), and the
+    streamed pieces join to the text of the same request not streamed."""
+    prompt = "red, green, blue, red, green, blue, red, green, blue, red, green,"
+    d0, a0 = _metric(server, "jaxserve:spec_decode_num_draft_tokens_total"), \
+        _metric(server, "jaxserve:spec_decode_num_accepted_tokens_total")
+    full = client.completions.create(model=model, prompt=prompt, max_tokens=30, temperature=0)
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model=model, prompt=prompt, max_tokens=30, temperature=0, stream=True) if c.choices]
+    assert "".join(pieces) == full.choices[0].text and full.usage.completion_tokens == 30
+    drafts = _metric(server, "jaxserve:spec_decode_num_draft_tokens_total") - d0
+    accepted = _metric(server, "jaxserve:spec_decode_num_accepted_tokens_total") - a0
+    assert 0 < accepted <= drafts
 
 
 def test_bench_serve_against_the_server(server, capsys, tmp_path):
