@@ -2,6 +2,7 @@
 sequences propose, how many tokens, and how accepted tokens advance a sequence. Oracle: the
 same fake model decoding one token per step."""
 import numpy as np
+from hypothesis import given, settings, strategies as st
 
 from jaxserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from jaxserve.core.ngram import NgramIndex
@@ -130,3 +131,58 @@ def test_proposals_stop_decode_blocks_until_they_back_off():
     s2.add_request(req("a", [1, 2, 3, 1, 2, 3, 1], max_tokens=40))
     run_step(s2, periodic)
     assert run_step(s2, periodic)[0].decode_block
+
+
+def window_model(tokens):
+    """A fake model of the last two tokens and the length's parity: its text falls into short
+    cycles (proposals accepted) that the parity breaks now and then (proposals rejected)."""
+    return (tokens[-1] * 7 + tokens[-2] * 3 + (len(tokens) // 5) % 2) % 6 + 1
+
+
+def random_mix(seed, mode, caching):
+    """Random prompts, lengths and n > 1 on a tiny cache, with and without speculation: (the
+    tokens without, the tokens with, the speculating scheduler); invariants checked every step."""
+    rng = np.random.default_rng(seed)
+    specs = [(rng.integers(1, 7, rng.integers(2, 10)).tolist(), int(rng.integers(1, 15)), int(rng.integers(1, 3)))
+             for _ in range(6)]
+    k = int(rng.integers(1, 6))
+
+    def drive(spec):
+        sp = SpeculativeConfig(speculative_model="[ngram]", num_speculative_tokens=k) if spec else None
+        s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=12, preemption_mode=mode,
+                                      admission_headroom_tokens=0),
+                      CacheConfig(block_size=2, enable_prefix_caching=caching), num_device_blocks=14,
+                      num_host_blocks=8, block_size=2, max_model_len=24, speculative=sp, max_spec_rows=9)
+        got = {}
+        for i, (p, m, n) in enumerate(specs):
+            s.add_request(req(f"r{i}", p, max_tokens=m, n=n))
+        for _ in range(800):
+            if not s.has_unfinished_requests():
+                break
+            _, ups = run_step(s, window_model)
+            check_invariants(s)
+            for u in ups:
+                got.setdefault((u.request_id, u.index), []).extend(u.new_token_ids)
+        assert not s.has_unfinished_requests(), "a request starved"
+        assert s.kv.pool.num_free == s.kv.pool.num_usable
+        assert all(len(t) == specs[int(r[1:])][1] for (r, _), t in got.items())
+        return got, s
+
+    want, _ = drive(False)
+    got, s = drive(True)
+    return want, got, s
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), mode=st.sampled_from(["recompute", "swap"]), caching=st.booleans())
+def test_random_mixes_with_proposals_keep_invariants_and_tokens(seed, mode, caching):
+    """Preemptions while rows carry proposals, both preemption modes: every step keeps the block
+    invariants, everything finishes, every block comes back, and each request gets the tokens of
+    the same scheduler without speculation."""
+    want, got, _ = random_mix(seed, mode, caching)
+    assert got == want
+
+
+def test_random_mixes_do_preempt_while_speculating():
+    runs = [random_mix(seed, mode, True)[2] for seed in range(6) for mode in ("recompute", "swap")]
+    assert any(s.num_preemptions and s.num_spec_accepted_tokens for s in runs)
