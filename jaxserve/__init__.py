@@ -15,8 +15,12 @@ def __getattr__(name):
         from jaxserve.engine.llm_engine import LLMEngine
 
         return LLMEngine
+    if name in ("AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs"):
+        from jaxserve.engine import engine_args_api
+
+        return getattr(engine_args_api, name)
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "BeamSearchParams", "RequestOutput",
-           "CompletionOutput", "Logprob", "__version__"]
+__all__ = ["LLM", "LLMEngine", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs", "SamplingParams",
+           "BeamSearchParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]

@@ -18,6 +18,10 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _POLICIES = ("fcfs", "priority")
 _PREEMPTION = ("recompute", "swap")
 _ATTN_BACKENDS = ("auto", "reference", "pallas")
+# vLLM's attention backend names (its VLLM_ATTENTION_BACKEND / --attention-backend values): on a
+# GPU jaxserve's own flash-style paged kernel ("auto" picks it), torch's SDPA maps to the jnp reference.
+_ATTN_ALIASES = {"flash_attn": "auto", "flash_attention": "auto", "flashinfer": "auto", "xformers": "auto",
+                 "triton_attn": "auto", "flex_attention": "auto", "torch_sdpa": "reference"}
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 _NGRAM = ("[ngram]", "ngram")
 
@@ -235,8 +239,12 @@ class EngineConfig:
     warmup_compile_threads: int = 8
 
     def __post_init__(self):
+        alias = _ATTN_ALIASES.get(str(self.attention_backend).lower())
+        if alias is not None:
+            object.__setattr__(self, "attention_backend", alias)
         _check(self.attention_backend in _ATTN_BACKENDS,
-               f"attention_backend must be one of {_ATTN_BACKENDS}, got {self.attention_backend!r}")
+               f"attention_backend must be one of {_ATTN_BACKENDS} (or one of vLLM's names "
+               f"{sorted(_ATTN_ALIASES)}), got {self.attention_backend!r}")
         _check(0 <= self.max_logprobs <= 1024, "max_logprobs must be in [0, 1024]")
 
     def replace(self, **kw) -> "EngineConfig":

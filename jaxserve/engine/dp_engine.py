@@ -57,10 +57,11 @@ class DataParallelEngine:
         self._pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="jaxserve-dp")
 
     @classmethod
-    def from_engine_args(cls, **kwargs) -> "DataParallelEngine":
+    def from_engine_args(cls, engine_args=None, **kwargs) -> "DataParallelEngine":
         from jaxserve.config import engine_config_from_kwargs
+        from jaxserve.engine.engine_args_api import engine_kwargs
 
-        return cls(engine_config_from_kwargs(**kwargs))
+        return cls(engine_config_from_kwargs(**engine_kwargs(engine_args, **kwargs)))
 
     # ---- the LLMEngine interface ------------------------------------------------------------
     def apply_chat_template(self, *args, **kwargs) -> list[int]:

@@ -197,8 +197,11 @@ class LLMEngine:
             quantization=mc.quantization, fp8_total=footprint.weight_bytes(shapes, self.dtype, "fp8"))
 
     @classmethod
-    def from_engine_args(cls, **kwargs) -> "LLMEngine":
-        return cls(engine_config_from_kwargs(**kwargs))
+    def from_engine_args(cls, engine_args=None, **kwargs) -> "LLMEngine":
+        """An EngineArgs (vLLM's call), flat engine keywords, or both (keywords win)."""
+        from jaxserve.engine.engine_args_api import engine_kwargs
+
+        return cls(engine_config_from_kwargs(**engine_kwargs(engine_args, **kwargs)))
 
     # ---- requests ---------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt: bool = True,
