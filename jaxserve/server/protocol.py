@@ -35,6 +35,13 @@ class _Sampling(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    # Structured outputs and tools are not implemented: these fields are read so that a request
+    # using them is refused (400, naming the field) instead of being answered as free text.
+    response_format: Optional[dict] = None
+    guided_json: Union[str, dict, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list] = None
+    guided_grammar: Optional[str] = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
@@ -66,6 +73,10 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     top_logprobs: Optional[int] = None
     chat_template: Optional[str] = None
     add_generation_prompt: bool = True
+    tools: Optional[list] = None
+    tool_choice: Union[str, dict, None] = None
+    functions: Optional[list] = None
+    function_call: Union[str, dict, None] = None
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):

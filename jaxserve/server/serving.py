@@ -34,7 +34,28 @@ class ServerConfig:
 MAX_N = 128  # samples per request
 
 
+def check_unsupported(body) -> None:
+    """Refuse what would otherwise be answered as if it had not been asked: structured outputs
+    (JSON mode, JSON schema, vLLM's guided decoding) and tool / function calling."""
+    rf = body.response_format
+    if rf is not None and rf.get("type", "text") != "text":
+        raise APIError(400, f"response_format type {rf.get('type')!r} is not supported: this server has no "
+                            f"structured-output decoding; ask for JSON in the prompt and validate the reply, or "
+                            f"leave response_format out (or {{'type': 'text'}})", "response_format")
+    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        if getattr(body, name) is not None:
+            raise APIError(400, f"{name} is not supported: this server has no guided (constrained) decoding", name)
+    for name in ("tools", "functions"):
+        if getattr(body, name, None):
+            choice = getattr(body, "tool_choice" if name == "tools" else "function_call")
+            if choice != "none":
+                raise APIError(400, f"{name} (function calling) is not supported by this server; send the request "
+                                    f"without {name}, or with {'tool_choice' if name == 'tools' else 'function_call'}"
+                                    f"='none'", name)
+
+
 def sampling_params(body, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+    check_unsupported(body)
     if not 1 <= body.n <= MAX_N:
         raise APIError(400, f"n must be in [1, {MAX_N}], got {body.n}", "n")
     try:

@@ -112,6 +112,26 @@ def test_errors_are_openai_shaped_and_server_keeps_serving(server, client, model
     assert client.completions.create(model=model, prompt="Still alive?", max_tokens=2).choices
 
 
+def test_structured_outputs_and_tools_are_refused_not_ignored(client, model):
+    """Asked for JSON mode, a schema, guided decoding or tools, the server says it cannot (400
+    naming the field) rather than answering as if they had not been asked; the no-op forms pass."""
+    msgs = [{"role": "user", "content": "Give me a JSON object."}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    refused = [dict(response_format={"type": "json_object"}),
+               dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+               dict(tools=[tool]), dict(tools=[tool], tool_choice="auto"),
+               dict(extra_body={"guided_json": {"type": "object"}}), dict(extra_body={"guided_choice": ["a", "b"]})]
+    for kw in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model, messages=msgs, max_tokens=4, **kw)
+        field = next(iter(kw.get("extra_body", kw)))
+        assert e.value.body["param"] == field and "not supported" in e.value.body["message"], kw
+    for kw in (dict(response_format={"type": "text"}), dict(tools=[tool], tool_choice="none")):
+        assert client.chat.completions.create(model=model, messages=msgs, max_tokens=4, **kw).choices
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model, prompt="x", max_tokens=4, extra_body={"guided_regex": "[a-z]+"})
+
+
 def test_tokenize_detokenize_version_health(server):
     h = {"Authorization": f"Bearer {API_KEY}"}
     t = httpx.post(server + "/tokenize", json={"prompt": "Hello world"}, headers=h).json()
