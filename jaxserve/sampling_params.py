@@ -36,6 +36,10 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
     priority: int = 0  # lower value is served first under scheduling_policy="priority"
+    # The output you expect (OpenAI's Predicted Outputs: e.g. the text being edited), a string or
+    # token ids. With speculative decoding on (speculative_model="[ngram]"), proposals are taken
+    # from it first; the output itself never changes. Ignored when speculation is off.
+    prediction: Optional[Union[str, list[int]]] = field(default=None, repr=False)
     # Beam search is requested through LLM.beam_search; not a field here.
     extra_args: Optional[dict] = field(default=None, repr=False)
 
@@ -89,6 +93,10 @@ class SamplingParams:
             bad("stop_token_ids", self.stop_token_ids, "non-negative integers")
         if self.logit_bias and any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
             bad("logit_bias", self.logit_bias, "values in [-100, 100]")
+        p = self.prediction
+        if p is not None and not isinstance(p, str) and not (
+                isinstance(p, (list, tuple)) and all(isinstance(t, int) and t >= 0 for t in p)):
+            bad("prediction", type(p).__name__, "a string or a list of token ids")
 
     @property
     def greedy(self) -> bool:

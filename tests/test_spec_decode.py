@@ -90,3 +90,23 @@ def test_speculative_cli_flags():
     a = p.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'])
     assert engine_config_from_kwargs(**engine_kwargs_from_args(a)).speculative.num_speculative_tokens == 2
 
+
+
+def test_a_prediction_is_proposed_from_and_never_changes_the_output(llm):
+    """SamplingParams.prediction (OpenAI's Predicted Outputs): the expected output is a source of
+    proposals. Predicting the output itself gets nearly every token accepted; a wrong prediction
+    costs acceptance, not correctness."""
+    eng = llm.llm_engine
+    prompt = "Once upon a time"
+    eng.scheduler.spec = None
+    want = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    eng.scheduler.spec = eng.config.speculative
+    for pred, min_accepted in ((want.text, 30), (list(want.token_ids), 30), ("The quick brown fox jumps.", 0)):
+        s0 = eng.get_stats()
+        got = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prediction=pred),
+                           use_tqdm=False)[0].outputs[0]
+        accepted = eng.get_stats().spec_num_accepted_tokens - s0.spec_num_accepted_tokens
+        assert got.token_ids == want.token_ids and accepted >= min_accepted, (pred, accepted)
+    with pytest.raises(ValueError, match="prediction"):
+        SamplingParams(prediction=3.5)

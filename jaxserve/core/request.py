@@ -116,8 +116,10 @@ class Sequence:
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 eos_token_ids, arrival_time: float, seed: int, priority: int = 0):
+                 eos_token_ids, arrival_time: float, seed: int, priority: int = 0,
+                 prediction_token_ids: Optional[list[int]] = None):
         self.request_id = request_id
+        self.prediction_token_ids = prediction_token_ids  # the expected output (speculation's source)
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = sampling_params
         self.eos_token_ids = frozenset(eos_token_ids)

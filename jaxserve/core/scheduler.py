@@ -529,7 +529,8 @@ class Scheduler:
 
     def _lookup(self, seq: Sequence, k: int) -> list[int]:
         if seq.ngram is None:
-            seq.ngram = NgramIndex(self.spec.ngram_prompt_lookup_min, self.spec.ngram_prompt_lookup_max)
+            seq.ngram = NgramIndex(self.spec.ngram_prompt_lookup_min, self.spec.ngram_prompt_lookup_max,
+                                   source=seq.request.prediction_token_ids)
         return seq.ngram.propose(seq.token_ids, k)
 
     def _spec_ready(self, seq: Sequence, ahead: int = 0) -> bool:

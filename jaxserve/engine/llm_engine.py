@@ -255,7 +255,11 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
         arrival = arrival_time if arrival_time is not None else time.time()
         prio = priority if priority else params.priority
-        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, arrival, seed, prio)
+        pred = params.prediction
+        if isinstance(pred, str):
+            pred = self.tokenizer.encode(pred, add_special_tokens=False) if self.config.speculative.enabled else None
+        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, arrival, seed, prio,
+                      prediction_token_ids=list(pred) if pred else None)
         self.scheduler.add_request(req)  # raises ValueError when it can never be served
         seqs = []
         for i in range(params.n):

@@ -35,6 +35,8 @@ class _Sampling(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    # OpenAI's Predicted Outputs: {"type": "content", "content": str | [{"type": "text", "text": ...}]}
+    prediction: Optional[dict] = None
     # Structured outputs and tools are not implemented: these fields are read so that a request
     # using them is refused (400, naming the field) instead of being answered as free text.
     response_format: Optional[dict] = None

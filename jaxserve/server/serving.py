@@ -54,6 +54,23 @@ def check_unsupported(body) -> None:
                                     f"='none'", name)
 
 
+def prediction_text(pred: Optional[dict]) -> Optional[str]:
+    """OpenAI's `prediction` -> the expected text (a speculation source; the output never changes)."""
+    if pred is None:
+        return None
+    content = pred.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            content = None
+        else:
+            content = "".join(p["text"] for p in content)
+    if pred.get("type") != "content" or not isinstance(content, str):
+        raise APIError(400, "prediction must be {'type': 'content', 'content': a string or a list of "
+                            "{'type': 'text', 'text': ...} parts}", "prediction")
+    return content or None
+
+
 def sampling_params(body, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
     check_unsupported(body)
     if not 1 <= body.n <= MAX_N:
@@ -68,7 +85,8 @@ def sampling_params(body, max_tokens: Optional[int], logprobs: Optional[int]) ->
             ignore_eos=body.ignore_eos, logprobs=logprobs,
             logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
             skip_special_tokens=body.skip_special_tokens,
-            include_stop_str_in_output=body.include_stop_str_in_output, priority=body.priority)
+            include_stop_str_in_output=body.include_stop_str_in_output, priority=body.priority,
+            prediction=prediction_text(body.prediction))
     except ValueError as e:
         raise value_error(e) from e
     except (TypeError, OverflowError) as e:

@@ -38,3 +38,16 @@ def test_a_repeating_text_proposes_its_period():
     idx = NgramIndex(2, 4)
     assert idx.propose([7, 8, 9, 7, 8], 5) == [9, 7, 8, 9, 7]
     assert idx.propose([1, 2, 3, 4], 3) == []  # nothing repeats
+
+
+def test_a_source_is_followed_in_order():
+    """A prediction (source) is looked up before the sequence's own text, from one-token suffixes
+    up, each time at the first occurrence at or after the previous proposal's start."""
+    src = [5, 1, 2, 9, 1, 2, 7, 8]
+    idx = NgramIndex(2, 4, source=src)
+    assert idx.propose([3, 5], 3) == [1, 2, 9]  # "5" (one token) -> after position 0
+    assert idx.propose([3, 5, 1, 2], 2) == [9, 1]  # "5 1 2": the longest match
+    assert idx.propose([3, 5, 1, 2, 9, 1, 2], 2) == [7, 8]  # "2 9 1 2" at 2..5: continue at 6
+    assert idx.propose([3, 1, 2], 2) == [7, 8]  # "1 2" occurs at 1 and 4: the one at or after the cursor
+    assert NgramIndex(2, 4, source=src).propose([3, 1, 2], 2) == [9, 1]  # a fresh cursor takes the first
+    assert idx.propose([3, 4], 2) == []  # in neither the source nor the text

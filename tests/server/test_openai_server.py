@@ -221,6 +221,23 @@ def test_speculation_streams_what_it_returns(server, client, model):
     assert 0 < accepted <= drafts
 
 
+def test_predicted_outputs(server, client, model):
+    """OpenAI's `prediction`: the same reply, with the predicted text's tokens proposed and accepted."""
+    msgs = [{"role": "user", "content": "Write two sentences about the sea."}]
+    first = client.chat.completions.create(model=model, messages=msgs, max_tokens=40, temperature=0)
+    text = first.choices[0].message.content
+    a0 = _metric(server, "jaxserve:spec_decode_num_accepted_tokens_total")
+    again = client.chat.completions.create(model=model, messages=msgs, max_tokens=40, temperature=0,
+                                           extra_body={"prediction": {"type": "content",
+                                                                      "content": [{"type": "text", "text": text}]}})
+    assert again.choices[0].message.content == text
+    assert _metric(server, "jaxserve:spec_decode_num_accepted_tokens_total") - a0 >= 20
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=msgs, max_tokens=4,
+                                       extra_body={"prediction": {"type": "file", "content": "x"}})
+    assert e.value.body["param"] == "prediction"
+
+
 def test_bench_serve_against_the_server(server, capsys, tmp_path):
     """`jaxserve bench serve` (Poisson arrivals, streamed) runs against a live server on the
     default model and counts exactly the tokens the server reports generating; vLLM's flag names,
