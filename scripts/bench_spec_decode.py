@@ -33,6 +33,31 @@ _REPEAT = [
 ]
 
 
+class _Timers:
+    """Wall time inside wrapped methods (their calls nest: step holds the rest)."""
+
+    def __init__(self):
+        import collections
+
+        self.s, self.n = collections.Counter(), collections.Counter()
+
+    def reset(self):
+        self.s.clear()
+        self.n.clear()
+
+    def wrap(self, obj, name):
+        fn = getattr(obj, name)
+
+        def timed(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.s[name] += time.perf_counter() - t0
+                self.n[name] += 1
+        setattr(obj, name, timed)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3-8b", help="a named config (dummy weights) or 'default'")
@@ -44,6 +69,9 @@ def main():
     ap.add_argument("--arms", nargs="+", default=["off", "ngram", "oracle", "contrary"])
     ap.add_argument("--prompts", choices=("random", "repeat"), default="random")
     ap.add_argument("--dtype", default="auto", help="float32: tokens that near-ties cannot flip between step shapes")
+    ap.add_argument("--host-times", action="store_true",
+                    help="also print, per arm, the host's mean ms per engine step in the scheduler and runner "
+                         "calls (sync steps wait inside runner.dispatch for the device)")
     a = ap.parse_args()
 
     from jaxserve import LLM, SamplingParams
@@ -87,6 +115,13 @@ def main():
                     outs[o.request_id] = o.outputs[0].token_ids
         return time.perf_counter() - t0, [outs[k] for k in sorted(outs, key=lambda r: int(r.rsplit("-", 1)[1]))]
 
+    timers = _Timers() if a.host_times else None
+    if timers:
+        r = eng.runner
+        for obj, name in ((sched, "schedule"), (sched, "schedule_next_block"), (sched, "schedule_next_step"),
+                          (sched, "update_from_output"), (r, "dispatch"), (r, "collect"), (r, "_forward"),
+                          (r, "_check_proposals"), (eng, "step")):
+            timers.wrap(obj, name)
     compiles0 = eng.runner.num_compilations()
     for b in a.batch_sizes:
         sets = [prompts(b) for _ in range(a.iters + 1)]  # the first set warms up each arm
@@ -94,6 +129,8 @@ def main():
             sched.spec = None if arm == "off" else spec_cfg
             Scheduler._lookup = {"oracle": oracle, "contrary": contrary}.get(arm, shipped)
             full, one, s0 = [], [], eng.get_stats()
+            if timers:
+                timers.reset()
             for it, ps in enumerate(sets):
                 assert eng.reset_prefix_cache()
                 t_full, toks = batch(ps, a.output_len)
@@ -120,6 +157,10 @@ def main():
                                   decode_tok_s_per_seq=round(rate, 1), e2e_s=round(float(np.median(full)), 4),
                                   steps=s1.num_steps - s0.num_steps, draft_tokens=drafts, accepted_tokens=acc,
                                   acceptance=round(acc / drafts, 3) if drafts else None)), flush=True)
+            if timers:
+                n = max(1, timers.n["step"])
+                print(json.dumps(dict(kind="spec_host_ms_per_step", batch=b, arm=arm, engine_steps=n,
+                                      **{k: round(1e3 * v / n, 3) for k, v in sorted(timers.s.items())})), flush=True)
     Scheduler._lookup = shipped
     print(json.dumps(dict(kind="spec_decode_compilations", during_runs=eng.runner.num_compilations() - compiles0)))
 

@@ -502,6 +502,14 @@ class ModelRunner(Warmup):
         rows = inp.sample_rows
         # proposals are checked in the same device queue, before this step's tokens are fetched
         check = self._check_proposals(so, inp, hidden) if any(sr.spec_token_ids for sr in so.scheduled) else None
+        if check is not None and not want_lp and all(so.scheduled[i].spec_token_ids for i in rows):
+            # every sampling row carries a proposal: its check samples the row's first token too
+            spec = _accepted(*check, self.plan, self.last)
+            out = ModelRunnerOutput(req_ids=[so.scheduled[i].req_id for i in rows],
+                                    sampled_token_ids=np.asarray([spec[so.scheduled[i].req_id][0] for i in rows],
+                                                                 np.int32), spec_token_ids=spec)
+            self._prompt_logprobs(so, inp, hidden, out)
+            return out
         sb, st = self._sampling_inputs(so, inp)
         # One device-to-host transfer: the token ids, plus logprobs only when someone asked (the
         # logprob work itself runs only then).
