@@ -149,9 +149,10 @@ class SpeculativeConfig:
     """Speculative decoding with n-gram prompt lookup (vLLM's speculative_model="[ngram]"): a
     decoding sequence whose last tokens occurred earlier in its prompt or output proposes the
     tokens that followed them there; one step checks all of them and keeps the longest prefix
-    the model itself samples, plus one token of its own. Outputs equal decoding without it (same
-    seed); a step yields 1..k+1 tokens where the text repeats itself (code edits, extraction,
-    summaries quoting their source) and 1 elsewhere."""
+    the model itself samples, plus one token of its own. The output distribution is unchanged
+    (the same tokens for the same seed, up to GPU rounding at near-ties); a step yields 1..k+1
+    tokens where the text repeats itself (code edits, extraction, summaries quoting their
+    source) and 1 elsewhere."""
 
     speculative_model: Optional[str] = None  # "[ngram]" (no draft model: proposals come from the text)
     num_speculative_tokens: int = 0  # k: tokens proposed per step

@@ -537,7 +537,8 @@ class ModelRunner(Warmup):
         on the device, the rows' spans) for _accepted. With a proposal that is a single token (no
         draft distribution), accepting it exactly when the model's own sample equals it is
         speculative sampling's rule (accept with probability p(x); on rejection, a sample of p
-        without x), so outputs are those of decoding without speculation."""
+        without x), so outputs are those of decoding without speculation (in exact arithmetic; on a
+        GPU up to the rounding of these other programs at near-ties: docs/ARCHITECTURE.md)."""
         idx, states, spans = [], [], []
         for i, sr in enumerate(so.scheduled):
             d = sr.spec_token_ids
