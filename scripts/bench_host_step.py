@@ -10,30 +10,8 @@ at K=1 must avoid. Prints one JSON line per (workload, K).
 from __future__ import annotations
 
 import argparse
-import collections
-import functools
 import json
 import time
-
-
-class _Timers:
-    def __init__(self):
-        self.s = collections.Counter()
-        self.n = collections.Counter()
-
-    def wrap(self, obj, name, key=None):
-        fn = getattr(obj, name)
-        key = key or name
-
-        @functools.wraps(fn)
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.s[key] += time.perf_counter() - t0
-                self.n[key] += 1
-        setattr(obj, name, timed)
 
 
 def main():
@@ -57,7 +35,9 @@ def main():
               max_model_len=2048, num_scheduler_steps=max(a.steps))
     eng = llm.llm_engine
     runner, sched = eng.runner, eng.scheduler
-    tm = _Timers()
+    from jaxserve.bench.timers import Timers
+
+    tm = Timers()
     # collect() = the wait for the device plus building the output; the wait is np.asarray on the
     # fetched tokens, timed by wrapping runner.collect whole and subtracting nothing: collect's own
     # host work is a few array slices.
@@ -75,8 +55,7 @@ def main():
             prompts = [{"prompt_token_ids": rng.integers(0, V, a.input_len).tolist()} for _ in range(b)]
             sp = SamplingParams(max_tokens=a.output_len, ignore_eos=True, temperature=1.0)
             llm.generate(prompts, sp, use_tqdm=False)  # warm
-            tm.s.clear()
-            tm.n.clear()
+            tm.reset()
             t0 = time.perf_counter()
             for _ in range(a.iters):
                 llm.reset_prefix_cache()

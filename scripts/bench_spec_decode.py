@@ -33,31 +33,6 @@ _REPEAT = [
 ]
 
 
-class _Timers:
-    """Wall time inside wrapped methods (their calls nest: step holds the rest)."""
-
-    def __init__(self):
-        import collections
-
-        self.s, self.n = collections.Counter(), collections.Counter()
-
-    def reset(self):
-        self.s.clear()
-        self.n.clear()
-
-    def wrap(self, obj, name):
-        fn = getattr(obj, name)
-
-        def timed(*args, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kw)
-            finally:
-                self.s[name] += time.perf_counter() - t0
-                self.n[name] += 1
-        setattr(obj, name, timed)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3-8b", help="a named config (dummy weights) or 'default'")
@@ -68,6 +43,7 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--arms", nargs="+", default=["off", "ngram", "oracle", "contrary"])
     ap.add_argument("--prompts", choices=("random", "repeat"), default="random")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's")
     ap.add_argument("--dtype", default="auto", help="float32: tokens that near-ties cannot flip between step shapes")
     ap.add_argument("--host-times", action="store_true",
                     help="also print, per arm, the host's mean ms per engine step in the scheduler and runner "
@@ -80,6 +56,7 @@ def main():
     default = a.model == "default"
     llm = LLM(model=None if default else a.model, load_format="auto" if default else "dummy",
               max_model_len=max(1024, a.input_len + a.output_len + 64), max_num_seqs=max(a.batch_sizes), dtype=a.dtype,
+              **({"max_num_batched_tokens": a.max_num_batched_tokens} if a.max_num_batched_tokens else {}),
               speculative_model="[ngram]", num_speculative_tokens=a.k)
     eng = llm.llm_engine
     sched = eng.scheduler
@@ -115,7 +92,9 @@ def main():
                     outs[o.request_id] = o.outputs[0].token_ids
         return time.perf_counter() - t0, [outs[k] for k in sorted(outs, key=lambda r: int(r.rsplit("-", 1)[1]))]
 
-    timers = _Timers() if a.host_times else None
+    from jaxserve.bench.timers import Timers
+
+    timers = Timers() if a.host_times else None
     if timers:
         r = eng.runner
         for obj, name in ((sched, "schedule"), (sched, "schedule_next_block"), (sched, "schedule_next_step"),

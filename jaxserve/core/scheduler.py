@@ -567,15 +567,7 @@ class Scheduler:
         self.num_spec_accepted_tokens += accepted
         if accepted:
             seq.spec_backoff = 0
-        new = []
-        for tok in emitted:
-            seq.num_computed_tokens += 1
-            seq.token_ids.append(tok)
-            new.append(tok)
-            reason = self._stops(seq, tok)
-            if reason is not None:
-                self._finish(seq, reason)
-                break
+        new = self._take_tokens(seq, emitted)
         if seq.status == RequestStatus.RUNNING:
             if not accepted:
                 self._spec_back_off(seq)
@@ -649,20 +641,26 @@ class Scheduler:
             seq = self.seqs.get(sr.req_id)
             if seq is None or seq.status != RequestStatus.RUNNING:
                 continue
-            new = []
             row = sampled[rows[sr.req_id]]  # [K] (a scalar from a one-step caller)
-            for tok in (row if isinstance(row, list) else (row,)):
-                seq.num_computed_tokens += 1  # the token fed in at this sub-step is now cached
-                seq.token_ids.append(tok)
-                new.append(tok)
-                reason = self._stops(seq, tok)
-                if reason is not None:
-                    self._finish(seq, reason)
-                    break
+            new = self._take_tokens(seq, row if isinstance(row, list) else (row,))
             if seq.status == RequestStatus.RUNNING:
                 self.kv.cache_computed(seq)
             updates.append(self._update(seq, new))
         return updates
+
+    def _take_tokens(self, seq: Sequence, toks) -> list[int]:
+        """Append tokens that each follow one computed position (the token fed in before each is now
+        cached), up to and including the first that stops the sequence; returns those taken."""
+        new = []
+        for tok in toks:
+            seq.num_computed_tokens += 1
+            seq.token_ids.append(tok)
+            new.append(tok)
+            reason = self._stops(seq, tok)
+            if reason is not None:
+                self._finish(seq, reason)
+                break
+        return new
 
     def _stop_check(self, seq: Sequence) -> StopCheck:
         """The sequence's StopCheck (cached on it: its parameters never change)."""

@@ -47,3 +47,22 @@ def test_step_flags_times_the_step_and_reports_unknown_options(tmp_path):
     gemms = {r["shape"]: r for r in rows if r["kind"] == "step_gemm"}
     for shape in ("16x576x960", "16x576x576", "16x576x3072", "16x1536x576"):
         assert gemms[shape]["per_run"] == 30 and gemms[shape]["us_each"] > 0, (shape, sorted(gemms))
+
+
+def test_spec_decode_bench_arms_bound_the_proposals():
+    """scripts/bench_spec_decode.py on the embedded model: `oracle` proposals (the `off` run's own
+    tokens) are all accepted on the CPU and take ceil(15 / 6) steps, `contrary` ones never are, and
+    neither changes the tokens (no spec_mismatch line)."""
+    rows = _rows(["scripts/bench_spec_decode.py", "--model", "default", "--batch-sizes", "1", "--output-len", "16",
+                  "--iters", "1", "--k", "5", "--host-times", "--input-len", "16",
+                  "--max-num-batched-tokens", "128"])
+    arms = {r["arm"]: r for r in rows if r["kind"] == "spec_decode"}
+    assert not [r for r in rows if r["kind"] == "spec_mismatch"]
+    assert arms["off"]["draft_tokens"] == 0
+    assert arms["oracle"]["acceptance"] == 1.0 and arms["contrary"]["accepted_tokens"] == 0
+    # two batches each (warm-up + timed) of a prefill and the 15 decodes of 16 tokens: 1 + 3 steps
+    # with every 5-token proposal accepted, plus the one-token batches' prefills
+    assert arms["oracle"]["steps"] == 2 * (1 + 3 + 1) and arms["off"]["steps"] == 2 * (16 + 1)
+    host = {r["arm"]: r for r in rows if r["kind"] == "spec_host_ms_per_step"}
+    assert host["oracle"]["_check_proposals"] > 0 and "_check_proposals" not in host["off"]
+    assert next(r for r in rows if r["kind"] == "spec_decode_compilations")["during_runs"] == 0
