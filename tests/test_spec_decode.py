@@ -110,3 +110,5 @@ def test_a_prediction_is_proposed_from_and_never_changes_the_output(llm):
         assert got.token_ids == want.token_ids and accepted >= min_accepted, (pred, accepted)
     with pytest.raises(ValueError, match="prediction"):
         SamplingParams(prediction=3.5)
+    with pytest.raises(ValueError, match="prediction token ids must be in"):
+        llm.llm_engine.add_request("bad-prediction", prompt, SamplingParams(prediction=[1, 10**9]))

@@ -229,6 +229,8 @@ class LLMEngine:
                 raise ValueError(f"logprobs={k} exceeds the engine's max_logprobs={self.config.max_logprobs}")
         if params.logit_bias and any(not 0 <= t < vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if isinstance(params.prediction, (list, tuple)) and any(not 0 <= t < vocab for t in params.prediction):
+            raise ValueError(f"prediction token ids must be in [0, {vocab})")
         from jaxserve.runner.sampling_inputs import MAX_BIAS_ENTRIES
 
         n_bias = len(set(params.logit_bias or {}) | set(params.stop_token_ids) | set(self.eos_token_ids))
@@ -259,7 +261,8 @@ class LLMEngine:
         if isinstance(pred, str):
             pred = self.tokenizer.encode(pred, add_special_tokens=False) if self.config.speculative.enabled else None
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, arrival, seed, prio,
-                      prediction_token_ids=list(pred) if pred else None)
+                      # (no more of it than the output can use)
+                      prediction_token_ids=list(pred[:params.max_tokens]) if pred else None)
         self.scheduler.add_request(req)  # raises ValueError when it can never be served
         seqs = []
         for i in range(params.n):
