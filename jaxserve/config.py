@@ -158,8 +158,10 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 0  # k: tokens proposed per step
     ngram_prompt_lookup_max: int = 4  # longest suffix looked up
     ngram_prompt_lookup_min: int = 2  # shortest suffix looked up (1: any repeated token proposes)
-    # Speculate only while at most this many sequences run (None: always): large batches are
-    # compute-bound, so a rejected proposal costs real time there.
+    # Speculate only while at most this many sequences run. None: while every running sequence
+    # could carry a full proposal in one step (the runner checks at most 256 positions a step:
+    # 42 sequences at k = 5); past that, a step that waits for the host to propose for a few
+    # sequences would hold up many that cannot, and large batches are compute-bound anyway.
     speculative_disable_by_batch_size: Optional[int] = None
 
     def __post_init__(self):

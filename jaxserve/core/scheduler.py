@@ -67,6 +67,10 @@ class Scheduler:
         # verification rows); each sequence with k proposed tokens takes k + 1 of them.
         self.spec = speculative if speculative is not None and speculative.enabled else None
         self.max_spec_rows = max_spec_rows
+        # speculate while at most this many sequences run (by default: as many as one step can
+        # check a full proposal for)
+        self.spec_batch_limit = 0 if self.spec is None else (
+            self.spec.speculative_disable_by_batch_size or max_spec_rows // (self.spec.num_speculative_tokens + 1))
         self.num_spec_drafts = 0  # sequence-steps that carried proposed tokens
         self.num_spec_draft_tokens = 0
         self.num_spec_accepted_tokens = 0
@@ -517,8 +521,7 @@ class Scheduler:
 
     # ---- speculative decoding (n-gram lookup) -----------------------------------------------
     def _spec_batch_ok(self, num_running: int) -> bool:
-        lim = self.spec.speculative_disable_by_batch_size
-        return lim is None or num_running <= lim
+        return num_running <= self.spec_batch_limit
 
     def _spec_allowed(self, seq: Sequence, ahead: int = 0) -> bool:
         """seq may propose when its length is len + ahead: no per-token host decision (penalties,

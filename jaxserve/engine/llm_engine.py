@@ -163,10 +163,10 @@ class LLMEngine:
                                    speculative=config.speculative, max_spec_rows=SPEC_VERIFY_ROWS[-1])
         if config.speculative.enabled:
             sp = config.speculative
-            logger.info("speculative decoding: n-gram lookup (%d..%d tokens), up to %d proposed tokens per step%s",
+            logger.info("speculative decoding: n-gram lookup (%d..%d tokens), up to %d proposed tokens per step, "
+                        "while at most %d sequences run (speculative_disable_by_batch_size)",
                         sp.ngram_prompt_lookup_min, sp.ngram_prompt_lookup_max, sp.num_speculative_tokens,
-                        f", while at most {sp.speculative_disable_by_batch_size} sequences run"
-                        if sp.speculative_disable_by_batch_size else "")
+                        self.scheduler.spec_batch_limit)
         self._rng = np.random.default_rng(mc.seed)
         self._requests: dict[str, _ReqState] = {}
         self._seq_owner: dict[str, tuple[str, int]] = {}

@@ -11,9 +11,9 @@ from jaxserve.core.scheduler import Scheduler
 from tests.core.helpers import check_invariants, req
 
 
-def make(k=4, rows=256, spec=True, **kw):
-    sp = SpeculativeConfig(speculative_model="[ngram]", num_speculative_tokens=k, ngram_prompt_lookup_min=2) \
-        if spec else None
+def make(k=4, rows=256, spec=True, limit=None, **kw):
+    sp = SpeculativeConfig(speculative_model="[ngram]", num_speculative_tokens=k, ngram_prompt_lookup_min=2,
+                           speculative_disable_by_batch_size=limit) if spec else None
     return Scheduler(SchedulerConfig(**kw), CacheConfig(block_size=4), num_device_blocks=64, num_host_blocks=0,
                      block_size=4, max_model_len=200, speculative=sp, max_spec_rows=rows)
 
@@ -95,13 +95,15 @@ def test_rejected_proposals_back_off():
 
 
 def test_proposals_fit_the_verification_rows_and_the_token_budget():
-    s = make(k=4, rows=6, max_num_batched_tokens=64)
-    for rid in ("a", "b"):
-        s.add_request(req(rid, [1, 2, 3, 1, 2, 3, 1], max_tokens=40))
-    run_step(s, periodic)  # the prompts
-    so, _ = run_step(s, periodic)
-    spec = [len(sr.spec_token_ids or []) for sr in so.scheduled]
-    assert spec == [4, 0]  # a takes 5 of the 6 rows; b's 1 + k would not fit
+    for limit, want in ((None, [0, 0]), (2, [4, 0])):
+        s = make(k=4, rows=6, limit=limit, max_num_seqs=4, max_num_batched_tokens=64)
+        for rid in ("a", "b"):
+            s.add_request(req(rid, [1, 2, 3, 1, 2, 3, 1], max_tokens=40))
+        run_step(s, periodic)  # the prompts
+        so, _ = run_step(s, periodic)
+        # by default no proposals past 6 // (1 + k) = 1 running sequence; allowed two, a takes 5
+        # of the 6 rows and b's 1 + k would not fit
+        assert [len(sr.spec_token_ids or []) for sr in so.scheduled] == want, limit
     assert so.total_num_tokens == 5 + 1
     s2 = make(k=4, max_num_batched_tokens=3)
     s2.add_request(req("a", [1, 2, 3, 1, 2, 3, 1], max_tokens=40))
@@ -148,7 +150,8 @@ def random_mix(seed, mode, caching):
     k = int(rng.integers(1, 6))
 
     def drive(spec):
-        sp = SpeculativeConfig(speculative_model="[ngram]", num_speculative_tokens=k) if spec else None
+        sp = SpeculativeConfig(speculative_model="[ngram]", num_speculative_tokens=k,
+                               speculative_disable_by_batch_size=4) if spec else None
         s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=12, preemption_mode=mode,
                                       admission_headroom_tokens=0),
                       CacheConfig(block_size=2, enable_prefix_caching=caching), num_device_blocks=14,
