@@ -257,9 +257,9 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
         arrival = arrival_time if arrival_time is not None else time.time()
         prio = priority if priority else params.priority
-        pred = params.prediction
+        pred = params.prediction if self.config.speculative.enabled else None  # (only proposals use it)
         if isinstance(pred, str):
-            pred = self.tokenizer.encode(pred, add_special_tokens=False) if self.config.speculative.enabled else None
+            pred = self.tokenizer.encode(pred, add_special_tokens=False)
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, arrival, seed, prio,
                       # (no more of it than the output can use)
                       prediction_token_ids=list(pred[:params.max_tokens]) if pred else None)
