@@ -65,10 +65,10 @@ class ModelConfig:
                    f"got {sc!r}")
         _check(self.rope_theta is None or self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         _check(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        _check(self.quantization in (None, "fp8"),
-               f"quantization={self.quantization!r} is not supported: jaxserve quantizes an unquantized "
-               f"(bf16/fp16) checkpoint to 8-bit floats itself with quantization='fp8' (--quantization fp8); "
-               f"for AWQ/GPTQ models load the original unquantized checkpoint instead")
+        _check(self.quantization in (None, "fp8", "awq", "gptq"),
+               f"quantization={self.quantization!r} is not supported: 'awq' and 'gptq' read 4-bit checkpoints "
+               f"of those formats (also found from the checkpoint's config without the flag), and 'fp8' makes "
+               f"8-bit float weights from an unquantized (bf16/fp16) checkpoint")
         _check(self.load_format in _LOAD_FORMATS,
                f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         _check(self.max_model_len is None or self.max_model_len > 0,

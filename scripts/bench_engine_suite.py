@@ -42,7 +42,8 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=None,
                     help="default: 2048, or the longest selected workload's prompt + output if longer")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8")
-    ap.add_argument("--quantization", default=None, choices=("fp8",), help="float8 weights (models/quant.py)")
+    ap.add_argument("--quantization", default=None, choices=("fp8", "awq", "gptq"),
+                    help="float8 weights (models/quant.py) or random 4-bit ones (models/int4.py)")
     ap.add_argument("--admission-headroom-tokens", type=int, nargs="+", default=[None],
                     help="scheduler admission headroom(s) to run each workload with, switched on the same "
                     "engine (default: the engine's)")

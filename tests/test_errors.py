@@ -51,7 +51,9 @@ def test_unknown_engine_argument():
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq", "int4"])
-def test_unsupported_quantization_names_the_supported_one(method):
+def test_quantization_that_cannot_apply_names_what_can(method):
+    """int4 is no method; AWQ / GPTQ read checkpoints of their format, which the default GGUF
+    model is not: each error names the method and the alternative (fp8)."""
     with pytest.raises(ValueError) as e:
         LLM(quantization=method, warmup=False)
     assert method in str(e.value) and "fp8" in str(e.value)

@@ -126,7 +126,8 @@ class LLMEngine:
             load_kw = dict(arch_fn=self.plan.arch_fn, transform_fn=self.plan.transform_fn,
                            shardings_fn=lambda arch: self.plan.param_shardings(registry.model_module(arch), arch))
         t0 = time.perf_counter()
-        # quantization: each layer projection becomes float8 as it is placed (models/quant.py)
+        # quantization: "fp8" makes each layer projection float8 as it is placed (models/quant.py);
+        # "awq" / "gptq" (or a checkpoint of either format) load 4-bit weights (models/int4.py)
         self.model = load_model(mc, self.dtype, quantization=mc.quantization,
                                 before_load=functools.partial(self._check_weights_fit, devices), **load_kw)
         module = registry.model_module(self.model.arch)
@@ -151,7 +152,7 @@ class LLMEngine:
         self.model_name = mc.served_model_name or self.model.name
         self.eos_token_ids = frozenset(self.model.eos_token_ids)
         logger.info("loaded %s (%s%s, %d layers) in %.1f s", self.model_name, dtype_name,
-                    f", {mc.quantization} weights" if mc.quantization else "", arch.num_layers,
+                    f", {self.model.quantization} weights" if self.model.quantization else "", arch.num_layers,
                     time.perf_counter() - t0)
         self.runner = ModelRunner(config, self.model, max_model_len=self.max_model_len, dtype=self.dtype,
                                   plan=self.plan)
@@ -179,22 +180,22 @@ class LLMEngine:
         self._preemptions_warned = 0  # the preemption count at the last warning
         self._preemption_warned_at = None  # time.monotonic() of that warning
 
-    def _check_weights_fit(self, devices, arch) -> None:
+    def _check_weights_fit(self, devices, arch, quantization=None) -> None:
         """Before loading: refuse a model whose weights cannot fit on its devices (ModelTooLargeError
         naming float8 weights or more devices), instead of running out of memory while loading."""
         import jax
 
         from jaxserve.models import footprint, registry
 
-        pc, mc = self.config.parallel, self.config.model
+        pc = self.config.parallel
         device = (devices or jax.local_devices())[0]
         limit = _allocator_limit(device)
         shapes = registry.model_module(arch).param_shapes(arch)
         footprint.check_weights_fit(
-            footprint.weight_bytes(shapes, self.dtype, mc.quantization),
+            footprint.weight_bytes(shapes, self.dtype, quantization),
             devices=pc.tensor_parallel_size * pc.pipeline_parallel_size, device_limit=limit,
             where=device.device_kind, utilization=self.config.cache.gpu_memory_utilization,
-            quantization=mc.quantization, fp8_total=footprint.weight_bytes(shapes, self.dtype, "fp8"))
+            quantization=quantization, fp8_total=footprint.weight_bytes(shapes, self.dtype, "fp8"))
 
     @classmethod
     def from_engine_args(cls, engine_args=None, **kwargs) -> "LLMEngine":

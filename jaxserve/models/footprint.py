@@ -20,13 +20,17 @@ class ModelTooLargeError(MemoryError):
 def weight_bytes(shapes: dict, dtype, quantization: Optional[str] = None) -> int:
     """Bytes of a params pytree of shapes (a model module's param_shapes): each leaf in `dtype`,
     the layer projections (quant.QUANTIZED) in float8 plus one float32 scale per output channel
-    when quantized."""
+    when quantization is "fp8", or in 4 bits plus a scale and a zero per group of 128 inputs for
+    "awq" / "gptq"."""
     item = np.dtype(dtype).itemsize
     total = sum(math.prod(s) * item for k, s in shapes.items() if k != "layers")
     for layer in shapes.get("layers", []):
         for name, s in layer.items():
             n = math.prod(s)
-            total += (n + 4 * (n // s[0])) if quantization and name in QUANTIZED else n * item
+            if quantization in ("awq", "gptq") and name in QUANTIZED:
+                total += n // 2 + 2 * item * (n // 128)
+            else:
+                total += (n + 4 * (n // s[0])) if quantization and name in QUANTIZED else n * item
     return total
 
 

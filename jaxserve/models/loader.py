@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.models import registry
+from jaxserve.models import int4, registry
+from jaxserve.models.quant import QUANTIZED
 from jaxserve.parallel.plan import put
 
 logger = logging.getLogger("jaxserve")
@@ -62,6 +63,7 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     chat_template: Optional[str]
     name: str  # served model name default
+    quantization: Optional[str] = None  # the weights' form: None, "fp8", "awq" or "gptq"
 
 
 # ---- locating -------------------------------------------------------------------------------
@@ -194,6 +196,32 @@ class _Stack:
         return " + ".join(self.names[i] for i in sorted(self.names))
 
 
+class _Int4Stack:
+    """_Stack for 4-bit parts (int4.HostInt4): the values, scales and zeros stacked alike."""
+
+    def __init__(self, part: int4.HostInt4, n: int, axis: int):
+        self.parts = {k: _Stack(getattr(part, k).shape, n, axis, np.uint8 if k == "q4" else np.float32)
+                      for k in ("q4", "s", "z")}
+
+    def add(self, name: str, part: int, arr) -> None:
+        if not isinstance(arr, int4.HostInt4):
+            raise ValueError(f"tensor {name} is not 4-bit but the other part of its stacked weight is; "
+                             f"jaxserve needs both quantized alike")
+        for k, st in self.parts.items():
+            st.add(name, part, getattr(arr, k))
+
+    @property
+    def complete(self) -> bool:
+        return self.parts["q4"].complete
+
+    def describe(self) -> str:
+        return self.parts["q4"].describe()
+
+    @property
+    def buf(self) -> int4.HostInt4:
+        return int4.HostInt4(self.parts["q4"].buf, self.parts["s"].buf, self.parts["z"].buf)
+
+
 def build_params(arch, tensors: Iterator[tuple[str, np.ndarray]], dtype, shardings=None,
                  transform: Optional[Callable] = None, on_placed: Optional[Callable] = None) -> dict:
     """Place each tensor as it streams in (one host copy at a time). A leaf stacked from several
@@ -203,7 +231,9 @@ def build_params(arch, tensors: Iterator[tuple[str, np.ndarray]], dtype, shardin
     practice one layer's. transform(path, array) may rewrite a leaf before it is placed (e.g.
     replicate KV heads for tensor parallelism); for a stacked leaf it sees the stacked array.
     on_placed(path, device_array) -> what the leaf keeps (e.g. quant.LeafQuantizer: its float8
-    form, the 16-bit array freed before the next tensor is placed)."""
+    form, the 16-bit array freed before the next tensor is placed). A 4-bit projection arrives as
+    an int4.HostInt4 (int4.checkpoint_tensors), already [in, out], and is placed as its packed
+    dict; one outside the layer projections (a quantized LM head) is widened on the host."""
     module = registry.model_module(arch)
     shapes = module.param_shapes(arch)
     params = jax.tree_util.tree_map(lambda _: None, shapes, is_leaf=lambda x: isinstance(x, tuple))
@@ -215,23 +245,30 @@ def build_params(arch, tensors: Iterator[tuple[str, np.ndarray]], dtype, shardin
         path = target.path
         if path == ("lm_head",) and arch.tie_word_embeddings:
             continue
-        if target.transpose:
+        q4 = isinstance(arr, int4.HostInt4)
+        if q4 and path[-1] not in QUANTIZED:
+            arr, q4 = arr.dequantize(), False  # [in, out] already
+        elif target.transpose and not q4:
             arr = arr.T
         if target.part is not None:
             stack = pending.get(path)
             if stack is None:
                 n = _lookup(shapes, path)[target.axis]
-                stack = pending[path] = _Stack(arr.shape, n, target.axis, dtype)
+                stack = pending[path] = (_Int4Stack(arr, n, target.axis) if q4
+                                         else _Stack(arr.shape, n, target.axis, dtype))
             stack.add(name, target.part, arr)
             if not stack.complete:
                 continue
             del pending[path]
             arr, name = stack.buf, stack.describe()
         if transform is not None:
-            arr = transform(path, arr)
+            arr = arr.map(lambda a: transform(path, a)) if isinstance(arr, int4.HostInt4) else transform(path, arr)
         want = _lookup(shapes, path)
         if tuple(arr.shape) != tuple(want):
             raise ValueError(f"tensor {name}: shape {arr.shape}, expected {want} for this config")
+        if isinstance(arr, int4.HostInt4):
+            _set(params, path, int4.place(arr, dtype, _lookup(shardings, path), put))
+            continue
         placed = _place(arr, dtype, _lookup(shardings, path))
         _set(params, path, on_placed(path, placed) if on_placed is not None else placed)
         del placed
@@ -305,17 +342,22 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
                before_load: Optional[Callable] = None) -> LoadedModel:
     """shardings_fn(arch) -> pytree of shardings (or None); transform_fn(checkpoint_arch, arch) ->
     per-tensor rewrite (path, array) -> array; arch_fn(arch) -> the arch the engine runs (e.g. with
-    KV heads replicated for tensor parallelism); quantization ("fp8" or None): quantize each layer
-    projection as it is placed (models/quant.py); before_load(arch): called once the arch is known,
-    before any tensor is read or placed (the engine checks that the weights fit: models/footprint.py)."""
+    KV heads replicated for tensor parallelism); quantization: "fp8" quantizes each layer projection
+    as it is placed (models/quant.py); "awq" / "gptq" read a checkpoint of that 4-bit format
+    (models/int4.py; found from its config also when quantization is None), or make random 4-bit
+    weights for load_format="dummy"; before_load(arch, quantization): called once the arch and the
+    weights' form are known, before any tensor is read or placed (the engine checks that the
+    weights fit: models/footprint.py)."""
     from jaxserve import tokenizer as tok_mod
+    from jaxserve.models.quant import LeafQuantizer
 
     kind, path = resolve(mc)
-    on_placed = None
-    if quantization is not None:
-        from jaxserve.models.quant import LeafQuantizer
-
-        on_placed = LeafQuantizer(quantization)
+    if quantization in int4.METHODS and kind == "gguf":
+        raise ValueError(f"quantization={quantization!r} reads an {quantization.upper()} checkpoint (a Hugging Face "
+                         f"directory), not a GGUF file; GGUF weights are dequantized when loaded, so drop "
+                         f"--quantization (or use 'fp8')")
+    on_placed = LeafQuantizer(quantization) if quantization is not None and (
+        quantization == "fp8" or kind == "dummy") else None
     if kind == "gguf":
         from jaxserve.models import gguf_reader
 
@@ -323,7 +365,7 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
         cfg = gguf_reader.hf_config(reader)
         arch, tf = _finish_arch(_arch(cfg, mc, max_model_len), arch_fn, transform_fn)
         if before_load is not None:
-            before_load(arch)
+            before_load(arch, quantization)
         sh = shardings_fn(arch) if shardings_fn else None
         params = build_params(arch, gguf_reader.iter_tensors(reader, cfg), dtype, sh, tf, on_placed)
         tokenizer = tok_mod.load_tokenizer(mc.tokenizer or path)
@@ -333,11 +375,19 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
     elif kind == "hf_dir":
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)
+        fmt = int4.checkpoint_format(cfg, path)
+        quantization = _reconcile(quantization, fmt, mc.model)
         arch, tf = _finish_arch(_arch(cfg, mc, max_model_len), arch_fn, transform_fn)
         if before_load is not None:
-            before_load(arch)
+            before_load(arch, quantization)
         sh = shardings_fn(arch) if shardings_fn else None
-        params = build_params(arch, _iter_safetensors(_safetensors_files(path)), dtype, sh, tf, on_placed)
+        tensors = _iter_safetensors(_safetensors_files(path))
+        if fmt is not None:
+            if fmt.act_order:
+                logger.warning("%s: GPTQ with act-order (desc_act) keeps no contiguous groups; its projections "
+                               "are widened to %s while loading (no memory saved)", mc.model, jnp.dtype(dtype).name)
+            tensors = int4.checkpoint_tensors(tensors, fmt)
+        params = build_params(arch, tensors, dtype, sh, tf, on_placed)
         tokenizer = tok_mod.load_tokenizer(mc.tokenizer or path)
         eos = _eos_from_dir(path, tokenizer)
         template = getattr(tokenizer, "chat_template", None)
@@ -351,14 +401,31 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
         arch, _ = _finish_arch(_arch(cfg, mc, max_model_len), arch_fn, None)
         module = registry.model_module(arch)
         if before_load is not None:
-            before_load(arch)
+            before_load(arch, quantization)
         sh = shardings_fn(arch) if shardings_fn else None
         params = module.init_dummy_params(arch, dtype, mc.seed, sh, on_placed)
         tokenizer = tok_mod.DummyTokenizer(arch.vocab_size)
         eos = [tokenizer.eos_token_id]
         template = tok_mod.DummyTokenizer.chat_template
         name = f"dummy-{path}"
-    return LoadedModel(arch, params, tokenizer, tuple(eos), template, name)
+    return LoadedModel(arch, params, tokenizer, tuple(eos), template, name, quantization)
+
+
+def _reconcile(asked: Optional[str], fmt, model: str) -> Optional[str]:
+    """The weights' form from what the user asked and what the checkpoint is (vLLM's rule: a
+    quantized checkpoint's own method is used when none is asked, and a different one is an error)."""
+    if fmt is None:
+        if asked in int4.METHODS:
+            raise ValueError(f"quantization={asked!r} needs an {asked.upper()} checkpoint, but {model}'s config.json "
+                             f"has no quantization_config (it is not quantized): load it without --quantization, or "
+                             f"with --quantization fp8 to make float8 weights from it")
+        return asked
+    if asked is not None and asked != fmt.method:
+        raise ValueError(f"{model} is a {fmt.method.upper()} checkpoint but quantization={asked!r} was asked; drop "
+                         f"--quantization or pass --quantization {fmt.method}")
+    if asked is None:
+        logger.info("%s: %s 4-bit checkpoint (groups of %d)", model, fmt.method.upper(), fmt.group_size)
+    return fmt.method
 
 
 def _arch(cfg: dict, mc: ModelConfig, max_model_len: Optional[int]):

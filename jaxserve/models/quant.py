@@ -17,16 +17,19 @@ same for both.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxserve.models import int4
+
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 QUANTIZED = ("wq", "wk", "wv", "wo", "w_gate_up", "w_down")  # the layer weights that are quantized
-METHODS = ("fp8",)
+METHODS = ("fp8", "awq", "gptq")  # awq / gptq: 4-bit weights in groups (models/int4.py)
 # Up to this many rows (tokens of a step) `linear` keeps activations in 16 bits (weight-only float8):
 # a GEMM of M rows does 2M FLOPs per weight byte, under the H100/H200 ridge (~200) for M <= 64.
 WEIGHT_ONLY_MAX_ROWS = 64
@@ -52,13 +55,15 @@ def is_quantized(w) -> bool:
 
 
 def linear(x, w, *, weight_only: Optional[bool] = None):
-    """x [T, K] @ w -> [T, N...] in x's dtype; w is [K, N...] or a quantized weight. weight_only:
-    None picks by rows (at most WEIGHT_ONLY_MAX_ROWS: weight-only); True / False force a path
-    (benchmarks)."""
+    """x [T, K] @ w -> [T, N...] in x's dtype; w is [K, N...], a float8 weight or a 4-bit one
+    (int4.linear). weight_only (float8): None picks by rows (at most WEIGHT_ONLY_MAX_ROWS:
+    weight-only); True / False force a path (benchmarks)."""
     if not is_quantized(w):
         if w.ndim == 2:
             return x @ w
         return jnp.einsum("tk,k...->t...", x, w)
+    if int4.is_int4(w):
+        return int4.linear(x, w)
     q, s = w["q"], w["s"]
     q2, s2 = q.reshape(-1, q.shape[-1]), s.reshape(-1)  # [N, K], [N]
     if weight_only is None:
@@ -99,7 +104,8 @@ def _quantized_sharding(sh, ndim: int):
 
 class LeafQuantizer:
     """Quantizes one placed tensor at a time as the loader places it (`loader.load_model(...,
-    quantization=)`): a layer projection becomes float8 right away and its 16-bit original is
+    quantization=)`): a layer projection becomes float8 (or, for "awq" / "gptq" on dummy weights,
+    4-bit groups rounded to nearest: int4.quantize) right away and its 16-bit original is
     freed before the next tensor arrives, so the device never holds the 16-bit model (a float8
     70B fits where its bf16 weights would not) and the float8 tensors lie one after another
     instead of among the holes a whole 16-bit model leaves when it is quantized afterwards. On an
@@ -121,10 +127,17 @@ class LeafQuantizer:
     def __call__(self, path: tuple, w):
         if not self.wants(path) or is_quantized(w):
             return w
-        sh = _quantized_sharding(getattr(w, "sharding", None), w.ndim)
-        key = (w.shape, str(w.dtype), sh["q"] if sh else None)  # a sharding names its devices
+        if self.method in int4.METHODS:
+            sh = getattr(w, "sharding", None)
+            sh = sh if isinstance(sh, NamedSharding) else None
+            fn = functools.partial(int4.quantize, group=int4.dummy_group(w.shape[0]))
+            outs = {"qw": sh, "s": sh, "z": sh} if sh is not None else None
+        else:
+            sh = _quantized_sharding(getattr(w, "sharding", None), w.ndim)
+            fn, outs = quantize_weight, sh
+        key = (w.shape, str(w.dtype), repr(outs))  # a sharding names its devices
         if key not in self._fns:
-            self._fns[key] = jax.jit(quantize_weight, out_shardings=sh) if sh is not None else jax.jit(quantize_weight)
+            self._fns[key] = jax.jit(fn, out_shardings=outs) if outs is not None else jax.jit(fn)
         return self._fns[key](w)
 
 

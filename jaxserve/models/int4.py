@@ -1,0 +1,280 @@
+"""4-bit weights in groups (AWQ and GPTQ checkpoints, vLLM's `--quantization awq|gptq`).
+
+Stored layout of one projection of K inputs and N... outputs (the model's [in, out] order):
+  {"qw": [K/8, N...] int32, "s": [K/G, N...] scales, "z": [K/G, N...] zero points (0..15)}
+with s and z in the model dtype: input row 8r + i is bits 4i..4i+3 of word r (GPTQ's packing,
+pallas_kernels/int4_matmul/reference.py) and the weight is (q - z) * s, row k in group k // G. A
+fused gate+up [E, 2, F] keeps its output shape on every member. A layer's projections stream a
+quarter of their bf16 bytes plus the scales and zeros (2 x 2 bytes per G weights: 3% at G = 128).
+
+`linear` runs steps of up to int4_matmul.MAX_ROWS rows on the GPU through the Pallas kernel (the
+words widened in registers); larger steps, the CPU and shapes the kernel does not take widen the
+weight in XLA ops and run one dot (XLA writes the widened weight out: call 1 of 2026-12-01 (tenth
+session) in docs/benchmarks.md).
+
+The checkpoint formats are unpacked on the host, tensor by tensor, and packed into this layout:
+  AWQ (AutoAWQ "gemm"): qweight int32 [K, N/8], eight 4-bit columns per word in the order
+      AWQ_ORDER (nibble i holds column 8c + AWQ_ORDER[i]); qzeros int32 [K/G, N/8] packed alike;
+      scales [K/G, N].
+  GPTQ (AutoGPTQ / GPTQModel, checkpoint_format "gptq"): qweight int32 [K/8, N], eight rows per
+      word, row 8r + i in nibble i; qzeros int32 [K/G, N/8], column 8c + i in nibble i, stored as
+      zero - 1 (format "gptq_v2" stores the zero itself); scales [K/G, N]; g_idx [K], the group of
+      each input row. When g_idx is not k // G (act-order, desc_act=true) the groups are not
+      contiguous and the projection is dequantized into the model dtype instead (logged).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.int4_matmul import reference as ref
+from pallas_kernels.int4_matmul.kernel import MAX_ROWS, int4_matmul
+from pallas_kernels.int4_matmul.kernel import supported as kernel_supported
+from pallas_kernels.int4_matmul.reference import pack
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_AWQ_UNDO = tuple(int(i) for i in np.argsort(AWQ_ORDER))  # column j is nibble _AWQ_UNDO[j]
+_SHIFTS = np.arange(8, dtype=np.uint32) * 4
+METHODS = ("awq", "gptq")
+
+
+def is_int4(w) -> bool:
+    return isinstance(w, dict) and "qw" in w
+
+
+# ---- unpacking checkpoint tensors (host, numpy) ---------------------------------------------
+def _nibbles(words: np.ndarray) -> np.ndarray:
+    """int32 [..., W] -> uint8 [..., W, 8]: nibble i of each word (bits 4i..4i+3)."""
+    w = words.astype(np.uint32, copy=False)
+    return ((w[..., None] >> _SHIFTS) & 0xF).astype(np.uint8)
+
+
+def unpack_columns(words: np.ndarray, order=None) -> np.ndarray:
+    """int32 [R, N/8] -> uint8 [R, N] where nibble i of word c is column 8c + order[i]
+    (order None: 8c + i)."""
+    nib = _nibbles(words)  # [R, N/8, 8]
+    if order is not None:
+        nib = nib[..., list(np.argsort(order))]
+    return nib.reshape(words.shape[0], -1)
+
+
+def unpack_rows(words: np.ndarray) -> np.ndarray:
+    """int32 [K/8, N] -> uint8 [K, N], row 8r + i in nibble i of word r."""
+    nib = _nibbles(words)  # [K/8, N, 8]
+    return np.moveaxis(nib, -1, 1).reshape(-1, words.shape[1])
+
+
+def from_awq(qweight, qzeros, scales) -> dict:
+    """AutoAWQ GEMM tensors -> {"q4" [K, N] uint8, "s" [K/G, N] float32, "z" [K/G, N] float32}."""
+    q = unpack_columns(np.asarray(qweight), AWQ_ORDER)
+    z = unpack_columns(np.asarray(qzeros), AWQ_ORDER)
+    s = np.asarray(scales, dtype=np.float32)
+    _check_shapes("AWQ", q, s, z)
+    return {"q4": q, "s": s, "z": z.astype(np.float32)}
+
+
+def from_gptq(qweight, qzeros, scales, g_idx=None, *, zero_offset: int = 1) -> dict:
+    """GPTQ tensors -> the same dict, or {"w": [K, N] float32} when g_idx is not k // G
+    (act-order: the groups are not contiguous runs of rows). zero_offset: 1 for the "gptq"
+    checkpoint format (zeros stored minus one), 0 for "gptq_v2"."""
+    q = unpack_rows(np.asarray(qweight))
+    z = unpack_columns(np.asarray(qzeros)).astype(np.float32) + zero_offset
+    s = np.asarray(scales, dtype=np.float32)
+    K, groups = q.shape[0], s.shape[0]
+    if g_idx is not None:
+        g_idx = np.asarray(g_idx).astype(np.int64)
+        if g_idx.shape != (K,) or g_idx.min() < 0 or g_idx.max() >= groups:
+            raise ValueError(f"GPTQ g_idx has shape {g_idx.shape} / values outside 0..{groups - 1} for {K} "
+                             f"input rows")
+        if not np.array_equal(g_idx, np.arange(K) // max(K // groups, 1)):
+            return {"w": (q.astype(np.float32) - z[g_idx]) * s[g_idx]}
+    _check_shapes("GPTQ", q, s, z)
+    return {"q4": q, "s": s, "z": z}
+
+
+def _check_shapes(fmt, q, s, z):
+    K, N = q.shape
+    if s.shape[1] != N or z.shape != s.shape or K % s.shape[0]:
+        raise ValueError(f"{fmt} tensors do not fit together: weight [{K}, {N}], scales {list(s.shape)}, "
+                         f"zeros {list(z.shape)} (expected [{K}/group, {N}] for both)")
+
+
+# ---- reading a checkpoint (host) ----------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """What a quantized checkpoint's config says about its tensors."""
+    method: str  # "awq" | "gptq"
+    group_size: int  # -1: one group over the whole input dimension
+    zero_offset: int = 0  # GPTQ "gptq" format: zeros stored minus one
+    act_order: bool = False  # GPTQ desc_act: groups not contiguous, dequantized on load
+
+
+@dataclass(frozen=True)
+class HostInt4:
+    """One projection's 4-bit weight on the host, [in, out] order: q4 [K, N...] uint8 values,
+    s, z [K/G, N...] float32."""
+    q4: np.ndarray
+    s: np.ndarray
+    z: np.ndarray
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.q4.shape)
+
+    def map(self, fn) -> "HostInt4":
+        return HostInt4(fn(self.q4), fn(self.s), fn(self.z))
+
+    def dequantize(self) -> np.ndarray:
+        g = self.q4.shape[0] // self.s.shape[0]
+        return (self.q4.astype(np.float32) - np.repeat(self.z, g, 0)) * np.repeat(self.s, g, 0)
+
+
+def checkpoint_format(cfg: dict, model_dir: Optional[str] = None) -> Optional[CheckpointFormat]:
+    """The 4-bit format of an HF checkpoint from config.json's quantization_config (or an older
+    AutoAWQ quant_config.json beside it); None for an unquantized checkpoint. Raises ValueError,
+    naming what to change, for quantized checkpoints jaxserve cannot read."""
+    qc = cfg.get("quantization_config")
+    if qc is None and model_dir is not None and os.path.isfile(os.path.join(model_dir, "quant_config.json")):
+        with open(os.path.join(model_dir, "quant_config.json")) as f:
+            qc = dict(json.load(f), quant_method="awq")
+    if not qc:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method not in METHODS:
+        raise ValueError(f"the checkpoint is quantized with {method or 'an unnamed method'!r}; jaxserve reads "
+                         f"AWQ and GPTQ 4-bit checkpoints (and makes float8 itself from an unquantized one with "
+                         f"quantization='fp8')")
+    bits = int(qc.get("bits", qc.get("w_bit", 4)))
+    if bits != 4:
+        raise ValueError(f"this {method.upper()} checkpoint has {bits}-bit weights; jaxserve reads 4-bit ones only")
+    group = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ValueError(f"AWQ version {version!r} is not supported; jaxserve reads AutoAWQ's 'gemm' layout")
+        if not qc.get("zero_point", True):
+            raise ValueError("AWQ without zero points (zero_point=false) is not supported")
+        return CheckpointFormat("awq", group)
+    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+    if fmt not in ("gptq", "gptq_v2") or qc.get("is_marlin_format"):
+        raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported; jaxserve reads 'gptq' and 'gptq_v2'")
+    return CheckpointFormat("gptq", group, zero_offset=1 if fmt == "gptq" else 0,
+                            act_order=bool(qc.get("desc_act", False)))
+
+
+_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def checkpoint_tensors(tensors: Iterator[tuple[str, np.ndarray]], fmt: CheckpointFormat) -> Iterator[tuple]:
+    """A quantized checkpoint's tensor stream -> (name, array or HostInt4): each projection's
+    qweight / qzeros / scales (/ g_idx) become one HostInt4 under "<module>.weight" once all have
+    arrived (act-order GPTQ: a float32 array in HF's [out, in] order instead); other tensors pass
+    through. Without act order GPTQ's g_idx is k // G and is not needed."""
+    need = {"qweight", "qzeros", "scales"} | ({"g_idx"} if fmt.act_order else set())
+    pending: dict[str, dict] = {}
+    for name, arr in tensors:
+        module, _, part = name.rpartition(".")
+        if part not in _PARTS:
+            yield name, arr
+            continue
+        if part == "g_idx" and not fmt.act_order:
+            continue
+        got = pending.setdefault(module, {})
+        got[part] = arr
+        if not need <= got.keys():
+            continue
+        del pending[module]
+        try:
+            if fmt.method == "awq":
+                d = from_awq(got["qweight"], got["qzeros"], got["scales"])
+            else:
+                d = from_gptq(got["qweight"], got["qzeros"], got["scales"], got.get("g_idx"),
+                              zero_offset=fmt.zero_offset)
+        except ValueError as e:
+            raise ValueError(f"{module}: {e}") from None
+        if "w" in d:
+            yield module + ".weight", d["w"].T
+        else:
+            yield module + ".weight", HostInt4(d["q4"], d["s"], d["z"])
+    if pending:
+        module, got = next(iter(pending.items()))
+        raise ValueError(f"checkpoint has {len(pending)} incomplete quantized projections, e.g. {module} with only "
+                         f"{sorted(got)} (needs {sorted(need)})")
+
+
+# ---- on the device ---------------------------------------------------------------------------
+def quantize(w, group: int = 128) -> dict:
+    """w [K, N...] -> int4 dict, round to nearest with a zero point per (group, output) (AWQ's
+    asymmetric scheme without its activation-aware search): benchmarks' dummy weights and tests."""
+    K = w.shape[0]
+    if K % group or group % 8:
+        raise ValueError(f"input dimension {K} is not a multiple of the group size {group} (itself a multiple of 8)")
+    wf = w.astype(jnp.float32).reshape((K // group, group, -1))
+    lo, hi = wf.min(axis=1), wf.max(axis=1)  # [K/G, N]
+    s = jnp.maximum(hi - lo, 1e-8) / 15.0
+    z = jnp.clip(jnp.round(-lo / s), 0, 15)
+    q = jnp.clip(jnp.round(wf / s[:, None] + z[:, None]), 0, 15).reshape(K, -1)
+    out = w.shape[1:]
+    return {"qw": pack(q.astype(jnp.int32)).reshape((K // 8,) + out), "s": s.astype(w.dtype).reshape((-1,) + out),
+            "z": z.astype(w.dtype).reshape((-1,) + out)}
+
+
+def _flat(qw):
+    """-> (words [K/8, N], s [K/G, N], z [K/G, N]) with the output dims flattened."""
+    return (qw["qw"].reshape(qw["qw"].shape[0], -1), qw["s"].reshape(qw["s"].shape[0], -1),
+            qw["z"].reshape(qw["z"].shape[0], -1))
+
+
+def dequantize(qw) -> jax.Array:
+    """int4 dict -> [K, N...] float32 (tests and reference)."""
+    words, s, z = _flat(qw)
+    return ref.dequantize(words, s, z).reshape((words.shape[0] * 8,) + qw["qw"].shape[1:])
+
+
+def linear(x, qw, *, kernel: Optional[bool] = None):
+    """x [T, K] @ int4 weight -> [T, N...] in x's dtype (float32 accumulation). kernel: None picks
+    the Pallas kernel on the GPU for steps of at most MAX_ROWS rows whose shape it takes; True /
+    False force a path (True on the CPU runs it in interpret mode: tests)."""
+    words, s, z = _flat(qw)
+    k, n = words.shape[0] * 8, words.shape[1]
+    if kernel is None:
+        kernel = (jax.default_backend() == "gpu" and x.shape[0] <= MAX_ROWS
+                  and kernel_supported(k, n, s.shape[0]))
+    y = int4_matmul(x, words, s, z) if kernel else ref.int4_matmul_reference(x, words, s, z)
+    return y.reshape((x.shape[0],) + qw["qw"].shape[1:])
+
+
+def place(h: HostInt4, dtype, sharding, put) -> dict:
+    """A HostInt4 -> device arrays: the values packed into int32 words, s and z in the model dtype,
+    each with `sharding` (the 16-bit weight's: the word and group axes are split where the input
+    axis is, which needs whole groups per shard)."""
+    q = np.asarray(h.q4)
+    words = ref.pack(q.reshape(q.shape[0], -1)).reshape((q.shape[0] // 8,) + q.shape[1:])
+    spec = getattr(sharding, "spec", None)
+    if spec is not None and len(spec) and spec[0] is not None:
+        shards = int(np.prod([sharding.mesh.shape[a] for a in ((spec[0],) if isinstance(spec[0], str) else spec[0])]))
+        if h.s.shape[0] % shards:
+            raise ValueError(f"a 4-bit weight with {h.s.shape[0]} groups along its input dimension cannot be split "
+                             f"over {shards} devices (tensor parallelism splits it there); use a tensor_parallel_size "
+                             f"that divides {h.s.shape[0]}")
+    return {"qw": put(words, sharding),
+            "s": put(np.asarray(h.s, np.float32).astype(jnp.dtype(dtype)), sharding),
+            "z": put(np.asarray(h.z, np.float32).astype(jnp.dtype(dtype)), sharding)}
+
+
+def dummy_group(k: int) -> int:
+    """The group size for random 4-bit weights with K inputs: 128 where it divides K."""
+    for g in (128, 64, 32):
+        if k % g == 0:
+            return g
+    return k
+
+
+def group_size_of(qw) -> Optional[int]:
+    return qw["qw"].shape[0] * 8 // qw["s"].shape[0] if is_int4(qw) else None

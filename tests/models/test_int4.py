@@ -1,0 +1,265 @@
+"""4-bit AWQ / GPTQ weights: the checkpoint formats (packed here by AutoAWQ's and AutoGPTQ's
+packing rules, written out independently of jaxserve's unpacking), the Pallas kernel against its
+reference and a float64 oracle, and the real SmolLM2 written as AWQ / GPTQ checkpoints against HF
+transformers running the same weights widened to float32."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.models import int4
+from jaxserve.models.loader import _reconcile
+from pallas_kernels.int4_matmul import reference as ref
+from pallas_kernels.int4_matmul.kernel import int4_matmul
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of a word holds column 8c + AWQ_ORDER[i]
+
+
+def pack_awq(vals):
+    """[R, N] values 0..15 -> [R, N/8] int32 the way AutoAWQ's WQLinear_GEMM packs qweight and qzeros."""
+    r, n = vals.shape
+    out = np.zeros((r, n // 8), np.uint32)
+    for col in range(n // 8):
+        for i in range(8):
+            out[:, col] |= vals[:, col * 8 + AWQ_ORDER[i]].astype(np.uint32) << np.uint32(4 * i)
+    return out.view(np.int32)
+
+
+def pack_gptq_rows(vals):
+    """[K, N] -> [K/8, N] int32: AutoGPTQ's qweight, row 8r + j in bits 4j.."""
+    k, n = vals.shape
+    out = np.zeros((k // 8, n), np.uint32)
+    for j in range(8):
+        out |= vals[j::8].astype(np.uint32) << np.uint32(4 * j)
+    return out.view(np.int32)
+
+
+def pack_gptq_cols(vals):
+    """[R, N] -> [R, N/8] int32: AutoGPTQ's qzeros, column 8c + j in bits 4j.."""
+    r, n = vals.shape
+    out = np.zeros((r, n // 8), np.uint32)
+    for j in range(8):
+        out |= vals[:, j::8].astype(np.uint32) << np.uint32(4 * j)
+    return out.view(np.int32)
+
+
+def rtn(w, groups_of_rows, sym=False):
+    """w [K, N] float -> (q [K, N], s [G, N] float16, z [G, N]) per group of rows (a list of row
+    index arrays), round to nearest; sym: zero point 8 (GPTQ's symmetric mode)."""
+    q = np.zeros(w.shape, np.int64)
+    s = np.zeros((len(groups_of_rows), w.shape[1]), np.float16)
+    z = np.zeros(s.shape, np.int64)
+    for g, rows in enumerate(groups_of_rows):
+        blk = w[rows]
+        if sym:
+            sc = np.maximum(np.abs(blk).max(0), 1e-8) / 7.5
+            zp = np.full(w.shape[1], 8)
+        else:
+            lo, hi = blk.min(0), blk.max(0)
+            sc = np.maximum(hi - lo, 1e-8) / 15
+            zp = np.clip(np.round(-lo / sc), 0, 15).astype(np.int64)
+        s[g] = sc.astype(np.float16)
+        sc16 = s[g].astype(np.float64)
+        q[rows] = np.clip(np.round(blk / sc16) + zp, 0, 15)
+        z[g] = zp
+    return q, s, z
+
+
+def widen(q, s, z, g_idx):
+    return ((q - z[g_idx]) * s.astype(np.float64)[g_idx]).astype(np.float32)
+
+
+# ---- formats ---------------------------------------------------------------------------------
+def test_awq_tensors_unpack_to_the_values_packed():
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 16, (256, 96))
+    z = rng.integers(0, 16, (2, 96))
+    s = rng.uniform(0.01, 0.1, (2, 96)).astype(np.float16)
+    d = int4.from_awq(pack_awq(q), pack_awq(z), s)
+    assert np.array_equal(d["q4"], q) and np.array_equal(d["z"], z) and np.array_equal(d["s"], s.astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_gptq_tensors_unpack_to_the_values_packed(fmt):
+    rng = np.random.default_rng(1)
+    q = rng.integers(0, 16, (256, 64))
+    z = rng.integers(1, 16, (2, 64))
+    offset = 1 if fmt == "gptq" else 0
+    s = rng.uniform(0.01, 0.1, (2, 64)).astype(np.float16)
+    g_idx = np.arange(256) // 128
+    d = int4.from_gptq(pack_gptq_rows(q), pack_gptq_cols(z - offset), s, g_idx, zero_offset=offset)
+    assert np.array_equal(d["q4"], q) and np.array_equal(d["z"], z)
+
+
+def test_gptq_act_order_is_widened_with_its_group_index():
+    rng = np.random.default_rng(2)
+    q = rng.integers(0, 16, (256, 32))
+    z = rng.integers(1, 16, (4, 32))
+    s = rng.uniform(0.01, 0.1, (4, 32)).astype(np.float16)
+    g_idx = rng.permutation(np.arange(256) // 64)
+    d = int4.from_gptq(pack_gptq_rows(q), pack_gptq_cols(z - 1), s, g_idx)
+    assert set(d) == {"w"}
+    np.testing.assert_allclose(d["w"], widen(q, s, z, g_idx), rtol=1e-6)
+
+
+def test_pack_unpack_roundtrip_and_device_quantize():
+    rng = np.random.default_rng(3)
+    q = rng.integers(0, 16, (64, 24))
+    assert np.array_equal(np.asarray(ref.unpack(jnp.asarray(ref.pack(q)))), q)
+    w = jnp.asarray(rng.standard_normal((256, 2, 16)).astype(np.float32))
+    qw = int4.quantize(w, group=64)
+    assert qw["qw"].shape == (32, 2, 16) and qw["s"].shape == (4, 2, 16)
+    err = np.abs(np.asarray(int4.dequantize(qw)) - np.asarray(w))
+    assert err.max() <= np.asarray(qw["s"]).max() / 2 + 1e-6  # round to nearest: half a step at most
+
+
+# ---- the kernel ------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,k,n,g,splits", [(1, 512, 64, 128, None), (5, 1024, 96, 128, 2), (16, 512, 32, 512, None),
+                                             (33, 768, 64, 256, 1), (16, 1024, 128, -1, None)])
+def test_kernel_matches_reference_and_float64(m, k, n, g, splits):
+    rng = np.random.default_rng(m + k)
+    g = k if g == -1 else g
+    q = rng.integers(0, 16, (k, n))
+    s = rng.uniform(0.001, 0.01, (k // g, n)).astype(np.float32)
+    z = rng.integers(0, 16, (k // g, n)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    want = x.astype(np.float64) @ widen(q, s, z, np.arange(k) // g).astype(np.float64)
+    args = (jnp.asarray(x), jnp.asarray(ref.pack(q)), jnp.asarray(s), jnp.asarray(z))
+    got = np.asarray(int4_matmul(*args, splits=splits, interpret=True))
+    xla = np.asarray(ref.int4_matmul_reference(*args))
+    scale = np.abs(want).max()
+    assert got.shape == (m, n)
+    assert np.abs(got - want).max() < 1e-5 * scale
+    assert np.abs(xla - want).max() < 1e-5 * scale
+
+
+def test_linear_on_a_stacked_weight_both_paths():
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.standard_normal((256, 2, 32)).astype(np.float32) * 0.05)
+    qw = int4.quantize(w, group=128)
+    x = jnp.asarray(rng.standard_normal((3, 256)).astype(np.float32))
+    want = np.einsum("tk,kab->tab", np.asarray(x, np.float64), np.asarray(int4.dequantize(qw), np.float64))
+    for kernel in (True, False):
+        got = np.asarray(int4.linear(x, qw, kernel=kernel))
+        assert got.shape == (3, 2, 32)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- configs and errors ----------------------------------------------------------------------
+def test_checkpoint_format_reads_configs_and_refuses_what_it_cannot():
+    awq = int4.checkpoint_format({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128,
+                                                          "version": "gemm", "zero_point": True}})
+    assert awq == int4.CheckpointFormat("awq", 128)
+    gptq = int4.checkpoint_format({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": -1,
+                                                           "desc_act": True}})
+    assert gptq == int4.CheckpointFormat("gptq", -1, zero_offset=1, act_order=True)
+    assert int4.checkpoint_format({}) is None
+    bad = [({"quant_method": "gptq", "bits": 8}, "8-bit"), ({"quant_method": "awq", "version": "gemv"}, "gemv"),
+           ({"quant_method": "gptq", "checkpoint_format": "marlin"}, "marlin"),
+           ({"quant_method": "bitsandbytes"}, "bitsandbytes")]
+    for qc, words in bad:
+        with pytest.raises(ValueError, match=words):
+            int4.checkpoint_format({"quantization_config": qc})
+    with pytest.raises(ValueError, match="not quantized"):
+        _reconcile("awq", None, "some/model")
+    with pytest.raises(ValueError, match="--quantization gptq"):
+        _reconcile("awq", gptq, "some/model")
+    assert _reconcile(None, awq, "m") == "awq" and _reconcile(None, None, "m") is None
+
+
+def test_old_autoawq_quant_config_json(tmp_path):
+    (tmp_path / "quant_config.json").write_text(json.dumps({"w_bit": 4, "q_group_size": 64, "zero_point": True,
+                                                            "version": "GEMM"}))
+    assert int4.checkpoint_format({}, str(tmp_path)) == int4.CheckpointFormat("awq", 64)
+
+
+def test_incomplete_projection_is_named():
+    fmt = int4.CheckpointFormat("awq", 128)
+    with pytest.raises(ValueError, match="q_proj"):
+        list(int4.checkpoint_tensors(iter([("model.layers.0.self_attn.q_proj.qweight", np.zeros((8, 1), np.int32))]),
+                                     fmt))
+
+
+# ---- the real model, written in each format --------------------------------------------------
+PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")
+
+
+@pytest.fixture(scope="module")
+def smol():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.test_generate_e2e import _gguf_path
+
+    d, f = _gguf_path()
+    return (AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(d, gguf_file=f))
+
+
+def _write_quantized(hf, tok, out_dir, fmt):
+    """SmolLM2 as an AWQ / GPTQ checkpoint (round to nearest, groups of 64); returns the HF model
+    with every projection set to its widened 4-bit values (the oracle)."""
+    import copy
+
+    import torch
+    from safetensors.numpy import save_file
+
+    model = copy.deepcopy(hf)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    tensors = {k: v for k, v in sd.items() if not any(p in k for p in PROJ) and k != "lm_head.weight"}
+    rng = np.random.default_rng(7)
+    g = 64
+    for name in [k for k in sd if any(p + ".weight" in k for p in PROJ)]:
+        w = sd[name].T.astype(np.float64)  # [in, out]
+        k = w.shape[0]
+        mod = name[: -len(".weight")]
+        if fmt == "gptq_act_order":
+            g_idx = rng.permutation(np.arange(k) // g)
+        else:
+            g_idx = np.arange(k) // g
+        q, s, z = rtn(w, [np.where(g_idx == i)[0] for i in range(k // g)], sym=fmt.startswith("gptq"))
+        if fmt == "awq":
+            tensors.update({mod + ".qweight": pack_awq(q), mod + ".qzeros": pack_awq(z), mod + ".scales": s})
+        else:
+            tensors.update({mod + ".qweight": pack_gptq_rows(q), mod + ".qzeros": pack_gptq_cols(z - 1),
+                            mod + ".scales": s, mod + ".g_idx": g_idx.astype(np.int32)})
+        with torch.no_grad():
+            model.get_parameter(name).copy_(torch.from_numpy(widen(q, s, z, g_idx).T.copy()))
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"))
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": g, "version": "gemm",
+                                   "zero_point": True} if fmt == "awq" else
+                                  {"quant_method": "gptq", "bits": 4, "group_size": g, "sym": True,
+                                   "desc_act": fmt == "gptq_act_order"})
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    tok.save_pretrained(out_dir)
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq", "gptq_act_order"])
+def test_smollm2_quantized_checkpoint_matches_hf_on_the_same_weights(tmp_path, smol, fmt):
+    from jaxserve import LLM, SamplingParams
+    from tests.test_generate_e2e import PROMPTS, _hf_greedy
+
+    hf, tok = smol
+    oracle = _write_quantized(hf, tok, str(tmp_path / fmt), fmt)
+    llm = LLM(model=str(tmp_path / fmt), dtype="float32", max_model_len=256, max_num_seqs=4,
+              max_num_batched_tokens=64, seed=0)
+    eng = llm.llm_engine
+    assert eng.model.quantization == ("awq" if fmt == "awq" else "gptq")
+    w = eng.model.params["layers"][0]["w_down"]
+    if fmt == "gptq_act_order":
+        assert not isinstance(w, dict)  # act order: widened while loading
+    else:
+        assert w["qw"].dtype == jnp.int32 and w["qw"].shape == (1536 // 8, 576)  # 4 bits per weight
+    ids = [tok.encode(p) for p in PROMPTS[:4]]
+    outs = llm.generate([{"prompt_token_ids": i} for i in ids],
+                        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    for i, out in zip(ids, outs):
+        assert out.outputs[0].token_ids == _hf_greedy(oracle, i, 16), tok.decode(i)
