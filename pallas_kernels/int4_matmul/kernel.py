@@ -3,17 +3,27 @@ GPUs, interpret mode elsewhere). Contract: reference.py.
 
 Why: XLA does not fuse the group-wise widening ((q - z) * s, a broadcast over each group of 128
 input rows) into its GEMM: it writes the bf16 weight out and reads it back, so a 4-bit decode
-step ran 2.4x slower than bf16 weights on an H200 (scripts/bench_int4_decode_stream.py,
-2026-12-01). Here each program streams its [K/8, BN] column of packed words once and widens
-them in registers.
+step ran 2.4-2.8x slower than bf16 weights on an H200 (scripts/bench_int4_decode_stream.py,
+docs/benchmarks.md 2026-12-01, tenth session). Here each program streams its [K/8, BN] column of
+packed words once and widens them in registers.
 
 Work split: program (j, c) computes output columns j*BN.. for the c-th of `splits` slices of K
 (partial sums in float32, added outside: small N needs splits to fill the GPU). Per block of 128
-input rows (16 words per column, one group when G = 128): the eight nibble planes are eight
-[M, 16] x [16, BN] products on the raw values 0..15 (exact in bf16) against the activations
-permuted so that plane i meets inputs 8r + i; the group's zero point and scale are applied to
-the block's [M, BN] sum, not to every weight: (x . q - sum(x) z) s. M is padded to a power of
-two >= 16 (the matrix units' smallest tile).
+input rows (16 words per column, one group when G = 128), either layout:
+  planes  eight [M, 16] x [16, BN] products, plane i = nibble i of every word (inputs 8r + i),
+          against the activations permuted to match outside (strided loads of every 8th input
+          inside the kernel ran the engine's batch-1 decode 12% slower);
+  rows    each word repeated for its eight rows and shifted per row: one [M, 128] x [128, BN].
+The values are widened without an integer-to-float conversion (quarter rate): the bits of 2^m + v
+in the float format, minus 2^m ("magic"), or with 2^m left in and added to the zero point
+("offset"). The group's zero point and scale are applied to the block's [M, BN] sum, not to every
+weight: (x . q - sum(x) z) s. M is padded to a power of two >= 16 (the matrix units' tile).
+
+Measured (H200, 32 layers of Llama-3-8B's projections): 4.09 ms at 16 rows against bf16's 3.95
+(XLA's widening: 11.2), 4.90 at 32 (bf16 4.12), 5.25 at 64 (bf16 4.45): the 4-bit weights stream
+at ~0.9 TB/s, so the kernel is bound by the widening and the products' operand shuffles, not by
+bytes; a kernel that reads 4 bits at the copy rate (~1.2 ms) needs register-level control that
+Triton does not give (left open).
 """
 from __future__ import annotations
 
@@ -29,25 +39,56 @@ BLOCK_K = 128  # input rows per loop iteration (16 int32 words per column)
 MAX_ROWS = 64  # the kernel's M tile is the whole (padded) step; beyond this the runner uses XLA
 
 
-def _kernel(xt_ref, xs_ref, q_ref, s_ref, z_ref, o_ref, *, nk: int, per_group: int):
-    # xt_ref [8, MP, KC/8] activations by nibble plane; xs_ref [MP, KC/128] float32 block sums;
-    # q_ref [KC/8, BN] int32; s_ref, z_ref [KC/G, BN]; o_ref [1, MP, BN] float32
+# 4-bit value v -> float without an integer-to-float conversion (a quarter-rate instruction):
+# the bits of (2^m + v) in the float format, as an integer of its width, minus 2^m (exact).
+_MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0, jnp.int16), jnp.dtype(jnp.float16): (0x6400, 1024.0, jnp.int16),
+          jnp.dtype(jnp.float32): (0x4B000000, 8388608.0, jnp.int32)}
+
+
+def _to_float(v, dtype, convert: str):
+    """int32 values 0..15 -> dtype: v ("magic") or base + v ("offset": the caller adds base to the
+    zero point instead of subtracting it from every weight)."""
+    bits, base, itype = _MAGIC[jnp.dtype(dtype)]
+    f = jax.lax.bitcast_convert_type((v | bits).astype(itype), dtype)
+    return f if convert == "offset" else f - jnp.asarray(base, dtype)
+
+
+def _offset(dtype, convert: str) -> float:
+    return _MAGIC[jnp.dtype(dtype)][1] if convert == "offset" else 0.0
+
+
+def _kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, nk: int, per_group: int, convert: str, layout: str):
+    # x_ref: planes [8, MP, KC/8] (the activations by nibble plane), rows [MP, KC]; q_ref [KC/8, BN]
+    # int32; s_ref, z_ref [KC/G, BN]; o_ref [1, MP, BN] (float32 partial sums when K is split,
+    # else the output dtype)
     mp, bn = o_ref.shape[1], o_ref.shape[2]
     words = BLOCK_K // 8
+    base = _offset(x_ref.dtype, convert)
 
     def body(kb, acc):
-        rows = pl.ds(pl.multiple_of(kb * words, words), words)
-        w = q_ref[rows, :]  # [16, BN]
-        part = jnp.zeros((mp, bn), jnp.float32)
-        for i in range(8):  # plane i: inputs 8r + i, raw values 0..15 (exact in bf16)
-            plane = ((w >> (4 * i)) & 0xF).astype(xt_ref.dtype)
-            part += jnp.dot(xt_ref[i, :, rows], plane, preferred_element_type=jnp.float32)
+        w = q_ref[pl.ds(pl.multiple_of(kb * words, words), words), :]  # [16, BN]
+        if layout == "planes":  # plane i: nibble i of every word, inputs 8r + i
+            rows = pl.ds(pl.multiple_of(kb * words, words), words)
+            part = jnp.zeros((mp, bn), jnp.float32)
+            xs = jnp.zeros((mp, 1), jnp.float32)
+            for i in range(8):
+                x = x_ref[i, :, rows]  # [MP, 16]
+                part += jnp.dot(x, _to_float((w >> (4 * i)) & 0xF, x.dtype, convert),
+                                preferred_element_type=jnp.float32)
+                xs += jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
+        else:  # rows: each word repeated for its eight rows, row r shifted by 4 (r % 8)
+            shifts = (jnp.arange(BLOCK_K, dtype=jnp.int32) % 8 * 4)[:, None]
+            rep = jnp.broadcast_to(w[:, None, :], (words, 8, bn)).reshape(BLOCK_K, bn)
+            x = x_ref[:, pl.ds(pl.multiple_of(kb * BLOCK_K, BLOCK_K), BLOCK_K)]  # [MP, 128]
+            part = jnp.dot(x, _to_float((rep >> shifts) & 0xF, x.dtype, convert), preferred_element_type=jnp.float32)
+            xs = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
         g = kb // per_group
         s = s_ref[pl.ds(g, 1), :].astype(jnp.float32)  # [1, BN]
-        z = z_ref[pl.ds(g, 1), :].astype(jnp.float32)
-        return acc + (part - xs_ref[:, pl.ds(kb, 1)] * z) * s
+        z = z_ref[pl.ds(g, 1), :].astype(jnp.float32) + base
+        return acc + (part - xs * z) * s
 
-    o_ref[0] = jax.lax.fori_loop(0, nk, body, jnp.zeros((mp, bn), jnp.float32))
+    acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((mp, bn), jnp.float32))
+    o_ref[0] = acc.astype(o_ref.dtype)
 
 
 def supported(k: int, n: int, groups: int) -> bool:
@@ -56,44 +97,61 @@ def supported(k: int, n: int, groups: int) -> bool:
     return groups > 0 and k % groups == 0 and g % BLOCK_K == 0 and n % 32 == 0
 
 
-def default_config(k: int, n: int, groups: int) -> tuple[int, int]:
-    """(bn, splits): 128-column programs (the fastest of 64 / 128 / 32 in the 32-layer stream on
-    an H200), K split until there are >= 256 programs (132 SMs) while each split keeps whole
-    groups."""
+def default_config(m: int, k: int, n: int, groups: int) -> dict:
+    """The fastest configuration measured per padded row count in the 32-layer Llama-3-8B stream
+    on an H200 (scripts/bench_int4_decode_stream.py, docs/benchmarks.md 2026-12-01 tenth
+    session): 128-column programs, the plane layout up to 32 rows and the row layout at 64; K
+    split until there are >= 256 programs (132 SMs) while each split keeps whole groups."""
+    mp = max(16, 1 << (m - 1).bit_length())
     bn = 128 if n % 128 == 0 else 64 if n % 64 == 0 else 32
     splits = 1
     while (n // bn) * splits < 256 and groups % (splits * 2) == 0 and (k // (splits * 2)) >= 4 * BLOCK_K:
         splits *= 2
-    return bn, splits
+    if mp <= 16:
+        return dict(bn=bn, splits=splits, warps=4, stages=3, convert="magic", layout="planes")
+    if mp <= 32:
+        return dict(bn=bn, splits=splits, warps=2, stages=3, convert="offset", layout="planes")
+    return dict(bn=bn, splits=splits, warps=4, stages=3, convert="offset", layout="rows")
 
 
-@functools.partial(jax.jit, static_argnames=("bn", "splits", "warps", "stages", "interpret"))
-def int4_matmul(x, qw, s, z, *, bn: Optional[int] = None, splits: Optional[int] = None, warps: int = 4,
-                stages: int = 3, interpret: Optional[bool] = None):
-    """x [M, K] (16-bit or float32) @ (qw [K/8, N] int32, s, z [K/G, N]) -> [M, N] in x's dtype."""
+@functools.partial(jax.jit, static_argnames=("bn", "splits", "warps", "stages", "convert", "layout", "interpret"))
+def int4_matmul(x, qw, s, z, *, bn: Optional[int] = None, splits: Optional[int] = None, warps: Optional[int] = None,
+                stages: Optional[int] = None, convert: Optional[str] = None, layout: Optional[str] = None,
+                interpret: Optional[bool] = None):
+    """x [M, K] (16-bit or float32) @ (qw [K/8, N] int32, s, z [K/G, N]) -> [M, N] in x's dtype.
+    Options left None come from default_config (convert: "magic" | "offset"; layout: "planes" |
+    "rows")."""
     m, k = x.shape
     n, groups = qw.shape[1], s.shape[0]
     if not supported(k, n, groups):
         raise ValueError(f"int4_matmul: K={k}, N={n}, {groups} groups not supported (see supported())")
     if interpret is None:
         interpret = jax.devices()[0].platform != "gpu"
-    dbn, dsplits = default_config(k, n, groups)
-    bn, splits = bn or dbn, splits or dsplits
+    cfg = default_config(m, k, n, groups)
+    bn, splits, warps, stages = bn or cfg["bn"], splits or cfg["splits"], warps or cfg["warps"], stages or cfg["stages"]
+    convert, layout = convert or cfg["convert"], layout or cfg["layout"]
+    if convert == "offset" and jnp.dtype(x.dtype).itemsize > 2:
+        convert = "magic"  # float32: base 2^23 would cancel away the products' low bits
     mp = max(16, 1 << (m - 1).bit_length())
     xp = jnp.zeros((mp, k), x.dtype).at[:m].set(x) if mp != m else x
-    xt = xp.reshape(mp, k // 8, 8).transpose(2, 0, 1)  # [8, MP, K/8]: plane i holds inputs 8r + i
-    xs = xp.astype(jnp.float32).reshape(mp, k // BLOCK_K, BLOCK_K).sum(-1)  # [MP, K/128]
     kc, gc = k // splits, groups // splits
     kw = {} if interpret else {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages)}
+    out_dtype = x.dtype if splits == 1 else jnp.float32
+    if layout == "planes":
+        xa = xp.reshape(mp, k // 8, 8).transpose(2, 0, 1)  # [8, MP, K/8]: plane i holds inputs 8r + i
+        x_spec = pl.BlockSpec((8, mp, kc // 8), lambda j, c: (0, 0, c))
+    else:
+        xa, x_spec = xp, pl.BlockSpec((mp, kc), lambda j, c: (0, c))
     part = pl.pallas_call(
-        functools.partial(_kernel, nk=kc // BLOCK_K, per_group=(k // groups) // BLOCK_K),
+        functools.partial(_kernel, nk=kc // BLOCK_K, per_group=(k // groups) // BLOCK_K, convert=convert,
+                          layout=layout),
         grid=(n // bn, splits),
-        in_specs=[pl.BlockSpec((8, mp, kc // 8), lambda j, c: (0, 0, c)),
-                  pl.BlockSpec((mp, kc // BLOCK_K), lambda j, c: (0, c)),
+        in_specs=[x_spec,
                   pl.BlockSpec((kc // 8, bn), lambda j, c: (c, j)),
                   pl.BlockSpec((gc, bn), lambda j, c: (c, j)),
                   pl.BlockSpec((gc, bn), lambda j, c: (c, j))],
         out_specs=pl.BlockSpec((1, mp, bn), lambda j, c: (c, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32),
-        interpret=interpret, **kw)(xt, xs, qw, s, z)
-    return (part[0] if splits == 1 else part.sum(0))[:m].astype(x.dtype)
+        out_shape=jax.ShapeDtypeStruct((splits, mp, n), out_dtype),
+        interpret=interpret, **kw)(xa, qw, s, z)
+    out = part[0] if splits == 1 else part.sum(0).astype(x.dtype)
+    return out if mp == m else out[:m]
