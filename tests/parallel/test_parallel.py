@@ -72,6 +72,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_awq_checkpoint_split_over_devices_equals_one_device(tmp_path):
+    """SmolLM2 written as an AWQ checkpoint (tests/models/test_int4.py): TP=3 splits the 4-bit
+    words and the group scales of a row-parallel projection along its input groups, and TP=3 x
+    PP=2 gives the one-device tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.models.test_int4 import _write_quantized
+    from tests.test_generate_e2e import _gguf_path
+
+    d, f = _gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    _write_quantized(hf, AutoTokenizer.from_pretrained(d, gguf_file=f), str(tmp_path / "awq"), "awq")
+    out = subprocess.run([sys.executable, os.path.join(HERE, "int4_check.py"), str(tmp_path / "awq")],
+                         capture_output=True, text=True, timeout=1200, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("INT4 "):
+            tp, pp, js = line.split(" ", 3)[1:]
+            res[(int(tp), int(pp))] = json.loads(js)
+    one = res[(1, 1)]["tokens"]
+    assert res[(1, 1)]["quantization"] == "awq" and all(len(t) == 8 for t in one)
+    assert res[(3, 1)]["tokens"] == one and res[(3, 2)]["tokens"] == one
+    # wo [576 in, 576 out]: 72 words and 9 groups of 64 inputs, split 3 ways along the input
+    assert res[(3, 1)]["wo"]["qw"] == [["model", None], [[24, 576]]]
+    assert res[(3, 1)]["wo"]["s"] == [["model", None], [[3, 576]]]
+    assert res[(1, 1)]["wo"]["qw"][1] == [[72, 576]]
+
+
 def test_two_process_multihost_tensor_parallel_equals_one_process():
     """SmolLM2's 9 heads split 3 ways over 2 processes (2 + 1 CPU devices, gloo collectives)."""
     script = os.path.join(HERE, "multihost_check.py")
