@@ -46,7 +46,9 @@ class ModelConfig:
     chat_template: Optional[str] = None  # a Jinja template string or a path to a file holding one
     revision: Optional[str] = None
     # "fp8": the layer projections are quantized to float8 e4m3 as they load (per-channel weight
-    # scales, per-token activation scales; models/quant.py). None: the checkpoint's dtype.
+    # scales, per-token activation scales; models/quant.py). "awq" / "gptq": read a 4-bit checkpoint
+    # of that format (models/int4.py). None: the checkpoint's own form (its quantization_config,
+    # else its dtype).
     quantization: Optional[str] = None
     # Overrides of the checkpoint's config.json (vLLM's --rope-scaling / --rope-theta), e.g.
     # {"rope_type": "dynamic", "factor": 4.0} to run past max_position_embeddings; the longest

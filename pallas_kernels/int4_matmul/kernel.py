@@ -101,7 +101,8 @@ def default_config(m: int, k: int, n: int, groups: int) -> dict:
     """The fastest configuration measured per padded row count in the 32-layer Llama-3-8B stream
     on an H200 (scripts/bench_int4_decode_stream.py, docs/benchmarks.md 2026-12-01 tenth
     session): 128-column programs, the plane layout up to 32 rows and the row layout at 64; K
-    split until there are >= 256 programs (132 SMs) while each split keeps whole groups."""
+    split until there are >= 256 programs (132 SMs) while each split keeps whole groups and at
+    least 512 inputs."""
     mp = max(16, 1 << (m - 1).bit_length())
     bn = 128 if n % 128 == 0 else 64 if n % 64 == 0 else 32
     splits = 1
