@@ -49,16 +49,21 @@ def stream(layers, x, lin):
     return x
 
 
+def random_layers(layers: int, key):
+    """`layers` dicts of bf16 projections of SHAPES, std 0.02 (a trained model's scale)."""
+    make = jax.jit(lambda k, shape: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(jnp.bfloat16),
+                   static_argnums=1)
+    return [{n: make(jax.random.fold_in(key, 7 * i + j), s) for j, (n, s) in enumerate(SHAPES.items())}
+            for i in range(layers)]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rows", type=int, nargs="+", default=[1])
     a = ap.parse_args()
     key = jax.random.PRNGKey(0)
-    make = jax.jit(lambda k, shape: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(jnp.bfloat16),
-                   static_argnums=1)
-    bf16 = [{n: make(jax.random.fold_in(key, 7 * i + j), s) for j, (n, s) in enumerate(SHAPES.items())}
-            for i in range(a.layers)]
+    bf16 = random_layers(a.layers, key)
     qz = jax.jit(quant.quantize_weight)
     fp8 = [{n: qz(w) for n, w in lp.items()} for lp in bf16]
     gb_bf16 = sum(k * n for k, n in SHAPES.values()) * 2 * a.layers / 1e9

@@ -23,7 +23,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from bench_fp8_decode_stream import SHAPES, E, stream  # scripts/ is on sys.path when run from it
+from bench_fp8_decode_stream import SHAPES, E, random_layers, stream  # scripts/ is on sys.path when run from it
 from bench_fp8_gemm import pipelined
 from jaxserve.models import int4, quant
 from pallas_kernels.int4_matmul import int4_matmul_reference, unpack
@@ -64,10 +64,7 @@ def main():
     ap.add_argument("--profile", help="trace dir: profile bf16 and the best Pallas config per row count")
     a = ap.parse_args()
     key = jax.random.PRNGKey(0)
-    make = jax.jit(lambda k, shape: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(jnp.bfloat16),
-                   static_argnums=1)
-    bf16 = [{n: make(jax.random.fold_in(key, 7 * i + j), s) for j, (n, s) in enumerate(SHAPES.items())}
-            for i in range(a.layers)]
+    bf16 = random_layers(a.layers, key)
     qz8, qz4 = jax.jit(quant.quantize_weight), jax.jit(int4.quantize)
     fp8 = [{n: qz8(w) for n, w in lp.items()} for lp in bf16]
     w4 = [{n: qz4(w) for n, w in lp.items()} for lp in bf16]

@@ -131,6 +131,8 @@ def int4_matmul(x, qw, s, z, *, bn: Optional[int] = None, splits: Optional[int] 
     cfg = default_config(m, k, n, groups)
     bn, splits, warps, stages = bn or cfg["bn"], splits or cfg["splits"], warps or cfg["warps"], stages or cfg["stages"]
     convert, layout = convert or cfg["convert"], layout or cfg["layout"]
+    if n % bn or groups % splits:
+        raise ValueError(f"int4_matmul: bn={bn} must divide N={n} and splits={splits} the {groups} groups")
     if convert == "offset" and jnp.dtype(x.dtype).itemsize > 2:
         convert = "magic"  # float32: base 2^23 would cancel away the products' low bits
     mp = max(16, 1 << (m - 1).bit_length())

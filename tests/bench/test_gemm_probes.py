@@ -37,3 +37,19 @@ def test_fused_gate_up_and_chunked_mlp_match_xla():
     full = want @ wd
     chunked = bench_mlp_fusion.chunked_mlp(h, w, wd, rows=16)
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), rtol=1e-5, atol=1e-4)
+
+
+def test_int4_stream_variants_agree():
+    """scripts/bench_int4_decode_stream.py's three 4-bit products (uint4 widened, the words widened
+    in XLA ops, the Pallas kernel: interpret mode here) give the product of the widened weight."""
+    import bench_int4_decode_stream as s4
+
+    from jaxserve.models import int4
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(4))
+    qw = int4.quantize(jax.random.normal(k1, (512, 128), jnp.float32) * 0.02, group=128)
+    x = jax.random.normal(k2, (3, 512), jnp.float32)
+    want = np.asarray(x, np.float64) @ np.asarray(int4.dequantize(qw), np.float64)
+    for got in (s4.lin_dequant(x, s4.to_u4(qw), "wq"), s4.lin_xla(x, qw, "wq"),
+                s4.lin_pallas(s4.CONFIGS[0])(x, qw, "wq")):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

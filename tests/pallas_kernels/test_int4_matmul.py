@@ -64,5 +64,7 @@ def test_configs_and_refusals():
     cfg = default_config(16, 4096, 1024, 32)
     assert cfg["bn"] == 128 and cfg["splits"] == 8
     assert default_config(16, 4096, 28672, 32)["splits"] == 2  # gate_up: 224 column programs
+    with pytest.raises(ValueError, match="must divide"):
+        int4_matmul(jnp.zeros((1, 512)), jnp.zeros((64, 64), jnp.int32), jnp.zeros((4, 64)), jnp.zeros((4, 64)), bn=128)
     with pytest.raises(ValueError, match="not supported"):
         int4_matmul(jnp.zeros((1, 576)), jnp.zeros((72, 64), jnp.int32), jnp.zeros((9, 64)), jnp.zeros((9, 64)))
