@@ -39,7 +39,6 @@ from pallas_kernels.int4_matmul.kernel import supported as kernel_supported
 from pallas_kernels.int4_matmul.reference import pack
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-_AWQ_UNDO = tuple(int(i) for i in np.argsort(AWQ_ORDER))  # column j is nibble _AWQ_UNDO[j]
 _SHIFTS = np.arange(8, dtype=np.uint32) * 4
 METHODS = ("awq", "gptq")
 
@@ -281,6 +280,3 @@ def dummy_group(k: int) -> int:
             return g
     return k
 
-
-def group_size_of(qw) -> Optional[int]:
-    return qw["qw"].shape[0] * 8 // qw["s"].shape[0] if is_int4(qw) else None

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.models.attention import paged_attention
-from jaxserve.models.quant import linear
+from jaxserve.models.quant import linear as _linear
 from jaxserve.models.rope import apply_rope, cos_sin, rope_inv_freq
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -155,9 +155,18 @@ def rms_norm(x, w, eps):
     return (w.astype(jnp.float32) * xf).astype(x.dtype)
 
 
+def _kernels(backend) -> Optional[bool]:
+    """Whether 4-bit products may run their Pallas kernel (None: where int4.linear finds it fits).
+    Not on a tensor-parallel mesh: the weights are split there and XLA's partitioner cannot split
+    a kernel call (it would gather the whole weight on every device), so XLA's path runs."""
+    mesh = getattr(backend, "mesh", None)
+    return False if mesh is not None and mesh.shape.get("model", 1) > 1 else None
+
+
 def _layer(lp, cfg: LlamaConfig, x, cos, sin, kv, md, backend):
     T = x.shape[0]
     D = cfg.head_dim
+    linear = functools.partial(_linear, kernel=_kernels(backend))
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     if "w_qkv" in lp:  # fused (fuse_qkv)
         qkv = linear(h, lp["w_qkv"])  # [T, Hkv, G+2, D]
@@ -184,14 +193,15 @@ def _layer(lp, cfg: LlamaConfig, x, cos, sin, kv, md, backend):
                             sliding_window=cfg.sliding_window)
     x = x + linear(o.reshape(T, -1), lp["wo"])
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    x = x + _mlp(lp, h)
+    x = x + _mlp(lp, h, linear)
     return x, kv
 
 
-def _mlp(lp, h):
+def _mlp(lp, h, linear=None):
     """h [T, E] -> [T, E]. gate and up are one dot of width 2F (a batch-1 decode GEMV of both
     weights at once runs closer to peak memory bandwidth than two GEMVs of F). Weights are
-    [in, out] arrays or float8 ones (models/quant.py)."""
+    [in, out] arrays, float8 or 4-bit ones (models/quant.py, models/int4.py)."""
+    linear = linear or _linear
     gu = linear(h, lp["w_gate_up"])  # [T, 2, F]
     return linear(jax.nn.silu(gu[:, 0]) * gu[:, 1], lp["w_down"])
 

@@ -239,3 +239,15 @@ def test_smollm2_quantized_checkpoint_matches_hf_on_the_same_weights(tmp_path, s
                         SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     for i, out in zip(ids, outs):
         assert out.outputs[0].token_ids == _hf_greedy(oracle, i, 16), tok.decode(i)
+
+
+def test_tensor_parallel_mesh_keeps_the_xla_path():
+    """On a mesh that splits the weights the kernel is never called (llama._kernels -> False)."""
+    from types import SimpleNamespace
+
+    from jaxserve.models import llama
+    from jaxserve.models.attention import AttentionBackend
+
+    assert llama._kernels("reference") is None and llama._kernels(AttentionBackend("pallas")) is None
+    assert llama._kernels(SimpleNamespace(mesh=SimpleNamespace(shape={"model": 1, "stage": 2}))) is None
+    assert llama._kernels(SimpleNamespace(mesh=SimpleNamespace(shape={"model": 3}))) is False
