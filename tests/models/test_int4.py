@@ -251,3 +251,25 @@ def test_tensor_parallel_mesh_keeps_the_xla_path():
     assert llama._kernels("reference") is None and llama._kernels(AttentionBackend("pallas")) is None
     assert llama._kernels(SimpleNamespace(mesh=SimpleNamespace(shape={"model": 1, "stage": 2}))) is None
     assert llama._kernels(SimpleNamespace(mesh=SimpleNamespace(shape={"model": 3}))) is False
+
+
+def test_dummy_weights_in_four_bits_and_their_footprint():
+    """--load-format dummy --quantization awq (the GPU benchmarks' 4-bit model): every layer
+    projection is rounded to 4 bits as it is made, generation runs, and the footprint counts a
+    quarter of the bf16 bytes plus scales and zeros."""
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.models import footprint, llama, loader
+
+    llm = LLM(model="tiny", load_format="dummy", quantization="awq", dtype="float32", max_model_len=128,
+              max_num_seqs=2, max_num_batched_tokens=64, warmup=False)
+    lp = llm.llm_engine.model.params["layers"][0]
+    assert all(int4.is_int4(lp[k]) for k in ("wq", "wk", "wv", "wo", "w_gate_up", "w_down"))
+    out = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
+    arch = llama.LlamaConfig.from_hf_config(dict(loader.DUMMY_SHAPES["llama-3-8b"]))
+    shapes = llama.param_shapes(arch)
+    bf16, q4 = footprint.weight_bytes(shapes, jnp.bfloat16), footprint.weight_bytes(shapes, jnp.bfloat16, "awq")
+    proj = sum(np.prod(s) for name, s in shapes["layers"][0].items() if name in ("wq", "wk", "wv", "wo", "w_gate_up",
+                                                                                "w_down")) * arch.num_layers
+    assert bf16 - q4 == 2 * proj - (proj // 2 + 2 * 2 * proj // 128)
