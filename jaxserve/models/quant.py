@@ -136,7 +136,8 @@ class LeafQuantizer:
         else:
             sh = _quantized_sharding(getattr(w, "sharding", None), w.ndim)
             fn, outs = quantize_weight, sh
-        key = (w.shape, str(w.dtype), repr(outs))  # a sharding names its devices
+        # a sharding (not its repr) names its devices: pipeline stages' meshes differ only there
+        key = (w.shape, str(w.dtype), next(iter(outs.values())) if outs else None)
         if key not in self._fns:
             self._fns[key] = jax.jit(fn, out_shardings=outs) if outs is not None else jax.jit(fn)
         return self._fns[key](w)
