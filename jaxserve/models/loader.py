@@ -378,8 +378,8 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
         fmt = int4.checkpoint_format(cfg, path)
         quantization = _reconcile(quantization, fmt, mc.model)
         arch, tf = _finish_arch(_arch(cfg, mc, max_model_len), arch_fn, transform_fn)
-        if before_load is not None:
-            before_load(arch, quantization)
+        if before_load is not None:  # act-order GPTQ is widened: its weights count at the model dtype
+            before_load(arch, None if fmt is not None and fmt.act_order else quantization)
         sh = shardings_fn(arch) if shardings_fn else None
         tensors = _iter_safetensors(_safetensors_files(path))
         if fmt is not None:
