@@ -245,6 +245,12 @@ def build_params(arch, tensors: Iterator[tuple[str, np.ndarray]], dtype, shardin
         path = target.path
         if path == ("lm_head",) and arch.tie_word_embeddings:
             continue
+        if path[-1] in ("bq", "bk", "bv") and not arch.attention_bias:
+            # GPTQ / AWQ exporters may write zero biases for every projection of a model without them
+            if np.any(np.asarray(arr)):
+                raise ValueError(f"tensor {name} is a non-zero bias, but the config's architecture "
+                                 f"({arch.architecture}) has no attention biases")
+            continue
         q4 = isinstance(arr, int4.HostInt4)
         if q4 and path[-1] not in QUANTIZED:
             arr, q4 = arr.dequantize(), False  # [in, out] already

@@ -273,3 +273,26 @@ def test_dummy_weights_in_four_bits_and_their_footprint():
     proj = sum(np.prod(s) for name, s in shapes["layers"][0].items() if name in ("wq", "wk", "wv", "wo", "w_gate_up",
                                                                                 "w_down")) * arch.num_layers
     assert bf16 - q4 == 2 * proj - (proj // 2 + 2 * 2 * proj // 128)
+
+
+def test_zero_biases_of_an_exporter_are_skipped_and_real_ones_refused():
+    """Some GPTQ exporters write an all-zero bias for every projection of a Llama (which has none)."""
+    from jaxserve.models import llama
+    from jaxserve.models.loader import build_params
+
+    arch = llama.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                             num_kv_heads=1, head_dim=8)
+    rng = np.random.default_rng(0)
+    tensors = [(n, rng.standard_normal(s).astype(np.float32)) for n, s in [
+        ("model.embed_tokens.weight", (16, 16)), ("model.norm.weight", (16,)), ("lm_head.weight", (16, 16)),
+        ("model.layers.0.input_layernorm.weight", (16,)), ("model.layers.0.post_attention_layernorm.weight", (16,)),
+        ("model.layers.0.self_attn.q_proj.weight", (16, 16)), ("model.layers.0.self_attn.k_proj.weight", (8, 16)),
+        ("model.layers.0.self_attn.v_proj.weight", (8, 16)), ("model.layers.0.self_attn.o_proj.weight", (16, 16)),
+        ("model.layers.0.mlp.gate_proj.weight", (32, 16)), ("model.layers.0.mlp.up_proj.weight", (32, 16)),
+        ("model.layers.0.mlp.down_proj.weight", (16, 32))]]
+    zero = [("model.layers.0.self_attn.q_proj.bias", np.zeros(16, np.float32))]
+    params = build_params(arch, iter(tensors + zero), jnp.float32)
+    assert "bq" not in params["layers"][0]
+    with pytest.raises(ValueError, match="non-zero bias"):
+        build_params(arch, iter(tensors + [("model.layers.0.self_attn.q_proj.bias", np.ones(16, np.float32))]),
+                     jnp.float32)
