@@ -236,15 +236,23 @@ def dequantize(qw) -> jax.Array:
     return ref.dequantize(words, s, z).reshape((words.shape[0] * 8,) + qw["qw"].shape[1:])
 
 
-def linear(x, qw, *, kernel: Optional[bool] = None):
+def linear(x, qw, *, kernel: Optional[bool] = None, mesh=None, split: Optional[str] = None):
     """x [T, K] @ int4 weight -> [T, N...] in x's dtype (float32 accumulation). kernel: None picks
     the Pallas kernel on the GPU for steps of at most MAX_ROWS rows whose shape it takes; True /
-    False force a path (True on the CPU runs it in interpret mode: tests)."""
+    False force a path (True on the CPU runs it in interpret mode: tests). On a mesh whose "model"
+    axis splits the weight (tensor parallelism), split says how: "col" (output columns: q, k, v,
+    gate+up) or "row" (inputs: o, down, whose partial products are summed over the axis); the
+    kernel then runs on each device's shard (shard_map) where the shard's shape suits it."""
     words, s, z = _flat(qw)
-    k, n = words.shape[0] * 8, words.shape[1]
+    k, n, groups = words.shape[0] * 8, words.shape[1], s.shape[0]
+    tp = mesh.shape.get("model", 1) if mesh is not None else 1
+    if tp > 1 and split not in ("col", "row"):
+        raise ValueError(f"a 4-bit product on a tensor-parallel mesh needs split='col' or 'row', got {split!r}")
+    local = (k, n // tp, groups) if split == "col" else (k // tp, n, groups // tp) if tp > 1 else (k, n, groups)
     if kernel is None:
-        kernel = (jax.default_backend() == "gpu" and x.shape[0] <= MAX_ROWS
-                  and kernel_supported(k, n, s.shape[0]))
+        kernel = jax.default_backend() == "gpu" and x.shape[0] <= MAX_ROWS and kernel_supported(*local)
+    if kernel and tp > 1:
+        return _sharded_kernel(x, qw, mesh, split)
     if kernel:
         y = int4_matmul(x, words, s, z)
     else:
@@ -253,6 +261,27 @@ def linear(x, qw, *, kernel: Optional[bool] = None):
         words, s, z, x = jax.lax.optimization_barrier((words, s, z, x))
         y = ref.int4_matmul_reference(x, words, s, z)
     return y.reshape((x.shape[0],) + qw["qw"].shape[1:])
+
+
+def _sharded_kernel(x, qw, mesh, split: str):
+    """The kernel on each "model" shard: column shards give their own output columns; row shards
+    give partial products of their inputs, summed over the axis (psum)."""
+    from jax.sharding import PartitionSpec as P
+
+    nd = qw["qw"].ndim  # 2, or 3 for gate+up [E/8, 2, F]
+    if split == "col":
+        w_spec, x_spec = P(*([None] * (nd - 1)), "model"), P()
+        out_spec = w_spec  # [T, N...]: the same rank as the words [K/8, N...], split on the last axis
+    else:
+        w_spec, x_spec, out_spec = P("model", *([None] * (nd - 1))), P(None, "model"), P()
+
+    def shard(x, words, s, z):
+        y = int4_matmul(x, words.reshape(words.shape[0], -1), s.reshape(s.shape[0], -1), z.reshape(z.shape[0], -1))
+        y = y.reshape((x.shape[0],) + words.shape[1:])
+        return jax.lax.psum(y, "model") if split == "row" else y
+
+    return jax.shard_map(shard, mesh=mesh, in_specs=(x_spec, w_spec, w_spec, w_spec), out_specs=out_spec,
+                         check_vma=False)(x, qw["qw"], qw["s"], qw["z"])
 
 
 def place(h: HostInt4, dtype, sharding, put) -> dict:

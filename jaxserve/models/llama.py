@@ -155,30 +155,32 @@ def rms_norm(x, w, eps):
     return (w.astype(jnp.float32) * xf).astype(x.dtype)
 
 
-def _kernels(backend) -> Optional[bool]:
-    """Whether 4-bit products may run their Pallas kernel (None: where int4.linear finds it fits).
-    Not on a tensor-parallel mesh: the weights are split there and XLA's partitioner cannot split
-    a kernel call (it would gather the whole weight on every device), so XLA's path runs."""
+def _tp_mesh(backend):
+    """The tensor-parallel mesh of the attention backend, if its "model" axis splits the weights:
+    4-bit products run their kernel per shard there (XLA's partitioner cannot split a kernel call;
+    left to it, it would gather the whole weight on every device)."""
     mesh = getattr(backend, "mesh", None)
-    return False if mesh is not None and mesh.shape.get("model", 1) > 1 else None
+    return mesh if mesh is not None and mesh.shape.get("model", 1) > 1 else None
 
 
 def _layer(lp, cfg: LlamaConfig, x, cos, sin, kv, md, backend):
     T = x.shape[0]
     D = cfg.head_dim
-    linear = functools.partial(_linear, kernel=_kernels(backend))
+    mesh = _tp_mesh(backend)
+    col = functools.partial(_linear, mesh=mesh, split="col")  # output columns split (q, k, v, gate+up)
+    row = functools.partial(_linear, mesh=mesh, split="row")  # inputs split (o, down)
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     if "w_qkv" in lp:  # fused (fuse_qkv)
-        qkv = linear(h, lp["w_qkv"])  # [T, Hkv, G+2, D]
+        qkv = col(h, lp["w_qkv"])  # [T, Hkv, G+2, D]
         if cfg.attention_bias:
             qkv = qkv + lp["b_qkv"]
         g = qkv.shape[2] - 2
         q = qkv[:, :, :g].reshape(T, -1, D)  # [T, Hq, D]: query head j*G + i is (KV head j, i)
         k, v = qkv[:, :, g], qkv[:, :, g + 1]  # [T, Hkv, D]
     else:
-        q = linear(h, lp["wq"])  # [T, Hq*D]
-        k = linear(h, lp["wk"])  # [T, Hkv*D]
-        v = linear(h, lp["wv"])
+        q = col(h, lp["wq"])  # [T, Hq*D]
+        k = col(h, lp["wk"])  # [T, Hkv*D]
+        v = col(h, lp["wv"])
         if cfg.attention_bias:
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
         q = q.reshape(T, -1, D)  # [T, Hq, D]
@@ -191,19 +193,19 @@ def _layer(lp, cfg: LlamaConfig, x, cos, sin, kv, md, backend):
     k = apply_rope(k, cos, sin)
     o, kv = paged_attention(q, k, v, kv, md, backend=backend, sm_scale=D ** -0.5,
                             sliding_window=cfg.sliding_window)
-    x = x + linear(o.reshape(T, -1), lp["wo"])
+    x = x + row(o.reshape(T, -1), lp["wo"])
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    x = x + _mlp(lp, h, linear)
+    x = x + _mlp(lp, h, col, row)
     return x, kv
 
 
-def _mlp(lp, h, linear=None):
+def _mlp(lp, h, col=None, row=None):
     """h [T, E] -> [T, E]. gate and up are one dot of width 2F (a batch-1 decode GEMV of both
     weights at once runs closer to peak memory bandwidth than two GEMVs of F). Weights are
     [in, out] arrays, float8 or 4-bit ones (models/quant.py, models/int4.py)."""
-    linear = linear or _linear
-    gu = linear(h, lp["w_gate_up"])  # [T, 2, F]
-    return linear(jax.nn.silu(gu[:, 0]) * gu[:, 1], lp["w_down"])
+    col, row = col or _linear, row or _linear
+    gu = col(h, lp["w_gate_up"])  # [T, 2, F]
+    return row(jax.nn.silu(gu[:, 0]) * gu[:, 1], lp["w_down"])
 
 
 def forward(params, cfg: LlamaConfig, token_ids, positions, kv_caches, md, *, attn_backend: str,

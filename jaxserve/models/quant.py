@@ -54,17 +54,17 @@ def is_quantized(w) -> bool:
     return isinstance(w, dict)
 
 
-def linear(x, w, *, weight_only: Optional[bool] = None, kernel: Optional[bool] = None):
+def linear(x, w, *, weight_only: Optional[bool] = None, mesh=None, split: Optional[str] = None):
     """x [T, K] @ w -> [T, N...] in x's dtype; w is [K, N...], a float8 weight or a 4-bit one
     (int4.linear). weight_only (float8): None picks by rows (at most WEIGHT_ONLY_MAX_ROWS:
-    weight-only); True / False force a path (benchmarks). kernel (4-bit): None lets int4.linear
-    pick, False keeps XLA's path (a tensor-parallel mesh: see llama._kernels)."""
+    weight-only); True / False force a path (benchmarks). mesh / split (4-bit on a tensor-parallel
+    mesh): how the weight is split, so its kernel runs per shard (int4.linear)."""
     if not is_quantized(w):
         if w.ndim == 2:
             return x @ w
         return jnp.einsum("tk,k...->t...", x, w)
     if int4.is_int4(w):
-        return int4.linear(x, w, kernel=kernel)
+        return int4.linear(x, w, mesh=mesh, split=split)
     q, s = w["q"], w["s"]
     q2, s2 = q.reshape(-1, q.shape[-1]), s.reshape(-1)  # [N, K], [N]
     if weight_only is None:

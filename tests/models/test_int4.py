@@ -241,16 +241,19 @@ def test_smollm2_quantized_checkpoint_matches_hf_on_the_same_weights(tmp_path, s
         assert out.outputs[0].token_ids == _hf_greedy(oracle, i, 16), tok.decode(i)
 
 
-def test_tensor_parallel_mesh_keeps_the_xla_path():
-    """On a mesh that splits the weights the kernel is never called (llama._kernels -> False)."""
+def test_only_a_mesh_that_splits_weights_counts_as_tensor_parallel():
+    """llama._tp_mesh: the mesh the 4-bit kernel runs per shard on (tests/parallel runs it)."""
     from types import SimpleNamespace
 
     from jaxserve.models import llama
     from jaxserve.models.attention import AttentionBackend
 
-    assert llama._kernels("reference") is None and llama._kernels(AttentionBackend("pallas")) is None
-    assert llama._kernels(SimpleNamespace(mesh=SimpleNamespace(shape={"model": 1, "stage": 2}))) is None
-    assert llama._kernels(SimpleNamespace(mesh=SimpleNamespace(shape={"model": 3}))) is False
+    assert llama._tp_mesh("reference") is None and llama._tp_mesh(AttentionBackend("pallas")) is None
+    assert llama._tp_mesh(SimpleNamespace(mesh=SimpleNamespace(shape={"model": 1, "stage": 2}))) is None
+    tp = SimpleNamespace(shape={"model": 3})
+    assert llama._tp_mesh(SimpleNamespace(mesh=tp)) is tp
+    with pytest.raises(ValueError, match="split"):
+        int4.linear(jnp.zeros((1, 128)), int4.quantize(jnp.ones((128, 32))), mesh=tp)
 
 
 def test_dummy_weights_in_four_bits_and_their_footprint():

@@ -23,3 +23,23 @@ for tp, pp in [(1, 1), (3, 1), (3, 2)]:
                     for k, v in wo.items()})
     print(f"INT4 {tp} {pp} " + json.dumps(info), flush=True)
     del llm, wo
+# the kernel per shard (what a GPU runs under TP; interpret mode here): column and row splits of a
+# 4-bit weight on a 3-device "model" axis against the product on one device
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+from jaxserve.models import int4  # noqa: E402
+
+mesh = Mesh(np.array(jax.devices()[:3]), ("model",))
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.standard_normal((5, 768)).astype(np.float32))
+errs = {}
+for split, shape, spec in (("col", (768, 2, 96), P(None, None, "model")), ("row", (768, 96), P("model", None))):
+    qw = int4.quantize(jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.05), group=128)
+    want = np.asarray(int4.linear(x, qw, kernel=False))
+    sharded = jax.tree_util.tree_map(lambda a: jax.device_put(a, NamedSharding(mesh, spec)), qw)
+    got = jax.jit(lambda x, w, split=split: int4.linear(x, w, kernel=True, mesh=mesh, split=split))(x, sharded)
+    errs[split] = [float(np.abs(np.asarray(got) - want).max() / np.abs(want).max()), list(got.shape)]
+print("SHARDED " + json.dumps(errs), flush=True)

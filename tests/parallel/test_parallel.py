@@ -100,6 +100,10 @@ def test_awq_checkpoint_split_over_devices_equals_one_device(tmp_path):
     assert res[(3, 1)]["wo"]["qw"] == [["model", None], [[24, 576]]]
     assert res[(3, 1)]["wo"]["s"] == [["model", None], [[3, 576]]]
     assert res[(1, 1)]["wo"]["qw"][1] == [[72, 576]]
+    # the kernel per shard (shard_map), column and row splits, equals the one-device product
+    errs = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("SHARDED "))[8:])
+    assert errs["col"][1] == [5, 2, 96] and errs["row"][1] == [5, 96]
+    assert errs["col"][0] < 1e-5 and errs["row"][0] < 1e-5
 
 
 def test_two_process_multihost_tensor_parallel_equals_one_process():
