@@ -63,12 +63,6 @@ def unpack_columns(words: np.ndarray, order=None) -> np.ndarray:
     return nib.reshape(words.shape[0], -1)
 
 
-def unpack_rows(words: np.ndarray) -> np.ndarray:
-    """int32 [K/8, N] -> uint8 [K, N], row 8r + i in nibble i of word r."""
-    nib = _nibbles(words)  # [K/8, N, 8]
-    return np.moveaxis(nib, -1, 1).reshape(-1, words.shape[1])
-
-
 def from_awq(qweight, qzeros, scales) -> dict:
     """AutoAWQ GEMM tensors -> {"q4" [K, N] uint8, "s" [K/G, N] float32, "z" [K/G, N] float32}."""
     q = unpack_columns(np.asarray(qweight), AWQ_ORDER)
@@ -82,7 +76,7 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, zero_offset: int = 1) -> d
     """GPTQ tensors -> the same dict, or {"w": [K, N] float32} when g_idx is not k // G
     (act-order: the groups are not contiguous runs of rows). zero_offset: 1 for the "gptq"
     checkpoint format (zeros stored minus one), 0 for "gptq_v2"."""
-    q = unpack_rows(np.asarray(qweight))
+    q = ref.unpack(np.asarray(qweight, np.int32)).astype(np.uint8)  # GPTQ's packing is the device layout
     z = unpack_columns(np.asarray(qzeros)).astype(np.float32) + zero_offset
     s = np.asarray(scales, dtype=np.float32)
     K, groups = q.shape[0], s.shape[0]
