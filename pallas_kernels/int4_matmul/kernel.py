@@ -18,12 +18,18 @@ The values are widened without an integer-to-float conversion (quarter rate): th
 in the float format, minus 2^m ("magic"), or with 2^m left in and added to the zero point
 ("offset"). The group's zero point and scale are applied to the block's [M, BN] sum, not to every
 weight: (x . q - sum(x) z) s. M is padded to a power of two >= 16 (the matrix units' tile).
+With 16-bit activations on a GPU the plane layout widens two words per four instructions of inline
+PTX (`asm`: two shifts and two three-input logic ops put nibble i of two neighbouring words into
+one register as a pair of 16-bit floats), where Triton's own code for the same jnp ops spends
+about twice the instructions on a word each (the widening, not the bytes, bounds this kernel).
 
-Measured (H200, 32 layers of Llama-3-8B's projections): 4.09 ms at 16 rows against bf16's 3.95
-(XLA's widening: 11.2), 4.90 at 32 (bf16 4.12), 5.25 at 64 (bf16 4.45): the 4-bit weights stream
-at ~0.9 TB/s, so the kernel is bound by the widening and the products' operand shuffles, not by
-bytes; a kernel that reads 4 bits at the copy rate (~1.2 ms) needs register-level control that
-Triton does not give (left open).
+Measured (H200, 32 layers of Llama-3-8B's projections, docs/benchmarks.md 2026-12-01 tenth and
+eleventh sessions): at 16 rows 3.64 ms with `asm` and 256-column programs against 4.41 without
+(bf16 weights: 3.95; XLA's widening: 11.2), at 32 rows 4.70 against 5.28 (bf16 4.14), 5.25 at
+64 (bf16 4.45): the 4-bit weights stream at ~1 TB/s. A kernel at the copy rate (~1.2 ms) needs
+the products' operands laid out in registers as the matrix units read them (Marlin's layout),
+which Triton does not expose; the weights as the products' left operand (Hopper's register
+operand) ran 1.1-1.25x slower (left open).
 """
 from __future__ import annotations
 
@@ -57,7 +63,32 @@ def _offset(dtype, convert: str) -> float:
     return _MAGIC[jnp.dtype(dtype)][1] if convert == "offset" else 0.0
 
 
-def _kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, nk: int, per_group: int, convert: str, layout: str):
+# a pair of 16-bit floats 2^m + 0 (bf16 128.0, fp16 1024.0) in one 32-bit register
+_PAIR_BITS = {jnp.dtype(jnp.bfloat16): 0x43004300, jnp.dtype(jnp.float16): 0x64006400}
+
+
+def plane_asm_code(i: int, dtype) -> str:
+    """PTX for one instance of the paired widening: inputs $1, $2 (two int32 words), output $0 (two
+    16-bit floats): low half 2^m + nibble i of $1, high half 2^m + nibble i of $2. lop3 with table
+    0xEA (234) is (a & b) | c."""
+    lo = f"shr.u32 a, $1, {4 * i}; " if i else "mov.b32 a, $1; "
+    d = 16 - 4 * i  # nibble i of the second word moves to bits 16..19
+    hi = f"shl.b32 b, $2, {d}; " if d > 0 else f"shr.u32 b, $2, {-d}; " if d < 0 else "mov.b32 b, $2; "
+    return (f"{{ .reg .b32 a, b, c; {lo}{hi}lop3.b32 c, a, {0xF}, {_PAIR_BITS[jnp.dtype(dtype)]}, 234; "
+            f"lop3.b32 $0, b, {0xF0000}, c, 234; }}")
+
+
+def _plane(w, i: int, dtype, convert: str, asm: bool):
+    """Plane i (nibble i of every word) of w [R, C] int32 as dtype values; asm: the inline-PTX
+    widening, two words per instance (pack=2), the same values as the jnp ops."""
+    if not asm:
+        return _to_float((w >> (4 * i)) & 0xF, dtype, convert)
+    [f] = pltriton.elementwise_inline_asm(plane_asm_code(i, dtype), args=[w], constraints="=r,r,r", pack=2,
+                                          result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, dtype)])
+    return f if convert == "offset" else f - jnp.asarray(_MAGIC[jnp.dtype(dtype)][1], dtype)
+
+
+def _kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, nk: int, per_group: int, convert: str, layout: str, asm: bool):
     # x_ref: planes [8, MP, KC/8] (the activations by nibble plane), rows [MP, KC]; q_ref [KC/8, BN]
     # int32; s_ref, z_ref [KC/G, BN]; o_ref [1, MP, BN] (float32 partial sums when K is split,
     # else the output dtype)
@@ -73,8 +104,7 @@ def _kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, nk: int, per_group: int, conve
             xs = jnp.zeros((mp, 1), jnp.float32)
             for i in range(8):
                 x = x_ref[i, :, rows]  # [MP, 16]
-                part += jnp.dot(x, _to_float((w >> (4 * i)) & 0xF, x.dtype, convert),
-                                preferred_element_type=jnp.float32)
+                part += jnp.dot(x, _plane(w, i, x.dtype, convert, asm), preferred_element_type=jnp.float32)
                 xs += jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
         else:  # rows: each word repeated for its eight rows, row r shifted by 4 (r % 8)
             shifts = (jnp.arange(BLOCK_K, dtype=jnp.int32) % 8 * 4)[:, None]
@@ -99,29 +129,32 @@ def supported(k: int, n: int, groups: int) -> bool:
 
 def default_config(m: int, k: int, n: int, groups: int) -> dict:
     """The fastest configuration measured per padded row count in the 32-layer Llama-3-8B stream
-    on an H200 (scripts/bench_int4_decode_stream.py, docs/benchmarks.md 2026-12-01 tenth
-    session): 128-column programs, the plane layout up to 32 rows and the row layout at 64; K
-    split until there are >= 256 programs (132 SMs) while each split keeps whole groups and at
-    least 512 inputs."""
+    on an H200 (scripts/bench_int4_decode_stream.py, docs/benchmarks.md 2026-12-01 tenth and
+    eleventh sessions): the plane layout widened by inline PTX up to 32 rows (256-column
+    programs at 16 rows, 128 with 2 warps at 32) and the row layout at 64; K split until N x
+    splits >= 32,768 (256 programs of 128 columns on 132 SMs) while each split keeps whole groups
+    and at least 512 inputs."""
     mp = max(16, 1 << (m - 1).bit_length())
-    bn = 128 if n % 128 == 0 else 64 if n % 64 == 0 else 32
+    widest = 256 if mp <= 16 else 128
+    bn = next(b for b in (256, 128, 64, 32) if b <= widest and n % b == 0)
     splits = 1
-    while (n // bn) * splits < 256 and groups % (splits * 2) == 0 and (k // (splits * 2)) >= 4 * BLOCK_K:
+    while n * splits < 256 * 128 and groups % (splits * 2) == 0 and (k // (splits * 2)) >= 4 * BLOCK_K:
         splits *= 2
     if mp <= 16:
-        return dict(bn=bn, splits=splits, warps=4, stages=3, convert="magic", layout="planes")
+        return dict(bn=bn, splits=splits, warps=4, stages=3, convert="offset", layout="planes", asm=True)
     if mp <= 32:
-        return dict(bn=bn, splits=splits, warps=2, stages=3, convert="offset", layout="planes")
-    return dict(bn=bn, splits=splits, warps=4, stages=3, convert="offset", layout="rows")
+        return dict(bn=bn, splits=splits, warps=2, stages=3, convert="offset", layout="planes", asm=True)
+    return dict(bn=bn, splits=splits, warps=4, stages=3, convert="offset", layout="rows", asm=False)
 
 
-@functools.partial(jax.jit, static_argnames=("bn", "splits", "warps", "stages", "convert", "layout", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bn", "splits", "warps", "stages", "convert", "layout", "asm",
+                                             "interpret"))
 def int4_matmul(x, qw, s, z, *, bn: Optional[int] = None, splits: Optional[int] = None, warps: Optional[int] = None,
                 stages: Optional[int] = None, convert: Optional[str] = None, layout: Optional[str] = None,
-                interpret: Optional[bool] = None):
+                asm: Optional[bool] = None, interpret: Optional[bool] = None):
     """x [M, K] (16-bit or float32) @ (qw [K/8, N] int32, s, z [K/G, N]) -> [M, N] in x's dtype.
     Options left None come from default_config (convert: "magic" | "offset"; layout: "planes" |
-    "rows")."""
+    "rows"; asm: the plane layout's inline-PTX widening, used only compiled and with 16-bit x)."""
     m, k = x.shape
     n, groups = qw.shape[1], s.shape[0]
     if not supported(k, n, groups):
@@ -131,6 +164,8 @@ def int4_matmul(x, qw, s, z, *, bn: Optional[int] = None, splits: Optional[int] 
     cfg = default_config(m, k, n, groups)
     bn, splits, warps, stages = bn or cfg["bn"], splits or cfg["splits"], warps or cfg["warps"], stages or cfg["stages"]
     convert, layout = convert or cfg["convert"], layout or cfg["layout"]
+    asm = (cfg["asm"] if asm is None else asm) and layout == "planes" and not interpret and \
+        jnp.dtype(x.dtype) in _PAIR_BITS
     if n % bn or groups % splits:
         raise ValueError(f"int4_matmul: bn={bn} must divide N={n} and splits={splits} the {groups} groups")
     if convert == "offset" and jnp.dtype(x.dtype).itemsize > 2:
@@ -147,7 +182,7 @@ def int4_matmul(x, qw, s, z, *, bn: Optional[int] = None, splits: Optional[int] 
         xa, x_spec = xp, pl.BlockSpec((mp, kc), lambda j, c: (0, c))
     part = pl.pallas_call(
         functools.partial(_kernel, nk=kc // BLOCK_K, per_group=(k // groups) // BLOCK_K, convert=convert,
-                          layout=layout),
+                          layout=layout, asm=asm),
         grid=(n // bn, splits),
         in_specs=[x_spec,
                   pl.BlockSpec((kc // 8, bn), lambda j, c: (c, j)),
