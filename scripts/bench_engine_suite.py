@@ -20,6 +20,8 @@ import time
 
 WORKLOADS = {  # name -> (kind, input_len, output_len, num_prompts or batch)
     "b1": ("latency", 32, 128, 1),
+    "b8": ("latency", 32, 128, 8),  # small batches: the 16- and 32-row buckets (4-bit weights' kernel)
+    "b32": ("latency", 32, 128, 32),
     "128x128": ("throughput", 128, 128, 1024),
     "1024x128": ("throughput", 1024, 128, 512),
     "1000x1000": ("throughput", 1000, 1000, 256),
@@ -35,7 +37,7 @@ def main():
                     "embedded default model's weights (CPU smoke runs)")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--async-scheduling", nargs="+", choices=("on", "off"), default=["on"])
-    ap.add_argument("--workloads", nargs="+", default=[w for w in WORKLOADS if w != "4096x128"])
+    ap.add_argument("--workloads", nargs="+", default=[w for w in WORKLOADS if w not in ("4096x128", "b8", "b32")])
     ap.add_argument("--max-num-seqs", type=int, default=None,
                     help="default: the engine's offline default (256 on accelerators)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's (8192 offline)")

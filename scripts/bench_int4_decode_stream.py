@@ -30,8 +30,10 @@ from pallas_kernels.int4_matmul import int4_matmul_reference, unpack
 from pallas_kernels.int4_matmul.kernel import MAX_ROWS, int4_matmul
 
 
-CONFIGS = [(128, 0, 4, 3), (64, 0, 4, 3), (128, 0, 8, 3), (128, 0, 4, 4), (64, 4, 4, 3)]
-# bn, splits (0: the kernel's default_config), warps, stages
+CONFIGS = [(128, 0, 4, 3), (64, 0, 4, 3), (128, 0, 8, 3), (128, 0, 4, 4), (64, 4, 4, 3), (128, 0, 2, 3), (256, 0, 4, 3),
+           (256, 0, 8, 3)]
+# bn, splits (0: the kernel's default_config), warps, stages; each with every --layouts entry
+# (lin_pallas)
 
 
 def lin_dequant(x, w, n):
@@ -46,9 +48,13 @@ def lin_xla(x, w, n):
 
 
 def lin_pallas(cfg):
-    bn, splits, warps, stages = cfg
+    """cfg: (bn, splits, warps, stages, layout): layout "default" (the kernel's default_config),
+    "planes" / "rows" (jnp widening, offset), "planes_asm" (the inline-PTX widening)."""
+    bn, splits, warps, stages, layout = cfg
+    kw = {} if layout == "default" else {"layout": layout.removesuffix("_asm"), "asm": layout.endswith("_asm"),
+                                         "convert": "offset"}
     return lambda x, w, n: int4_matmul(x, w["qw"], w["s"], w["z"], bn=bn, splits=splits or None, warps=warps,
-                                       stages=stages)
+                                       stages=stages, **kw)
 
 
 def to_u4(qw):
@@ -61,6 +67,7 @@ def main():
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
     ap.add_argument("--variants", nargs="+", default=["pallas", "xla", "dequant"])
     ap.add_argument("--configs", type=int, nargs="+", help="indices into CONFIGS (default: all)")
+    ap.add_argument("--layouts", nargs="+", default=["default"], help="default | planes | planes_asm | rows")
     ap.add_argument("--profile", help="trace dir: profile bf16 and the best Pallas config per row count")
     a = ap.parse_args()
     key = jax.random.PRNGKey(0)
@@ -98,7 +105,8 @@ def main():
             out.update(run("dequant", lin_dequant, u4))
         if "pallas" in a.variants and m <= MAX_ROWS:
             best = None
-            for cfg in [CONFIGS[i] for i in a.configs] if a.configs else CONFIGS:
+            base = [CONFIGS[i] for i in a.configs] if a.configs else CONFIGS
+            for cfg in [c + (lay,) for lay in a.layouts for c in base]:
                 r = run("pallas", lin_pallas(cfg), w4)
                 print(json.dumps({"rows": m, "config": list(cfg), **r}), flush=True)
                 if "pallas_ms" in r and (best is None or r["pallas_ms"] < best["pallas_ms"]):

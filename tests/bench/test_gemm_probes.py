@@ -15,12 +15,12 @@ import bench_mlp_fusion  # noqa: E402
 from jaxserve.models import quant  # noqa: E402
 
 
-@pytest.mark.parametrize("rows,splits", [(1, 1), (5, 2), (20, 4)])
-def test_weight_only_gemv_matches_quant_linear(rows, splits):
+@pytest.mark.parametrize("rows,splits,swap", [(1, 1, False), (5, 2, False), (20, 4, False), (5, 2, True)])
+def test_weight_only_gemv_matches_quant_linear(rows, splits, swap):
     k1, k2 = jax.random.split(jax.random.PRNGKey(rows))
     qw = quant.quantize_weight(jax.random.normal(k1, (512, 2, 64), jnp.float32) * 0.02)
     x = jax.random.normal(k2, (rows, 512), jnp.float32)
-    got = bench_fp8_gemv.gemv(x, qw, bn=32, bk=64, splits=splits, warps=4, stages=2, interpret=True)
+    got = bench_fp8_gemv.gemv(x, qw, bn=32, bk=64, splits=splits, warps=4, stages=2, swap=swap, interpret=True)
     want = quant.linear(x, qw)  # <= WEIGHT_ONLY_MAX_ROWS rows: the weight-only path
     assert got.shape == want.shape == (rows, 2, 64)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
@@ -50,6 +50,6 @@ def test_int4_stream_variants_agree():
     qw = int4.quantize(jax.random.normal(k1, (512, 128), jnp.float32) * 0.02, group=128)
     x = jax.random.normal(k2, (3, 512), jnp.float32)
     want = np.asarray(x, np.float64) @ np.asarray(int4.dequantize(qw), np.float64)
-    for got in (s4.lin_dequant(x, s4.to_u4(qw), "wq"), s4.lin_xla(x, qw, "wq"),
-                s4.lin_pallas(s4.CONFIGS[0])(x, qw, "wq")):
+    pallas = [s4.lin_pallas(s4.CONFIGS[0] + (lay,))(x, qw, "wq") for lay in ("default", "planes", "rows")]
+    for got in [s4.lin_dequant(x, s4.to_u4(qw), "wq"), s4.lin_xla(x, qw, "wq")] + pallas:
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
