@@ -9,6 +9,9 @@ figure to read is GB/s of weight read against the copy ceiling (scripts/bench_ce
 Not wired into the engine: one call per GEMM is dominated by the host's dispatch (~40 us), so
 scripts/bench_fp8_decode_stream.py times the same kernel over 32 layers in one program, where it
 ran 1.11x (1 row) and 1.23x (16 rows) slower than XLA's path on an H200 (2026-12-01): rejected.
+Also tried (eleventh session): `swap` (the weight tile as the product's left operand: 1.3-1.45x
+XLA's time) and `f16` (float16 products, float8 -> float16 being one conversion per pair: 1.00 /
+1.08x XLA's, and XLA with float16 products 0.995x its own): neither adopted.
 
     python scripts/bench_fp8_gemv.py [--rows 16 64]
     python scripts/bench_fp8_gemv.py --check      # interpret mode on the CPU against XLA

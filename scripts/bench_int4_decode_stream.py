@@ -12,7 +12,8 @@ Bytes per token: bf16 13.96 GB, float8 6.98, 4-bit 3.49 + 0.22 of scales and zer
 reads it back, 2.4-2.8x bf16's time at 1-64 rows; also timed then and dropped here: uint4 pairs
 in bytes (4.6x) and a batched dot per group (3.9x). If the kernel streams its bytes as fast as
 bf16 does (~3 TB/s at 1 row), batch-1 decode could run ~3x bf16's 229 tok/s minus the step's
-fixed ~0.8 ms.
+fixed ~0.8 ms. Eleventh session: the inline-PTX widening (`--layouts planes_asm`, now the
+kernel's default up to 32 rows) took 16 rows from 4.41 to 3.64 ms (bf16 3.95).
 
     python scripts/bench_int4_decode_stream.py [--layers 32] [--rows 1 16 64 256 1024]
 """
