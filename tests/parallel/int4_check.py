@@ -1,5 +1,5 @@
 """Run by test_parallel.py in a fresh process with 6 fake CPU devices: an AWQ checkpoint (argv[1])
-on one device, with TP=3 and with TP=3 x PP=2. Prints one line per layout: its greedy tokens and
+on one device and with TP=3 x PP=2 (stage 0's layers split 3 ways as under TP=3 alone). Prints one line per layout: its greedy tokens and
 how the first layer's row-parallel o projection (4-bit words and group scales) is split."""
 import json
 import os
@@ -13,7 +13,7 @@ from prompts import PROMPTS, engine_kwargs  # noqa: E402
 from jaxserve import LLM, SamplingParams  # noqa: E402
 
 sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-for tp, pp in [(1, 1), (3, 1), (3, 2)]:
+for tp, pp in [(1, 1), (3, 2)]:
     kw = dict(engine_kwargs("default"), model=sys.argv[1])
     llm = LLM(tensor_parallel_size=tp, pipeline_parallel_size=pp, **kw)
     toks = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
