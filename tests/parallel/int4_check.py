@@ -1,6 +1,7 @@
 """Run by test_parallel.py in a fresh process with 6 fake CPU devices: an AWQ checkpoint (argv[1])
-on one device and with TP=3 x PP=2 (stage 0's layers split 3 ways as under TP=3 alone). Prints one line per layout: its greedy tokens and
-how the first layer's row-parallel o projection (4-bit words and group scales) is split."""
+on one device and with TP=3 x PP=2 (stage 0's layers split 3 ways as under TP=3 alone). Prints
+one line per layout: its greedy tokens and how the first layer's row-parallel o projection (4-bit
+words and group scales) is split."""
 import json
 import os
 import sys
