@@ -29,6 +29,7 @@ from bench_fp8_gemm import pipelined
 from jaxserve.models import int4, quant
 from pallas_kernels.int4_matmul import int4_matmul_reference, unpack
 from pallas_kernels.int4_matmul.kernel import MAX_ROWS, int4_matmul
+from pallas_kernels.int4_matmul.widen import widen_matmul
 
 
 CONFIGS = [(128, 0, 4, 3), (64, 0, 4, 3), (128, 0, 8, 3), (128, 0, 4, 4), (64, 4, 4, 3), (128, 0, 2, 3), (256, 0, 4, 3),
@@ -46,6 +47,26 @@ def lin_dequant(x, w, n):
 
 def lin_xla(x, w, n):
     return int4_matmul_reference(x, w["qw"], w["s"], w["z"])
+
+
+def lin_xla_planes(x, w, n):
+    """XLA's widening written in plane order (widen.py's layout) and x permuted to match."""
+    qw, s, z = w["qw"], w["s"], w["z"]
+    k8, cols = qw.shape
+    per = k8 // s.shape[0]  # words per group
+    planes = (qw[None] >> jnp.arange(0, 32, 4, dtype=jnp.int32)[:, None, None]) & 0xF  # [8, K/8, N]
+    zr, sr = jnp.repeat(z, per, axis=0)[None], jnp.repeat(s, per, axis=0)[None]
+    wd = ((planes.astype(x.dtype) - zr) * sr).reshape(k8 * 8, cols)
+    xp = x.reshape(x.shape[0], k8, 8).transpose(0, 2, 1).reshape(x.shape[0], k8 * 8)
+    return jnp.dot(xp, wd, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+WIDEN_CONFIGS = [(256, 4), (128, 4), (256, 8), (512, 8)]  # bn, warps of widen.widen
+
+
+def lin_widen(cfg):
+    bn, warps = cfg
+    return lambda x, w, n: widen_matmul(x, w["qw"], w["s"], w["z"], bn=bn, warps=warps)
 
 
 def lin_pallas(cfg):
@@ -66,7 +87,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
-    ap.add_argument("--variants", nargs="+", default=["pallas", "xla", "dequant"])
+    ap.add_argument("--variants", nargs="+", default=["pallas", "xla", "dequant"],
+                    help="pallas | xla | dequant | xla_planes | widen (pallas_kernels/int4_matmul/widen.py + a GEMM)")
     ap.add_argument("--configs", type=int, nargs="+", help="indices into CONFIGS (default: all)")
     ap.add_argument("--layouts", nargs="+", default=["default"], help="default | planes | planes_asm | rows")
     ap.add_argument("--profile", help="trace dir: profile bf16 and the best Pallas config per row count")
@@ -102,6 +124,12 @@ def main():
 
         if "xla" in a.variants:
             out.update(run("xla", lin_xla, w4))
+        if "xla_planes" in a.variants:
+            out.update(run("xla_planes", lin_xla_planes, w4))
+        if "widen" in a.variants:
+            for cfg in WIDEN_CONFIGS:
+                r = run("widen", lin_widen(cfg), w4)
+                print(json.dumps({"rows": m, "widen_config": list(cfg), **r}), flush=True)
         if "dequant" in a.variants:
             out.update(run("dequant", lin_dequant, u4))
         if "pallas" in a.variants and m <= MAX_ROWS:

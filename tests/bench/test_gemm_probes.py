@@ -51,5 +51,6 @@ def test_int4_stream_variants_agree():
     x = jax.random.normal(k2, (3, 512), jnp.float32)
     want = np.asarray(x, np.float64) @ np.asarray(int4.dequantize(qw), np.float64)
     pallas = [s4.lin_pallas(s4.CONFIGS[0] + (lay,))(x, qw, "wq") for lay in ("default", "planes", "rows")]
-    for got in [s4.lin_dequant(x, s4.to_u4(qw), "wq"), s4.lin_xla(x, qw, "wq")] + pallas:
+    others = [s4.lin_xla_planes(x, qw, "wq"), s4.lin_widen(s4.WIDEN_CONFIGS[1])(x, qw, "wq")]
+    for got in [s4.lin_dequant(x, s4.to_u4(qw), "wq"), s4.lin_xla(x, qw, "wq")] + pallas + others:
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

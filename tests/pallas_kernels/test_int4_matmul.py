@@ -129,3 +129,22 @@ def test_compiled_kernel_every_default_config(m):
     if default_config(m, 4096, 1024, 32)["asm"]:
         plain = np.asarray(int4_matmul(xd, qw, sd, zd, asm=False), np.float64)
         assert np.array_equal(got, plain)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("k,n,g", [(512, 64, 128), (1024, 96, 256), (512, 128, 512)])
+def test_widening_pass_writes_the_reference_weight_exactly(k, n, g, dtype):
+    """widen.py (interpret mode here; inline PTX on a GPU) writes the reference's widened weight bit
+    for bit, in its own row order, for groups of 128 to K inputs; widen_matmul is its product."""
+    from pallas_kernels.int4_matmul.widen import widen, widen_matmul
+
+    q, s, z, x, _ = _case(3, k, n, g, k + n)
+    qw, sd, zd, xd = jnp.asarray(ref.pack(q)), jnp.asarray(s).astype(dtype), jnp.asarray(z).astype(dtype), \
+        jnp.asarray(x).astype(dtype)
+    got = widen(qw, sd, zd, dtype=dtype).reshape(k, n)
+    assert got.dtype == dtype and np.array_equal(np.asarray(got), np.asarray(ref.dequantize(qw, sd, zd, dtype)))
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_array_equal(np.asarray(widen_matmul(xd, qw, sd, zd)),
+                                      np.asarray(ref.int4_matmul_reference(xd, qw, sd, zd)))
+    with pytest.raises(ValueError, match="must divide"):
+        widen(qw, sd, zd, dtype=dtype, bn=512 if n % 512 else 1024)

@@ -1,0 +1,78 @@
+"""4-bit words -> the 16-bit weight, for steps with too many rows for kernel.py (prefill, large
+decode batches): one pass that reads the words and writes the widened weight, then XLA's GEMM
+(cuBLAS) on it. Contract: reference.py.
+
+Why: XLA's own widening (reference.int4_matmul_reference under jit) ran at ~2.6 TB/s of bytes
+read + written on an H200 (a 256-row stream of Llama-3-8B's projections: 14.7 ms against bf16's
+7.8), and every large 4-bit step pays it once per weight. This pass widens with the same inline
+PTX as kernel.py (two words per four instructions) and writes whole [16, BN] planes.
+
+Layout: the output [K/8, 8, N] holds plane i (nibble i of every word: inputs 8r + i) at [:, i],
+(v - z) * s in the activations' dtype, rounded once (the reference's values): read as [K, N] it is
+the widened weight in its own row order (each plane stored with a stride of 8 rows, so x needs no
+permutation). Program (g, j): 16 words (128 inputs, inside one group) x BN columns.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from .kernel import _MAGIC, _PAIR_BITS, _plane
+
+ROWS = 16  # words per program: 128 inputs, which a group (a multiple of 128 inputs) never splits
+
+
+def _widen_kernel(q_ref, s_ref, z_ref, o_ref, *, asm: bool):
+    # q_ref [16, BN] int32; s_ref, z_ref [1, BN]; o_ref [16, 8, BN] in the output dtype
+    dtype = o_ref.dtype
+    convert = "offset" if jnp.dtype(dtype) in _PAIR_BITS else "magic"  # float32: 2^23 would round
+    base = _MAGIC[jnp.dtype(dtype)][1] if convert == "offset" else 0.0
+    w = q_ref[...]
+    s = s_ref[...].astype(dtype)
+    zb = z_ref[...].astype(dtype) + jnp.asarray(base, dtype)  # exact: 2^m + a zero point 0..15
+    for i in range(8):
+        o_ref[:, i, :] = ((_plane(w, i, dtype, convert, asm) - zb) * s).astype(dtype)
+
+
+def default_config(n: int) -> dict:
+    return dict(bn=next(b for b in (256, 128, 64, 32) if n % b == 0), warps=4)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "bn", "warps", "asm", "interpret"))
+def widen(qw, s, z, *, dtype, bn: Optional[int] = None, warps: Optional[int] = None, asm: Optional[bool] = None,
+          interpret: Optional[bool] = None):
+    """qw [K/8, N] int32, s, z [K/G, N] -> [K/8, 8, N] in dtype ([K, N] reshaped; module docstring)."""
+    kw8, n = qw.shape
+    groups = s.shape[0]
+    if (kw8 * 8) % groups or ((kw8 * 8) // groups) % (ROWS * 8) or n % 32:
+        raise ValueError(f"widen: K={kw8 * 8}, N={n}, {groups} groups not supported (groups of a multiple of 128 "
+                         f"inputs, N a multiple of 32)")
+    if interpret is None:
+        interpret = jax.devices()[0].platform != "gpu"
+    cfg = default_config(n)
+    bn, warps = bn or cfg["bn"], warps or cfg["warps"]
+    if n % bn:
+        raise ValueError(f"widen: bn={bn} must divide N={n}")
+    asm = (True if asm is None else asm) and not interpret and jnp.dtype(dtype) in _PAIR_BITS
+    per = (kw8 * 8) // groups // (ROWS * 8)  # programs along K per group
+    kw = {} if interpret else {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=1)}
+    return pl.pallas_call(
+        functools.partial(_widen_kernel, asm=asm),
+        grid=(kw8 // ROWS, n // bn),
+        in_specs=[pl.BlockSpec((ROWS, bn), lambda g, j: (g, j)),
+                  pl.BlockSpec((1, bn), lambda g, j: (g // per, j)),
+                  pl.BlockSpec((1, bn), lambda g, j: (g // per, j))],
+        out_specs=pl.BlockSpec((ROWS, 8, bn), lambda g, j: (g, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((kw8, 8, n), dtype),
+        interpret=interpret, **kw)(qw, s, z)
+
+
+def widen_matmul(x, qw, s, z, **kw):
+    """x [M, K] @ W -> [M, N] in x's dtype: widen() then one GEMM (float32 accumulation)."""
+    w = widen(qw, s, z, dtype=x.dtype, **kw).reshape(x.shape[1], qw.shape[1])
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
