@@ -11,6 +11,10 @@ Layout: the output [K/8, 8, N] holds plane i (nibble i of every word: inputs 8r 
 (v - z) * s in the activations' dtype, rounded once (the reference's values): read as [K, N] it is
 the widened weight in its own row order (each plane stored with a stride of 8 rows, so x needs no
 permutation). Program (g, j): 16 words (128 inputs, inside one group) x BN columns.
+
+Status: not used by the engine yet. A first form (planes written one after another, x permuted)
+ran 0.91x / 0.956x XLA's widening + GEMM at 256 / 1,024 rows on an H200; this form is untimed
+(docs/kernels.md, docs/benchmarks.md 2026-12-01 eleventh session).
 """
 from __future__ import annotations
 
