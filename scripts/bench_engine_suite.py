@@ -4,7 +4,7 @@ without async scheduling, the scheduler settings switched between runs on the sa
 engine. One JSON line per result.
 
     python3 scripts/bench_engine_suite.py --steps 1 8 [--async-scheduling on off] [--mesh]
-        [--workloads b1 128x128 1024x128 1000x1000] [--timeline]
+        [--workloads b1 128x128 1024x128 1000x1000 (b8 b32 4096x128)] [--timeline]
         [--admission-headroom-tokens 0 256] [--num-gpu-blocks-override N] [--sampling filtered]
 
 --mesh builds the engine through the device-mesh path (ParallelPlan with tp=1, pp=1) instead of
