@@ -78,6 +78,16 @@ def plane_asm_code(i: int, dtype) -> str:
             f"lop3.b32 $0, b, {0xF0000}, c, 234; }}")
 
 
+def asm_usable(dtype, interpret: bool) -> bool:
+    """The inline-PTX widening runs compiled (not in interpret mode) and for 16-bit dtypes."""
+    return not interpret and jnp.dtype(dtype) in _PAIR_BITS
+
+
+def column_tile(n: int, widest: int) -> int:
+    """The widest of 256 / 128 / 64 / 32 columns that is at most `widest` and divides N."""
+    return next(b for b in (256, 128, 64, 32) if b <= widest and n % b == 0)
+
+
 def _plane(w, i: int, dtype, convert: str, asm: bool):
     """Plane i (nibble i of every word) of w [R, C] int32 as dtype values; asm: the inline-PTX
     widening, two words per instance (pack=2), the same values as the jnp ops."""
@@ -135,8 +145,7 @@ def default_config(m: int, k: int, n: int, groups: int) -> dict:
     splits >= 32,768 (256 programs of 128 columns on 132 SMs) while each split keeps whole groups
     and at least 512 inputs."""
     mp = max(16, 1 << (m - 1).bit_length())
-    widest = 256 if mp <= 16 else 128
-    bn = next(b for b in (256, 128, 64, 32) if b <= widest and n % b == 0)
+    bn = column_tile(n, 256 if mp <= 16 else 128)
     splits = 1
     while n * splits < 256 * 128 and groups % (splits * 2) == 0 and (k // (splits * 2)) >= 4 * BLOCK_K:
         splits *= 2
@@ -164,8 +173,7 @@ def int4_matmul(x, qw, s, z, *, bn: Optional[int] = None, splits: Optional[int] 
     cfg = default_config(m, k, n, groups)
     bn, splits, warps, stages = bn or cfg["bn"], splits or cfg["splits"], warps or cfg["warps"], stages or cfg["stages"]
     convert, layout = convert or cfg["convert"], layout or cfg["layout"]
-    asm = (cfg["asm"] if asm is None else asm) and layout == "planes" and not interpret and \
-        jnp.dtype(x.dtype) in _PAIR_BITS
+    asm = (cfg["asm"] if asm is None else asm) and layout == "planes" and asm_usable(x.dtype, interpret)
     if n % bn or groups % splits:
         raise ValueError(f"int4_matmul: bn={bn} must divide N={n} and splits={splits} the {groups} groups")
     if convert == "offset" and jnp.dtype(x.dtype).itemsize > 2:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .kernel import _MAGIC, _PAIR_BITS, _plane
+from .kernel import _PAIR_BITS, _offset, _plane, asm_usable, column_tile, supported
 
 ROWS = 16  # words per program: 128 inputs, which a group (a multiple of 128 inputs) never splits
 
@@ -35,7 +35,7 @@ def _widen_kernel(q_ref, s_ref, z_ref, o_ref, *, asm: bool):
     # q_ref [16, BN] int32; s_ref, z_ref [1, BN]; o_ref [16, 8, BN] in the output dtype
     dtype = o_ref.dtype
     convert = "offset" if jnp.dtype(dtype) in _PAIR_BITS else "magic"  # float32: 2^23 would round
-    base = _MAGIC[jnp.dtype(dtype)][1] if convert == "offset" else 0.0
+    base = _offset(dtype, convert)
     w = q_ref[...]
     s = s_ref[...].astype(dtype)
     zb = z_ref[...].astype(dtype) + jnp.asarray(base, dtype)  # exact: 2^m + a zero point 0..15
@@ -44,7 +44,7 @@ def _widen_kernel(q_ref, s_ref, z_ref, o_ref, *, asm: bool):
 
 
 def default_config(n: int) -> dict:
-    return dict(bn=next(b for b in (256, 128, 64, 32) if n % b == 0), warps=4)
+    return dict(bn=column_tile(n, 256), warps=4)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "bn", "warps", "asm", "interpret"))
@@ -53,7 +53,7 @@ def widen(qw, s, z, *, dtype, bn: Optional[int] = None, warps: Optional[int] = N
     """qw [K/8, N] int32, s, z [K/G, N] -> [K/8, 8, N] in dtype ([K, N] reshaped; module docstring)."""
     kw8, n = qw.shape
     groups = s.shape[0]
-    if (kw8 * 8) % groups or ((kw8 * 8) // groups) % (ROWS * 8) or n % 32:
+    if not supported(kw8 * 8, n, groups):
         raise ValueError(f"widen: K={kw8 * 8}, N={n}, {groups} groups not supported (groups of a multiple of 128 "
                          f"inputs, N a multiple of 32)")
     if interpret is None:
@@ -62,7 +62,7 @@ def widen(qw, s, z, *, dtype, bn: Optional[int] = None, warps: Optional[int] = N
     bn, warps = bn or cfg["bn"], warps or cfg["warps"]
     if n % bn:
         raise ValueError(f"widen: bn={bn} must divide N={n}")
-    asm = (True if asm is None else asm) and not interpret and jnp.dtype(dtype) in _PAIR_BITS
+    asm = (True if asm is None else asm) and asm_usable(dtype, interpret)
     per = (kw8 * 8) // groups // (ROWS * 8)  # programs along K per group
     kw = {} if interpret else {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=1)}
     return pl.pallas_call(
