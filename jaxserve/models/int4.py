@@ -8,9 +8,11 @@ fused gate+up [E, 2, F] keeps its output shape on every member. A layer's projec
 quarter of their bf16 bytes plus the scales and zeros (2 x 2 bytes per G weights: 3% at G = 128).
 
 `linear` runs steps of up to int4_matmul.MAX_ROWS rows on the GPU through the Pallas kernel (the
-words widened in registers); larger steps, the CPU and shapes the kernel does not take widen the
-weight in XLA ops and run one dot (XLA writes the widened weight out: call 1 of 2026-12-01 (tenth
-session) in docs/benchmarks.md).
+words widened in registers); larger steps widen the weight once per step with widen.py's Pallas
+pass (the same inline-PTX widening) and run one dot: on an H200 a 32-layer stream at 256 / 1,024
+rows took 0.84x / 0.92x the time of XLA's own widening + dot, and 4-bit 128 / 128 and 1024 / 128
+ran 1.047x / 1.035x faster (docs/benchmarks.md, 2026-12-01 twelfth session). The CPU, weights split
+over a "model" axis and shapes neither pass takes widen in XLA ops (the reference).
 
 The checkpoint formats are unpacked on the host, tensor by tensor, and packed into this layout:
   AWQ (AutoAWQ "gemm"): qweight int32 [K, N/8], eight 4-bit columns per word in the order
@@ -37,6 +39,7 @@ from pallas_kernels.int4_matmul import reference as ref
 from pallas_kernels.int4_matmul.kernel import MAX_ROWS, int4_matmul
 from pallas_kernels.int4_matmul.kernel import supported as kernel_supported
 from pallas_kernels.int4_matmul.reference import pack
+from pallas_kernels.int4_matmul.widen import widen_matmul
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _SHIFTS = np.arange(8, dtype=np.uint32) * 4
@@ -230,10 +233,13 @@ def dequantize(qw) -> jax.Array:
     return ref.dequantize(words, s, z).reshape((words.shape[0] * 8,) + qw["qw"].shape[1:])
 
 
-def linear(x, qw, *, kernel: Optional[bool] = None, mesh=None, split: Optional[str] = None):
+def linear(x, qw, *, kernel: Optional[bool] = None, widen: Optional[bool] = None, mesh=None,
+           split: Optional[str] = None):
     """x [T, K] @ int4 weight -> [T, N...] in x's dtype (float32 accumulation). kernel: None picks
     the Pallas kernel on the GPU for steps of at most MAX_ROWS rows whose shape it takes; True /
-    False force a path (True on the CPU runs it in interpret mode: tests). On a mesh whose "model"
+    False force a path (True on the CPU runs it in interpret mode: tests). widen, for the steps the
+    kernel does not run: None picks widen.py's pass on the GPU for unsplit weights whose shape it
+    takes, else XLA's widening; True / False force one (bit-equal results). On a mesh whose "model"
     axis splits the weight (tensor parallelism), split says how: "col" (output columns: q, k, v,
     gate+up) or "row" (inputs: o, down, whose partial products are summed over the axis); the
     kernel then runs on each device's shard (shard_map) where the shard's shape suits it."""
@@ -243,8 +249,9 @@ def linear(x, qw, *, kernel: Optional[bool] = None, mesh=None, split: Optional[s
     if tp > 1 and split not in ("col", "row"):
         raise ValueError(f"a 4-bit product on a tensor-parallel mesh needs split='col' or 'row', got {split!r}")
     local = (k, n // tp, groups) if split == "col" else (k // tp, n, groups // tp) if tp > 1 else (k, n, groups)
+    gpu = jax.default_backend() == "gpu"
     if kernel is None:
-        kernel = jax.default_backend() == "gpu" and x.shape[0] <= MAX_ROWS and kernel_supported(*local)
+        kernel = gpu and x.shape[0] <= MAX_ROWS and kernel_supported(*local)
     if kernel and tp > 1:
         return _sharded_kernel(x, qw, mesh, split)
     if kernel:
@@ -253,7 +260,9 @@ def linear(x, qw, *, kernel: Optional[bool] = None, mesh=None, split: Optional[s
         # widen this layer's weight only once its input exists: left free, XLA widened many layers'
         # weights at once (8.75 GiB of temporaries in an 8,192-token step of Llama-3-8B on an H200)
         words, s, z, x = jax.lax.optimization_barrier((words, s, z, x))
-        y = ref.int4_matmul_reference(x, words, s, z)
+        if widen is None:
+            widen = gpu and tp == 1 and kernel_supported(*local)
+        y = widen_matmul(x, words, s, z) if widen else ref.int4_matmul_reference(x, words, s, z)
     return y.reshape((x.shape[0],) + qw["qw"].shape[1:])
 
 

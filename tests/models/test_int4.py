@@ -121,6 +121,11 @@ def test_linear_on_a_stacked_weight_both_paths():
         got = np.asarray(int4.linear(x, qw, kernel=kernel))
         assert got.shape == (3, 2, 32)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the large-step paths (widen.py's pass, XLA's widening) give the same bits
+    xb = x.astype(jnp.bfloat16)
+    qb = {k: (v.astype(jnp.bfloat16) if k != "qw" else v) for k, v in qw.items()}
+    np.testing.assert_array_equal(np.asarray(int4.linear(xb, qb, kernel=False, widen=True), np.float32),
+                                  np.asarray(int4.linear(xb, qb, kernel=False, widen=False), np.float32))
 
 
 # ---- configs and errors ----------------------------------------------------------------------
