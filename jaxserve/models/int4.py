@@ -11,8 +11,8 @@ quarter of their bf16 bytes plus the scales and zeros (2 x 2 bytes per G weights
 words widened in registers); larger steps widen the weight once per step with widen.py's Pallas
 pass (the same inline-PTX widening) and run one dot: on an H200 a 32-layer stream at 256 / 1,024
 rows took 0.84x / 0.92x the time of XLA's own widening + dot, and 4-bit 128 / 128 and 1024 / 128
-ran 1.047x / 1.035x faster (docs/benchmarks.md, 2026-12-01 twelfth session). The CPU, weights split
-over a "model" axis and shapes neither pass takes widen in XLA ops (the reference).
+ran 1.047x / 1.035x faster (docs/benchmarks.md, 2026-12-01 twelfth session); on a tensor-parallel
+mesh both run per shard. The CPU and shapes neither pass takes widen in XLA ops (the reference).
 
 The checkpoint formats are unpacked on the host, tensor by tensor, and packed into this layout:
   AWQ (AutoAWQ "gemm"): qweight int32 [K, N/8], eight 4-bit columns per word in the order
@@ -238,11 +238,11 @@ def linear(x, qw, *, kernel: Optional[bool] = None, widen: Optional[bool] = None
     """x [T, K] @ int4 weight -> [T, N...] in x's dtype (float32 accumulation). kernel: None picks
     the Pallas kernel on the GPU for steps of at most MAX_ROWS rows whose shape it takes; True /
     False force a path (True on the CPU runs it in interpret mode: tests). widen, for the steps the
-    kernel does not run: None picks widen.py's pass on the GPU for unsplit weights whose shape it
+    kernel does not run: None picks widen.py's pass on the GPU for weights whose (per-shard) shape it
     takes, else XLA's widening; True / False force one (bit-equal results). On a mesh whose "model"
     axis splits the weight (tensor parallelism), split says how: "col" (output columns: q, k, v,
     gate+up) or "row" (inputs: o, down, whose partial products are summed over the axis); the
-    kernel then runs on each device's shard (shard_map) where the shard's shape suits it."""
+    kernel or the widening pass then runs on each device's shard (shard_map)."""
     words, s, z = _flat(qw)
     k, n, groups = words.shape[0] * 8, words.shape[1], s.shape[0]
     tp = mesh.shape.get("model", 1) if mesh is not None else 1
@@ -253,7 +253,7 @@ def linear(x, qw, *, kernel: Optional[bool] = None, widen: Optional[bool] = None
     if kernel is None:
         kernel = gpu and x.shape[0] <= MAX_ROWS and kernel_supported(*local)
     if kernel and tp > 1:
-        return _sharded_kernel(x, qw, mesh, split)
+        return _per_shard(int4_matmul, x, qw, mesh, split)
     if kernel:
         y = int4_matmul(x, words, s, z)
     else:
@@ -261,14 +261,16 @@ def linear(x, qw, *, kernel: Optional[bool] = None, widen: Optional[bool] = None
         # weights at once (8.75 GiB of temporaries in an 8,192-token step of Llama-3-8B on an H200)
         words, s, z, x = jax.lax.optimization_barrier((words, s, z, x))
         if widen is None:
-            widen = gpu and tp == 1 and kernel_supported(*local)
+            widen = gpu and kernel_supported(*local)
+        if widen and tp > 1:
+            return _per_shard(widen_matmul, x, qw, mesh, split)
         y = widen_matmul(x, words, s, z) if widen else ref.int4_matmul_reference(x, words, s, z)
     return y.reshape((x.shape[0],) + qw["qw"].shape[1:])
 
 
-def _sharded_kernel(x, qw, mesh, split: str):
-    """The kernel on each "model" shard: column shards give their own output columns; row shards
-    give partial products of their inputs, summed over the axis (psum)."""
+def _per_shard(product, x, qw, mesh, split: str):
+    """product (the kernel, or widen.py + dot) on each "model" shard: column shards give their own
+    output columns; row shards give partial products of their inputs, summed over the axis (psum)."""
     from jax.sharding import PartitionSpec as P
 
     nd = qw["qw"].ndim  # 2, or 3 for gate+up [E/8, 2, F]
@@ -279,7 +281,7 @@ def _sharded_kernel(x, qw, mesh, split: str):
         w_spec, x_spec, out_spec = P("model", *([None] * (nd - 1))), P(None, "model"), P()
 
     def shard(x, words, s, z):
-        y = int4_matmul(x, words.reshape(words.shape[0], -1), s.reshape(s.shape[0], -1), z.reshape(z.shape[0], -1))
+        y = product(x, words.reshape(words.shape[0], -1), s.reshape(s.shape[0], -1), z.reshape(z.shape[0], -1))
         y = y.reshape((x.shape[0],) + words.shape[1:])
         return jax.lax.psum(y, "model") if split == "row" else y
 

@@ -24,8 +24,8 @@ for tp, pp in [(1, 1), (3, 2)]:
                     for k, v in wo.items()})
     print(f"INT4 {tp} {pp} " + json.dumps(info), flush=True)
     del llm, wo
-# the kernel per shard (what a GPU runs under TP; interpret mode here): column and row splits of a
-# 4-bit weight on a 3-device "model" axis against the product on one device
+# the kernel and widen.py per shard (what a GPU runs under TP; interpret mode here): column and row
+# splits of a 4-bit weight on a 3-device "model" axis against the product on one device
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,4 +43,8 @@ for split, shape, spec in (("col", (768, 2, 96), P(None, None, "model")), ("row"
     sharded = jax.tree_util.tree_map(lambda a: jax.device_put(a, NamedSharding(mesh, spec)), qw)
     got = jax.jit(lambda x, w, split=split: int4.linear(x, w, kernel=True, mesh=mesh, split=split))(x, sharded)
     errs[split] = [float(np.abs(np.asarray(got) - want).max() / np.abs(want).max()), list(got.shape)]
+    # widen.py per shard (what a GPU runs under TP for steps above the kernel's rows)
+    got = jax.jit(lambda x, w, split=split: int4.linear(x, w, kernel=False, widen=True, mesh=mesh, split=split))(
+        x, sharded)
+    errs[split + "_widen"] = [float(np.abs(np.asarray(got) - want).max() / np.abs(want).max()), list(got.shape)]
 print("SHARDED " + json.dumps(errs), flush=True)

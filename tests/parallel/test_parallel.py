@@ -104,6 +104,8 @@ def test_awq_checkpoint_split_over_devices_equals_one_device(tmp_path):
     errs = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("SHARDED "))[8:])
     assert errs["col"][1] == [5, 2, 96] and errs["row"][1] == [5, 96]
     assert errs["col"][0] < 1e-5 and errs["row"][0] < 1e-5
+    assert errs["col_widen"][1] == [5, 2, 96] and errs["row_widen"][1] == [5, 96]
+    assert errs["col_widen"][0] < 1e-5 and errs["row_widen"][0] < 1e-5
 
 
 def test_two_process_multihost_tensor_parallel_equals_one_process():
