@@ -54,3 +54,17 @@ def test_int4_stream_variants_agree():
     others = [s4.lin_xla_planes(x, qw, "wq"), s4.lin_widen(s4.WIDEN_CONFIGS[1])(x, qw, "wq")]
     for got in [s4.lin_dequant(x, s4.to_u4(qw), "wq"), s4.lin_xla(x, qw, "wq")] + pallas + others:
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_mosaic_int4_probe_lowers_for_cuda():
+    """scripts/bench_int4_mgpu_probe.py's kernel (4-bit weights as wgmma's register operand, with and
+    without group scales) still traces and lowers for CUDA: Mosaic GPU's layout inference runs in
+    Python, so a change that breaks the probe's program fails here, not on the next lent GPU."""
+    import bench_int4_mgpu_probe as probe
+
+    w = jax.ShapeDtypeStruct((256, 512), jnp.int4)
+    x = jax.ShapeDtypeStruct((16, 512), jnp.bfloat16)
+    sb = jax.ShapeDtypeStruct((2, 4, 256), jnp.bfloat16)
+    for args in ((w, x), (w, x, sb)):
+        text = jax.jit(probe.mixed).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text
