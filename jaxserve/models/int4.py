@@ -259,7 +259,10 @@ def linear(x, qw, *, kernel: Optional[bool] = None, widen: Optional[bool] = None
     else:
         # widen this layer's weight only once its input exists: left free, XLA widened many layers'
         # weights at once (8.75 GiB of temporaries in an 8,192-token step of Llama-3-8B on an H200)
-        words, s, z, x = jax.lax.optimization_barrier((words, s, z, x))
+        # (the per-shard pass gets the same barrier: it takes the weight's arrays as they are)
+        qw = dict(qw)
+        qw["qw"], qw["s"], qw["z"], x = jax.lax.optimization_barrier((qw["qw"], qw["s"], qw["z"], x))
+        words, s, z = _flat(qw)
         if widen is None:
             widen = gpu and kernel_supported(*local)
         if widen and tp > 1:
