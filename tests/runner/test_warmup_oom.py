@@ -16,6 +16,14 @@ KW = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_to
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return"]
 
 
+@pytest.fixture(scope="module")
+def oracle():
+    """The greedy tokens of an engine that never ran out (no injection, full-size cache): built
+    once for the tests that compare a shrunk engine with it (an engine build is ~10 s)."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in LLM(cpu_kv_cache_gib=0.5, **KW).generate(PROMPTS, params)]
+
+
 def _inject(monkeypatch, asks: str, times: int):
     """The first `times` warm-up passes fail as an XLA out-of-memory error asking for `asks`."""
     seen = []
@@ -39,9 +47,8 @@ def test_requested_bytes_reads_the_size_xla_names():
     assert kvc.requested_bytes("RESOURCE_EXHAUSTED: out of memory") is None
 
 
-def test_a_step_that_does_not_fit_shrinks_the_cache_and_the_engine_still_serves(monkeypatch):
+def test_a_step_that_does_not_fit_shrinks_the_cache_and_the_engine_still_serves(monkeypatch, oracle):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    oracle = [o.outputs[0].token_ids for o in LLM(cpu_kv_cache_gib=0.5, **KW).generate(PROMPTS, params)]
     seen = _inject(monkeypatch, "64.00MiB", times=1)
     llm = LLM(cpu_kv_cache_gib=0.5, **KW)
     runner, sched = llm.llm_engine.runner, llm.llm_engine.scheduler
@@ -91,13 +98,12 @@ def test_the_cli_prints_the_error_not_a_traceback(monkeypatch, capsys):
     assert not any("StepOutOfMemoryError" in ln for ln in lines)  # printed, not raised
 
 
-def test_a_compiled_step_that_will_not_fit_shrinks_the_cache_before_it_runs(monkeypatch, tmp_path):
+def test_a_compiled_step_that_will_not_fit_shrinks_the_cache_before_it_runs(monkeypatch, tmp_path, oracle):
     """The threaded precompile reads every compiled step's and sampler's temporaries; when the
     largest is more than the device's largest free block (the allocator's figure, faked here: the
     CPU reports none), the cache gives memory back before any step runs (on a GPU this saves the
     allocator's ~40 s of retries before the out-of-memory error)."""
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    oracle = [o.outputs[0].token_ids for o in LLM(cpu_kv_cache_gib=0.5, **KW).generate(PROMPTS, params)]
     reports, ran, stats = [], [], []
     report, forward = warmup.Warmup._report_step_temps, ModelRunner._forward
 
