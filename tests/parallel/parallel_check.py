@@ -40,17 +40,29 @@ for tp, pp in [(1, 1), (3, 2)]:
                 wo_scales=[float(x) for x in wo["s"]][:64], wo_q=[float(x) for x in wo["q"][:4, :].ravel()])
     print(f"QLAYOUT {tp} {pp} " + json.dumps(info), flush=True)
     del llm, wo
-# swap preemption's block transfers under TP=3 x PP=2: blocks of every layer out to the host pool
-# (each stage's layers gathered on its own devices, pinned where the device has that memory) and
-# back into other blocks, exact
+# speculative decoding and swap preemption's block transfers under TP=3 x PP=2, on one engine
+# with both (an engine build is ~15 s here; neither check depends on the other's setting, and
+# the swap check, which overwrites the KV cache, runs last)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxserve.core.sched_output import SchedulerOutput  # noqa: E402
 
-llm = LLM(tensor_parallel_size=3, pipeline_parallel_size=2, preemption_mode="swap", swap_space=0.05,
-          **engine_kwargs("default"))
-r = llm.llm_engine.runner
+llm = LLM(tensor_parallel_size=3, pipeline_parallel_size=2, speculative_model="[ngram]", num_speculative_tokens=3,
+          preemption_mode="swap", swap_space=0.05, **engine_kwargs("default"))
+eng = llm.llm_engine
+# speculation (a step split into micro-batches, the proposals checked on the last stage): the
+# tokens of the same engine without it
+rep = ["1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "a b c d a b c d a b c d a b", *PROMPTS[:2]]
+spec_sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+with_spec = [o.outputs[0].token_ids for o in llm.generate(rep, spec_sp, use_tqdm=False)]
+accepted = eng.get_stats().spec_num_accepted_tokens
+eng.scheduler.spec = None
+without = [o.outputs[0].token_ids for o in llm.generate(rep, spec_sp, use_tqdm=False)]
+print(f"SPEC {json.dumps(dict(same=with_spec == without, accepted=accepted))}", flush=True)
+# swap: blocks of every layer out to the host pool (each stage's layers gathered on its own
+# devices, pinned where the device has that memory) and back into other blocks, exact
+r = eng.runner
 nb = r.kv_caches[0].shape[1]
 r.kv_caches = [jax.device_put(np.random.default_rng(i).standard_normal(kv.shape).astype(kv.dtype), kv.sharding)
                for i, kv in enumerate(r.kv_caches)]
@@ -62,20 +74,7 @@ after = [np.asarray(kv) for kv in r.kv_caches]
 ok = all((a[:, dst] == b[:, src]).all() for a, b in zip(after, before))
 print(f"SWAP {json.dumps(dict(ok=bool(ok), layers=len(after), specs=sorted({str(kv.sharding.spec) for kv in r.kv_caches})))}",
       flush=True)
-del llm, r
-# speculative decoding under TP=3 x PP=2 (a step split into micro-batches, the proposals checked
-# on the last stage): the tokens of the same engine without it
-llm = LLM(tensor_parallel_size=3, pipeline_parallel_size=2, speculative_model="[ngram]", num_speculative_tokens=3,
-          **engine_kwargs("default"))
-eng = llm.llm_engine
-rep = ["1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "a b c d a b c d a b c d a b", *PROMPTS[:2]]
-spec_sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-with_spec = [o.outputs[0].token_ids for o in llm.generate(rep, spec_sp, use_tqdm=False)]
-accepted = eng.get_stats().spec_num_accepted_tokens
-eng.scheduler.spec = None
-without = [o.outputs[0].token_ids for o in llm.generate(rep, spec_sp, use_tqdm=False)]
-print(f"SPEC {json.dumps(dict(same=with_spec == without, accepted=accepted))}", flush=True)
-del llm, eng
+del llm, eng, r
 for bad in (dict(tensor_parallel_size=2), dict(pipeline_parallel_size=31), dict(tensor_parallel_size=3, data_parallel_size=3)):
     try:
         LLM(**bad, **engine_kwargs("default"))
