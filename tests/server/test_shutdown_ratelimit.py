@@ -10,9 +10,10 @@ from tests.server.launch import start_server
 
 
 def test_rate_limit_and_graceful_shutdown():
+    # no warm-up: neither property depends on it, and the one stream compiles just the steps it runs
     proc, base = start_server(["--max-model-len", "256", "--max-num-batched-tokens", "64", "--api-key", "k1,k2",
                                "--rate-limit-rps", "0.5", "--rate-limit-burst", "3", "--shutdown-timeout", "120",
-                               "--log-format", "json"])
+                               "--log-format", "json", "--no-warmup"])
     logs = []
     threading.Thread(target=lambda: logs.extend(proc.stdout), daemon=True).start()
     try:
