@@ -34,13 +34,8 @@ def llm():
 
 
 @pytest.fixture(scope="module")
-def hf():
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    d, f = _gguf_path()
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+def hf(smollm2_hf):
+    return smollm2_hf  # (tests/conftest.py: loaded once per session, shared with other modules)
 
 
 def _hf_greedy(hf, ids, n):

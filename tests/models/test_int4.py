@@ -169,15 +169,8 @@ PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
 
 
 @pytest.fixture(scope="module")
-def smol():
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tests.test_generate_e2e import _gguf_path
-
-    d, f = _gguf_path()
-    return (AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(d, gguf_file=f))
+def smol(smollm2_hf, smollm2_hf_tokenizer):
+    return smollm2_hf, smollm2_hf_tokenizer  # (tests/conftest.py: loaded once per session, shared)
 
 
 def _write_quantized(hf, tok, out_dir, fmt):

@@ -72,19 +72,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_awq_checkpoint_split_over_devices_equals_one_device(tmp_path):
+def test_awq_checkpoint_split_over_devices_equals_one_device(tmp_path, smollm2_hf, smollm2_hf_tokenizer):
     """SmolLM2 written as an AWQ checkpoint (tests/models/test_int4.py): TP=3 x PP=2 splits the
     4-bit words and the group scales of a row-parallel projection along its input groups (3 ways
-    within a stage) and gives the one-device tokens."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    within a stage) and gives the one-device tokens. (The HF model and tokenizer: tests/conftest.py,
+    loaded once per session.)"""
     from tests.models.test_int4 import _write_quantized
-    from tests.test_generate_e2e import _gguf_path
 
-    d, f = _gguf_path()
-    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    _write_quantized(hf, AutoTokenizer.from_pretrained(d, gguf_file=f), str(tmp_path / "awq"), "awq")
+    _write_quantized(smollm2_hf, smollm2_hf_tokenizer, str(tmp_path / "awq"), "awq")
     out = subprocess.run([sys.executable, os.path.join(HERE, "int4_check.py"), str(tmp_path / "awq")],
                          capture_output=True, text=True, timeout=1200, env=ENV)
     assert out.returncode == 0, out.stderr[-3000:]
