@@ -61,9 +61,10 @@ def _smem_transforms(plgpu, cols: int, dtype):
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def swiglu_matmul(x, w, *, cfg: Config = Config(), num_sms: int | None = None):
+def swiglu_matmul(x, w, *, cfg: Config = Config(), num_sms: int | None = None, interpret=None):
     """x [T, E], w [E, 2, F] (0 = gate, 1 = up) -> silu(x @ w[:, 0]) * (x @ w[:, 1]) [T, F] in x's dtype.
-    num_sms: the persistent grid's size (default: the device's SM count)."""
+    num_sms: the persistent grid's size (default: the device's SM count). interpret: None, or jax's
+    Mosaic-GPU interpret parameters (runs the kernel on the CPU: tests)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     if x.ndim != 2 or w.ndim != 3 or w.shape[0] != x.shape[1] or w.shape[1] != 2 or w.dtype != x.dtype:
@@ -74,7 +75,7 @@ def swiglu_matmul(x, w, *, cfg: Config = Config(), num_sms: int | None = None):
         raise ValueError(f"swiglu_matmul: T={t}, E={e}, F={f} ({x.dtype}) not supported by {cfg} (16-bit floats, "
                          f"T % {cfg.tile_m}, F % {cfg.tile_f}, E % {cfg.tile_k} == 0)")
     if num_sms is None:
-        num_sms = jax.devices()[0].core_count
+        num_sms = jax.devices()[0].core_count if interpret is None else 2
     dtype = x.dtype
     tm, tf, tk = cfg.tile_m, cfg.tile_f, cfg.tile_k
     half = tf // 2
@@ -145,6 +146,7 @@ def swiglu_matmul(x, w, *, cfg: Config = Config(), num_sms: int | None = None):
         kernel, out_type=jax.ShapeDtypeStruct((t, f), dtype), grid=(num_sms,), grid_names=("sm",),
         num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        scratch_types=dict(out_smem=plgpu.SMEM((2, 2, EPI, EPI), dtype, transforms=o_tr)))
+        scratch_types=dict(out_smem=plgpu.SMEM((2, 2, EPI, EPI), dtype, transforms=o_tr)),
+        **({} if interpret is None else {"interpret": interpret}))
     return call(x, w2)
 

@@ -1,7 +1,8 @@
-"""pallas_kernels/swiglu_matmul: the Mosaic-GPU kernel runs only on a Hopper GPU (wgmma). On the CPU
-it is traced and lowered for CUDA (Mosaic GPU's lowering runs in Python, so a change that breaks
-the kernel's program fails here), its reference is checked against the engine's unfused formula in
-float64. The engine does not use it (kernel.py's status)."""
+"""pallas_kernels/swiglu_matmul: the Mosaic-GPU kernel compiles only for a Hopper GPU (wgmma). On the
+CPU it is traced and lowered for CUDA (Mosaic GPU's lowering runs in Python, so a change that
+breaks the kernel's program fails here) and executed by Mosaic GPU's interpreter against the
+reference, which is checked against the formula in float64. The engine does not use it
+(kernel.py's status)."""
 import functools
 
 import jax
@@ -47,6 +48,26 @@ def test_shapes_it_refuses_are_explained():
         swiglu_matmul(jnp.zeros((100, 256), jnp.bfloat16), jnp.zeros((256, 2, 384), jnp.bfloat16), num_sms=132)
     with pytest.raises(ValueError, match="w \\[E, 2, F\\]"):
         swiglu_matmul(jnp.zeros((128, 256), jnp.bfloat16), jnp.zeros((256, 384), jnp.bfloat16), num_sms=132)
+
+
+def _interpret_params():
+    try:  # a private module of jax (0.10): Mosaic GPU's interpreter, which simulates threads, barriers, TMA, wgmma
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError:
+        pytest.skip("this jax has no Mosaic-GPU interpret mode")
+    return InterpretGPUParams()
+
+
+def test_kernel_runs_in_mosaic_gpu_interpret_mode_and_matches_the_reference():
+    """The whole program (persistent tiles over 2 SMs, the producer's TMA pipeline, both consumer
+    warpgroups' products and the epilogue's stores) executed on the CPU: two tiles of rows x two of
+    features, four pipeline steps."""
+    x, w = _case(256, 256, 256, 3)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    got = np.asarray(swiglu_matmul(xb, wb, interpret=_interpret_params()), np.float32)
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(swiglu_matmul_reference(xb.astype(jnp.float32), wb.astype(jnp.float32)))
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max() / 64)
 
 
 @pytest.mark.skipif(not HOPPER, reason="wgmma needs a Hopper GPU")
