@@ -20,7 +20,6 @@ kernel's time at 16 / 32 / 64 rows.
 import argparse
 import functools
 import os
-import statistics
 import sys
 
 import jax
@@ -30,13 +29,10 @@ from jax.experimental import pallas as pl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench_swiglu import kernel_us  # noqa: E402 (scripts/ is on sys.path when a script in it runs)
+from pallas_kernels.swiglu_matmul.kernel import smem_transforms  # noqa: E402
+
 K, N, G = 4096, 28672, 128
-
-
-def _transforms(plgpu, cols, dtype):
-    bits = 4 if jnp.dtype(dtype) == jnp.dtype(jnp.int4) else jnp.dtype(dtype).itemsize * 8
-    swizzle = plgpu.find_swizzle(cols * bits)
-    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
 def _t(plgpu, ref):
@@ -54,8 +50,8 @@ def mixed(wq, x, sb=None, *, tk=128, stages=4, num_sms=132):
     tn = 128  # two consumer warpgroups x 64 rows of N
     n_iters, k_iters = n // tn, k // tk
     spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM)
-    in_specs = [spec((tn, tk), lambda kk: (0, kk), transforms=_transforms(plgpu, tk, jnp.int4)),
-                spec((m, tk), lambda kk: (0, kk), transforms=_transforms(plgpu, tk, jnp.bfloat16))]
+    in_specs = [spec((tn, tk), lambda kk: (0, kk), transforms=smem_transforms(plgpu, tk, jnp.int4)),
+                spec((m, tk), lambda kk: (0, kk), transforms=smem_transforms(plgpu, tk, jnp.bfloat16))]
     if sb is not None:
         in_specs.append(spec((2, 1, tn), lambda kk: (0, kk, 0)))
 
@@ -123,14 +119,10 @@ def main():
     args = ap.parse_args()
     if args.lower:
         return lower_only(args.rows)
-    from jax.experimental.mosaic.gpu import profiler
-
     from pallas_kernels.int4_matmul import reference as ref
     from pallas_kernels.int4_matmul.kernel import int4_matmul
 
-    def us(f, *a):
-        out, ms = profiler.measure(f, iterations=20)(*a)
-        return out, statistics.median(ms) * 1e3
+    us = functools.partial(kernel_us, iters=20)
 
     q = jax.random.randint(jax.random.key(0), (N, K), -8, 8, jnp.int8)
     wq, wbf = q.astype(jnp.int4), q.T.astype(jnp.bfloat16)  # [N, K] int4; [K, N] bf16

@@ -56,9 +56,12 @@ def supported(t: int, e: int, f: int, dtype, cfg: Config = Config()) -> bool:
             and cfg.tile_f % (2 * EPI) == 0 and cfg.tile_m % EPI == 0)
 
 
-def _smem_transforms(plgpu, cols: int, dtype):
-    swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+def smem_transforms(plgpu, cols: int, dtype):
+    """The tiling + swizzle of a shared-memory tile whose rows hold `cols` elements of dtype (4-bit
+    types included): the widest swizzle its row bytes allow, as TMA and wgmma read it."""
+    bits = 4 if jnp.dtype(dtype) in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)) else jnp.dtype(dtype).itemsize * 8
+    swizzle = plgpu.find_swizzle(cols * bits)
+    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
 def swiglu_matmul(x, w, *, cfg: Config = Config(), num_sms: int | None = None, interpret=None):
@@ -80,9 +83,9 @@ def swiglu_matmul(x, w, *, cfg: Config = Config(), num_sms: int | None = None, i
     tm, tf, tk = cfg.tile_m, cfg.tile_f, cfg.tile_k
     half = tf // 2
     m_iters, f_iters, k_iters = t // tm, f // tf, e // tk
-    x_tr = _smem_transforms(plgpu, tk, dtype)
-    w_tr = _smem_transforms(plgpu, tf, dtype)
-    o_tr = _smem_transforms(plgpu, EPI, dtype)
+    x_tr = smem_transforms(plgpu, tk, dtype)
+    w_tr = smem_transforms(plgpu, tf, dtype)
+    o_tr = smem_transforms(plgpu, EPI, dtype)
     w2 = w.reshape(e, 2 * f)  # gate features in columns [0, F), up in [F, 2F)
 
     def pipeline(body, context):
