@@ -29,6 +29,7 @@ from bench_fp8_gemm import pipelined
 from jaxserve.models import int4, quant
 from pallas_kernels.int4_matmul import int4_matmul_reference, unpack
 from pallas_kernels.int4_matmul.kernel import MAX_ROWS, int4_matmul
+from pallas_kernels.int4_matmul import mgpu
 from pallas_kernels.int4_matmul.widen import widen_matmul
 
 
@@ -79,6 +80,25 @@ def lin_pallas(cfg):
                                        stages=stages, **kw)
 
 
+MGPU_CONFIGS = [(128, 8, "cover"), (128, 4, "one_wave"), (256, 4, "one_wave"), (256, 4, "cover")]
+# mgpu.py: tk, stages, K-slice policy (default_splits' fill)
+
+
+def lin_mgpu(cfg):
+    tk, stages, fill = cfg
+
+    def lin(x, w, n):
+        n_out, k = w["wq"].shape
+        sp = mgpu.default_splits(n_out, k, w["zs"].shape[1], jax.devices()[0].core_count, tk, fill)
+        return mgpu.int4_matmul_rows(x, w["wq"], w["zs"], splits=sp, stages=stages, tk=tk)
+    return lin
+
+
+def to_mgpu(w):
+    wq, zs = mgpu.to_rows(w["qw"], w["s"], w["z"])
+    return {"wq": wq, "zs": zs}
+
+
 def to_u4(qw):
     return {"q4": unpack(qw["qw"]).astype(jnp.uint4), "s": qw["s"], "z": qw["z"]}
 
@@ -88,7 +108,8 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
     ap.add_argument("--variants", nargs="+", default=["pallas", "xla", "dequant"],
-                    help="pallas | xla | dequant | xla_planes | widen (pallas_kernels/int4_matmul/widen.py + a GEMM)")
+                    help="pallas | xla | dequant | xla_planes | widen (pallas_kernels/int4_matmul/widen.py + a GEMM) | "
+                         "kernel (the Triton kernel's own defaults, as the engine calls it) | mgpu (mgpu.py, a sweep)")
     ap.add_argument("--configs", type=int, nargs="+", help="indices into CONFIGS (default: all)")
     ap.add_argument("--layouts", nargs="+", default=["default"], help="default | planes | planes_asm | rows")
     ap.add_argument("--profile", help="trace dir: profile bf16 and the best Pallas config per row count")
@@ -99,6 +120,7 @@ def main():
     fp8 = [{n: qz8(w) for n, w in lp.items()} for lp in bf16]
     w4 = [{n: qz4(w) for n, w in lp.items()} for lp in bf16]
     u4 = [{n: to_u4(w) for n, w in lp.items()} for lp in w4] if "dequant" in a.variants else None
+    mg = [{n: to_mgpu(w) for n, w in lp.items()} for lp in w4] if "mgpu" in a.variants else None
     weights = sum(k * n for k, n in SHAPES.values()) * a.layers
     gb = {"bf16": weights * 2 / 1e9, "fp8": weights / 1e9, "int4": weights * (0.5 + 4 / 128) / 1e9}
     ref1 = [{n: int4.dequantize(w).astype(jnp.bfloat16) for n, w in w4[0].items()}]  # one layer, widened
@@ -132,6 +154,16 @@ def main():
                 print(json.dumps({"rows": m, "widen_config": list(cfg), **r}), flush=True)
         if "dequant" in a.variants:
             out.update(run("dequant", lin_dequant, u4))
+        if "kernel" in a.variants and m <= MAX_ROWS:
+            out.update(run("kernel", lambda x, w, n: int4_matmul(x, w["qw"], w["s"], w["z"]), w4))
+        if "mgpu" in a.variants and m <= mgpu.MAX_ROWS:
+            best = None
+            for cfg in MGPU_CONFIGS:
+                r = run("mgpu", lin_mgpu(cfg), mg)
+                print(json.dumps({"rows": m, "mgpu_config": list(cfg), **r}), flush=True)
+                if "mgpu_ms" in r and (best is None or r["mgpu_ms"] < best["mgpu_ms"]):
+                    best = dict(r, mgpu_config=list(cfg))
+            out.update(best or {})
         if "pallas" in a.variants and m <= MAX_ROWS:
             best = None
             base = [CONFIGS[i] for i in a.configs] if a.configs else CONFIGS

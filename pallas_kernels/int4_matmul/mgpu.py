@@ -1,0 +1,186 @@
+"""x [M, K] @ W (4-bit groups) for decode-sized steps in one Mosaic-GPU kernel (Hopper, sm_90a): the
+weights are wgmma's register operand, widened and scaled in registers. Contract: reference.py (same
+values; this kernel takes the weight in its own layout, made once by `to_rows`).
+
+Why: kernel.py (Triton lowering) streams 4-bit bytes at ~1 TB/s, bound by the widening and by the
+shuffles that put the widened tile into the product's operand layout, which Triton does not let a
+kernel choose. Mosaic GPU does: a probe with this structure ran gate+up at 16 / 32 / 64 rows in
+0.80x / 0.63x / 0.56x kernel.py's time on an H200 (scripts/bench_int4_mgpu_probe.py,
+docs/benchmarks.md 2026-12-01 twelfth session). This kernel (thirteenth session, H200): gate+up
+0.81x / 0.59x kernel.py's time at 1 / 64 rows, down 0.76x / 0.60x, decode's 32-layer stream 0.83x;
+in the engine (an experiment: jaxserve/models/int4.py `with_rows`) batch-1 decode 1.13x, batch 32
+1.37x. Its own ceiling so far: ~1.8 TB/s of 4-bit bytes (bf16 weights stream at ~3-4 TB/s).
+
+Layout (`to_rows`): wq [N, K] int4, K innermost, holding v - 8 (the unsigned nibble v made signed);
+zs [2, K/G, N] in the activations' dtype: the zero point minus 8, and the scale, so that
+(wq - (z - 8)) * s = (v - z) * s exactly as the reference computes it (the difference of two small
+integers is exact in 16-bit floats; one rounding at the product).
+
+Work: out^T [N, M] = W [N, K] @ x^T [K, M]. A CTA's consumer warpgroups (2, or 3) own 64 rows of N each
+(wgmma's M); x's rows are wgmma's N (M padded to a multiple of 8, at most 256), so small steps
+waste no products. The K axis is split into `splits` slices so that narrow projections (N = 4,096:
+32 tiles of 128) still fill the SMs; each (tile, slice) writes float32 partial sums [N, M] and one
+XLA fusion adds the slices, transposes and rounds. A producer warpgroup streams W [128, TK] (4-bit),
+x [M, TK] and the tile's zero points and scales through shared memory (TMA, `stages` deep); the
+persistent grid (one CTA per SM) walks the (tile, slice) pairs.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.swiglu_matmul.kernel import smem_transforms
+
+ROWS_PER_WG = 64  # weight rows (output features) per consumer warpgroup: wgmma's M
+TK = 128  # inputs per pipeline step: one group of 128, or part of a larger group
+MAX_ROWS = 256  # wgmma's N
+WARPGROUPS = (2, 3)  # consumer warpgroups a CTA may have (4 lowered but hung in the engine: not debugged)
+SMEM_BUDGET = 200 * 1024  # of the 227 KiB a Hopper CTA may use: the rest for barriers and the epilogue
+
+
+def to_rows(words, s, z):
+    """The engine's layout (words [K/8, N...] int32, nibble i of word r = input 8r + i; s, z [K/G, N...])
+    -> (wq [N, K] int4 holding v - 8, zs [2, K/G, N] = (z - 8, s) in s's dtype); N... flattened."""
+    kw8 = words.shape[0]
+    words, s, z = words.reshape(kw8, -1), s.reshape(s.shape[0], -1), z.reshape(z.shape[0], -1)
+    n = words.shape[1]
+    flipped = jnp.bitwise_xor(words.T, jnp.int32(-0x77777778))  # 0x88888888: each nibble v -> v - 8 (signed)
+    wq = lax.bitcast_convert_type(flipped, jnp.int4).reshape(n, kw8 * 8)  # nibble i of a word is element i
+    return wq, jnp.stack([z.astype(s.dtype) - 8, s])
+
+
+def supported(m: int, k: int, n: int, groups: int, wgs: int = 2) -> bool:
+    return 0 < m <= MAX_ROWS and n % (ROWS_PER_WG * wgs) == 0 and k % TK == 0 and k % groups == 0 and (k // groups) % TK == 0
+
+
+def valid_split(k: int, groups: int, splits: int, tk: int = TK) -> bool:
+    """A slice is a whole number of tk-input steps and holds whole groups or lies inside one."""
+    if k % splits:
+        return False
+    ks, g = k // splits, k // groups
+    return ks % tk == 0 and (ks % g == 0 or g % ks == 0) and (tk % g == 0 or g % tk == 0)
+
+
+def default_splits(n: int, k: int, groups: int, num_sms: int, tk: int = TK, fill: str = "cover", wgs: int = 2) -> int:
+    """K slices: "cover": the fewest valid ones that give every SM a (tile, slice) pair;
+    "one_wave": the most that keep (tile, slice) pairs within one per SM."""
+    tiles = n // (ROWS_PER_WG * wgs)
+    valid = [sp for sp in range(1, k // tk + 1) if valid_split(k, groups, sp, tk)] or [1]
+    if fill == "one_wave":
+        return max([sp for sp in valid if tiles * sp <= num_sms] or [valid[0]])
+    return next((sp for sp in valid if tiles * sp >= num_sms), valid[-1])
+
+
+def _t(plgpu, ref):
+    """ref [a, b] viewed as [b, a] (newer jax: ref.transpose; older: plgpu.transpose_ref)."""
+    return ref.transpose((1, 0)) if hasattr(ref, "transpose") else plgpu.transpose_ref(ref, (1, 0))
+
+
+@functools.partial(jax.jit, static_argnames=("splits", "stages", "tk", "wgs", "num_sms", "out_dtype"))
+def int4_matmul_rows(x, wq, zs, *, splits: Optional[int] = None, stages: int = 4, tk: int = TK, wgs: int = 2,
+                     num_sms: Optional[int] = None, out_dtype=None):
+    """x [M, K] @ the 4-bit weight in `to_rows`' layout -> [M, N] in out_dtype (default x's dtype;
+    float32 sums). splits: K slices (default: default_splits); stages: pipeline depth (fewer when
+    the rows' buffers would not fit shared memory); tk: inputs per pipeline step (a multiple of
+    128: one product per 128); wgs: consumer warpgroups (64 weight rows each); num_sms: the
+    persistent grid. Under jit so that a model's many
+    call sites of one shape share one lowering (16 calls: 3.2 s -> 0.2 s on the CPU)."""
+    m = x.shape[0]
+    return partials(x, wq, zs, splits=splits, stages=stages, tk=tk, wgs=wgs, num_sms=num_sms).sum(0).T[:m].astype(
+        out_dtype or x.dtype)
+
+
+def partials(x, wq, zs, *, splits: Optional[int] = None, stages: int = 4, tk: int = TK, wgs: int = 2,
+             num_sms: Optional[int] = None):
+    """The kernel alone: float32 partial sums [splits, N, M padded to a multiple of 8] (transposed)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m, k = x.shape
+    n = wq.shape[0]
+    groups = zs.shape[1]
+    if wgs not in WARPGROUPS:
+        raise ValueError(f"int4_matmul_rows: wgs={wgs} consumer warpgroups; supported: {WARPGROUPS} (4 hung on an "
+                         f"H200 on 2026-12-02)")
+    if wq.shape != (n, k) or wq.dtype != jnp.int4 or zs.shape != (2, groups, n) or not supported(m, k, n, groups, wgs):
+        raise ValueError(f"int4_matmul_rows: x {x.shape}, wq {wq.shape} {wq.dtype}, zs {zs.shape} not supported "
+                         f"(wq int4 [N, K]; N % {64 * wgs}, K % {TK}, groups of a multiple of {TK} inputs, "
+                         f"1..{MAX_ROWS} rows)")
+    if num_sms is None:
+        num_sms = jax.devices()[0].core_count
+    if splits is None:
+        splits = default_splits(n, k, groups, num_sms, tk, wgs=wgs)
+    if tk % TK or not valid_split(k, groups, splits, tk):
+        raise ValueError(f"int4_matmul_rows: splits={splits} must cut K={k} into slices of whole {tk}-input steps "
+                         f"(tk a multiple of {TK}) that hold whole groups of {k // groups} or lie inside one")
+    mp = -(-m // 8) * 8  # wgmma's N: a multiple of 8
+    xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+    dtype = x.dtype
+    g = k // groups
+    ks = k // splits  # inputs per slice
+    tn = ROWS_PER_WG * wgs  # weight rows per tile
+    tiles = n // tn
+    sub = tk // TK  # products per step, one per 128 inputs
+    zg = max(tk // g, 1)  # groups per step's zero points and scales
+    per_stage = tn * tk // 2 + mp * tk * jnp.dtype(dtype).itemsize + 2 * zg * tn * jnp.dtype(zs.dtype).itemsize
+    stages = max(2, min(stages, SMEM_BUDGET // per_stage))  # 256 rows: 72 KiB a stage at tk 128
+
+    spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM)
+    # tiles of 128 inputs in shared memory, so a step's products read whole tiles
+    in_specs = [spec((tn, tk), lambda kk: (0, kk), transforms=smem_transforms(plgpu, TK, jnp.int4)),
+                spec((mp, tk), lambda kk: (0, kk), transforms=smem_transforms(plgpu, TK, dtype)),
+                spec((2, zg, tn), lambda kk: (0, kk if g <= tk else kk // (g // tk), 0))]
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(ks // tk,), memory_registers=40, in_specs=in_specs, wg_axis="wg", num_compute_wgs=wgs,
+            max_concurrent_steps=stages, compute_context=context)
+
+    def kernel(w_gmem, x_gmem, zs_gmem, out_gmem):
+        unused = lambda *_, **__: None  # noqa: E731 (the allocations do not depend on the bodies)
+
+        @functools.partial(pl.run_scoped, allocs=pipeline(unused, unused).get_allocations(w_gmem, x_gmem, zs_gmem),
+                           collective_axes="wg")
+        def _scope(allocs):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((tiles * splits,), collective_axes="sm")
+            def _item(info):
+                (lin,) = info.index
+                tile, part = lin // splits, lin % splits
+                mine = pl.ds(wg * 64, 64)  # this warpgroup's weight rows within the tile
+
+                def context(run):
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((64, mp), jnp.float32))
+                    def _acc(acc):
+                        run(acc)
+                        out_gmem[part, pl.ds(tile * tn + wg * 64, 64), :] = acc[...]
+
+                def step(_, w_s, x_s, zs_s, acc):
+                    row = plgpu.Layout.WGMMA.reduce(1)
+                    wide = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v, (64, TK), (0,)),  # noqa: E731
+                                                       plgpu.Layout.WGMMA)
+                    for j in range(sub):
+                        cols = pl.ds(j * TK, TK)
+                        grp = j * TK // g if g < tk else 0
+                        zero = plgpu.load(zs_s.at[0, grp, mine], (), layout=row)  # [64]: z - 8
+                        scale = plgpu.load(zs_s.at[1, grp, mine], (), layout=row)
+                        a = plgpu.layout_cast(w_s.at[mine, cols][...].astype(dtype), plgpu.Layout.WGMMA)  # v - 8
+                        plgpu.wgmma(acc, (a - wide(zero)) * wide(scale), _t(plgpu, x_s.at[:, cols]))
+                    plgpu.wgmma_wait(0)
+                    return acc
+
+                k0 = part * ks
+                pipeline(step, context)(
+                    w_gmem.at[pl.ds(tile * tn, tn), pl.ds(k0, ks)], x_gmem.at[:, pl.ds(k0, ks)],
+                    zs_gmem.at[:, pl.ds(k0 // g, max(ks // g, 1)), pl.ds(tile * tn, tn)],
+                    allocations=allocs)
+
+    return plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32), grid=(num_sms,), grid_names=("sm",),
+        num_threads=wgs + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(wq, xp, zs)

@@ -1,0 +1,103 @@
+"""pallas_kernels/int4_matmul/mgpu.py: the Mosaic-GPU 4-bit kernel compiles only for a Hopper GPU
+(wgmma with its A operand in registers, which Mosaic GPU's interpreter does not run). On the CPU:
+the layout conversion against the contract (exact), the K slicing rules, and the kernel traced and
+lowered for CUDA at the engine's shapes; on a Hopper GPU: the kernel against the XLA reference."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.int4_matmul import reference as ref
+from pallas_kernels.int4_matmul.mgpu import MAX_ROWS, default_splits, int4_matmul_rows, to_rows, valid_split
+
+HOPPER = jax.devices()[0].platform == "gpu" and str(getattr(jax.devices()[0], "compute_capability", "")) == "9.0"
+
+
+def _case(m, k, n, g, seed, dtype=jnp.bfloat16):
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (k, n))
+    s = jnp.asarray(rng.uniform(0.001, 0.01, (k // g, n)), dtype)
+    z = jnp.asarray(rng.integers(0, 16, (k // g, n)), dtype)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    return x, jnp.asarray(ref.pack(q)), s, z
+
+
+@pytest.mark.parametrize("g", [128, 256])
+def test_to_rows_holds_the_contracts_weight(g):
+    """(wq - (z - 8)) * s in the activations' dtype, per group: bit-equal to the reference's widening."""
+    _, words, s, z = _case(1, 512, 48, g, g)
+    wq, zs = to_rows(words, s, z)
+    assert wq.shape == (48, 512) and wq.dtype == jnp.int4 and zs.shape == (2, 512 // g, 48)
+    v = wq.astype(jnp.int32)
+    assert int(v.min()) >= -8 and int(v.max()) <= 7
+    rep = lambda a: jnp.repeat(a, g, axis=0).T  # noqa: E731 ([K/G, N] -> [N, K])
+    mine = (v.astype(s.dtype) - rep(zs[0])) * rep(zs[1])
+    want = ref.dequantize(words, s, z, s.dtype).T
+    assert np.array_equal(np.asarray(mine, np.float32), np.asarray(want, np.float32))
+
+
+def test_to_rows_flattens_fused_outputs():
+    _, words, s, z = _case(1, 256, 64, 128, 3)
+    flat = to_rows(words, s, z)
+    fused = to_rows(words.reshape(32, 2, 32), s.reshape(2, 2, 32), z.reshape(2, 2, 32))
+    assert all(np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)) for a, b in zip(flat, fused))
+
+
+def test_k_slices_hold_whole_groups_or_lie_inside_one():
+    assert valid_split(4096, 32, 8) and valid_split(4096, 32, 32)  # 4 groups; one group per slice
+    assert valid_split(4096, 16, 32)  # 128-input slices inside groups of 256
+    assert not valid_split(4096, 32, 3) and not valid_split(4096, 32, 64)  # uneven; 64-input slices
+    assert not valid_split(4096, 8, 12)  # no: 4096 / 12 is not a whole number of inputs
+    assert not valid_split(3 * 1024, 3, 2)  # 1,536-input slices cut a 1,024-input group
+    # the fewest slices that give each of 132 SMs work, and every result is valid
+    for n, k, groups in ((4096, 4096, 32), (6144, 4096, 32), (4096, 14336, 112), (28672, 4096, 32)):
+        sp = default_splits(n, k, groups, 132)
+        assert valid_split(k, groups, sp)
+        assert (n // 128) * sp >= 132 or sp == max(s for s in range(1, k // 128 + 1) if valid_split(k, groups, s))
+        assert all((n // 128) * s < 132 for s in range(1, sp) if valid_split(k, groups, s))
+
+
+def test_shapes_it_refuses_are_explained():
+    x, words, s, z = _case(4, 256, 100, 128, 0)
+    wq, zs = to_rows(words, s, z)
+    with pytest.raises(ValueError, match="N % 128"):
+        int4_matmul_rows(x, wq, zs, num_sms=132)
+    x, words, s, z = _case(MAX_ROWS + 1, 256, 128, 128, 0)
+    with pytest.raises(ValueError, match="rows"):
+        int4_matmul_rows(x, *to_rows(words, s, z), num_sms=132)
+    x, words, s, z = _case(8, 512, 128, 128, 0)
+    with pytest.raises(ValueError, match="splits=3"):
+        int4_matmul_rows(x, *to_rows(words, s, z), splits=3, num_sms=132)
+    with pytest.raises(ValueError, match="wgs=4"):
+        int4_matmul_rows(x, *to_rows(words, s, z), wgs=4, num_sms=132)
+
+
+@pytest.mark.parametrize("m,k,n,splits,tk,wgs", [(1, 4096, 6144, None, 128, 2), (16, 4096, 4096, None, 256, 2),
+                                                 (64, 14336, 4096, None, 512, 2), (256, 4096, 28672, 1, 128, 2),
+                                                 (16, 4096, 6144, None, 256, 3)])
+def test_kernel_lowers_for_cuda(m, k, n, splits, tk, wgs):
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    wq = jax.ShapeDtypeStruct((n, k), jnp.int4)
+    zs = jax.ShapeDtypeStruct((2, k // 128, n), jnp.bfloat16)
+    f = functools.partial(int4_matmul_rows, splits=splits, tk=tk, wgs=wgs, num_sms=132)
+    assert "mosaic_gpu" in jax.jit(f).trace(x, wq, zs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="Mosaic GPU's wgmma needs a Hopper GPU")
+@pytest.mark.parametrize("m,k,n,g,splits,tk,wgs", [
+    (1, 4096, 6144, 128, None, 128, 2), (5, 512, 256, 128, 1, 128, 2), (16, 4096, 4096, 128, None, 128, 2),
+    (37, 1024, 384, 256, 2, 128, 2), (64, 14336, 4096, 128, None, 128, 2), (8, 2048, 128, 1024, 16, 128, 2),
+    (256, 512, 256, 128, 4, 128, 2), (1, 4096, 4096, 128, 4, 256, 2), (16, 14336, 4096, 128, 4, 256, 2),
+    (24, 2048, 256, 256, 2, 512, 2), (3, 2048, 384, 1024, 4, 256, 2), (16, 4096, 4096, 128, None, 256, 3),
+    (1, 4096, 6144, 128, 2, 256, 3)])
+def test_kernel_matches_the_reference_on_hopper(m, k, n, g, splits, tk, wgs):
+    x, words, s, z = _case(m, k, n, g, m * 7 + n)
+    want = np.asarray(ref.int4_matmul_reference(x, words, s, z), np.float32)
+    f = jax.jit(functools.partial(int4_matmul_rows, splits=splits, tk=tk, wgs=wgs))
+    got = np.asarray(f(x, *to_rows(words, s, z)), np.float32)
+    assert got.shape == (m, n)
+    # same widened weights; float32 sums in another order, then one bf16 rounding each
+    assert np.abs(got - want).max() <= 2 ** -7 * np.abs(want).max()
