@@ -13,6 +13,10 @@ pass (the same inline-PTX widening) and run one dot: on an H200 a 32-layer strea
 rows took 0.84x / 0.92x the time of XLA's own widening + dot, and 4-bit 128 / 128 and 1024 / 128
 ran 1.047x / 1.035x faster (docs/benchmarks.md, 2026-12-01 twelfth session); on a tensor-parallel
 mesh both run per shard. The CPU and shapes neither pass takes widen in XLA ops (the reference).
+Experiment (`JAXSERVE_INT4_ROWS`, one GPU, off by default): `with_rows` adds mgpu.py's layout
+(wq [N, K] int4, zs) to every weight and steps of up to MAX_ROWS rows run the Mosaic-GPU kernel
+(batch-1 decode 1.13x, batch 32 1.37x on an H200); both layouts are held until large steps can
+widen from [N, K].
 
 The checkpoint formats are unpacked on the host, tensor by tensor, and packed into this layout:
   AWQ (AutoAWQ "gemm"): qweight int32 [K, N/8], eight 4-bit columns per word in the order
@@ -35,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.int4_matmul import mgpu
 from pallas_kernels.int4_matmul import reference as ref
 from pallas_kernels.int4_matmul.kernel import MAX_ROWS, int4_matmul
 from pallas_kernels.int4_matmul.kernel import supported as kernel_supported
@@ -250,6 +255,10 @@ def linear(x, qw, *, kernel: Optional[bool] = None, widen: Optional[bool] = None
         raise ValueError(f"a 4-bit product on a tensor-parallel mesh needs split='col' or 'row', got {split!r}")
     local = (k, n // tp, groups) if split == "col" else (k // tp, n, groups // tp) if tp > 1 else (k, n, groups)
     gpu = jax.default_backend() == "gpu"
+    # the experiment's Mosaic-GPU kernel (with_rows): decode-sized steps on one GPU
+    if gpu and "wq" in qw and tp == 1 and kernel is not False and x.shape[0] <= MAX_ROWS:
+        y = mgpu.int4_matmul_rows(x, qw["wq"], qw["zs"], **rows_config(qw["wq"].shape, qw["zs"].shape[1]))
+        return y.reshape((x.shape[0],) + qw["qw"].shape[1:])
     if kernel is None:
         kernel = gpu and x.shape[0] <= MAX_ROWS and kernel_supported(*local)
     if kernel and tp > 1:
@@ -269,6 +278,36 @@ def linear(x, qw, *, kernel: Optional[bool] = None, widen: Optional[bool] = None
             return _per_shard(widen_matmul, x, qw, mesh, split)
         y = widen_matmul(x, words, s, z) if widen else ref.int4_matmul_reference(x, words, s, z)
     return y.reshape((x.shape[0],) + qw["qw"].shape[1:])
+
+
+ROWS_ENV = "JAXSERVE_INT4_ROWS"  # experiment: "1" or "tk,stages,fill,wgs" adds mgpu.py's layout (with_rows)
+ROWS_DEFAULT = "256,4,one_wave,2"  # the best of 2026-12-02's sweep (docs/benchmarks.md, thirteenth session)
+
+
+def rows_config(wq_shape, groups: int) -> dict:
+    """mgpu.int4_matmul_rows' options for a weight [N, K] in `groups` groups, from ROWS_ENV."""
+    spec = os.environ.get(ROWS_ENV, "1")
+    tk, stages, fill, wgs = (ROWS_DEFAULT if spec in ("", "1") else spec).split(",")
+    n, k = wq_shape
+    tk, wgs = int(tk), int(wgs)
+    sms = getattr(jax.devices()[0], "core_count", None) or 132  # an H100's / H200's off the GPU (tests)
+    return dict(tk=tk, stages=int(stages), wgs=wgs, splits=mgpu.default_splits(n, k, groups, sms, tk, fill, wgs))
+
+
+def with_rows(params):
+    """Experiment (JAXSERVE_INT4_ROWS set, one GPU): every 4-bit weight also in mgpu.py's layout
+    (wq [N, K] int4, zs), which `linear` then runs for steps of at most MAX_ROWS rows. Doubles the
+    4-bit weights' memory (the [K/8, N] words stay for larger steps): not a default."""
+    def visit(t):
+        if is_int4(t):
+            wq, zs = jax.jit(mgpu.to_rows)(t["qw"], t["s"], t["z"])
+            return dict(t, wq=wq, zs=zs)
+        if isinstance(t, dict):
+            return {k: visit(v) for k, v in t.items()}
+        if isinstance(t, (list, tuple)):
+            return type(t)(visit(v) for v in t)
+        return t
+    return visit(params)
 
 
 def _per_shard(product, x, qw, mesh, split: str):
