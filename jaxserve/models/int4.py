@@ -13,10 +13,10 @@ pass (the same inline-PTX widening) and run one dot: on an H200 a 32-layer strea
 rows took 0.84x / 0.92x the time of XLA's own widening + dot, and 4-bit 128 / 128 and 1024 / 128
 ran 1.047x / 1.035x faster (docs/benchmarks.md, 2026-12-01 twelfth session); on a tensor-parallel
 mesh both run per shard. The CPU and shapes neither pass takes widen in XLA ops (the reference).
-Experiment (`JAXSERVE_INT4_ROWS`, one GPU, off by default): `with_rows` adds mgpu.py's layout
-(wq [N, K] int4, zs) to every weight and steps of up to MAX_ROWS rows run the Mosaic-GPU kernel
-(batch-1 decode 1.13x, batch 32 1.37x on an H200); both layouts are held until large steps can
-widen from [N, K].
+Experiment (`JAXSERVE_INT4_ROWS`, one GPU, off by default): `with_rows` moves every weight to
+mgpu.py's layout (wq [N..., K] int4, zs) and steps of up to MAX_ROWS rows run the Mosaic-GPU kernel
+(batch-1 decode 1.13x, batch 32 1.37x on an H200, measured while the words were kept as well),
+larger ones widen.widen_rows (bit-equal to widen.py on the CPU; not yet run on a GPU).
 
 The checkpoint formats are unpacked on the host, tensor by tensor, and packed into this layout:
   AWQ (AutoAWQ "gemm"): qweight int32 [K, N/8], eight 4-bit columns per word in the order
@@ -44,7 +44,7 @@ from pallas_kernels.int4_matmul import reference as ref
 from pallas_kernels.int4_matmul.kernel import MAX_ROWS, int4_matmul
 from pallas_kernels.int4_matmul.kernel import supported as kernel_supported
 from pallas_kernels.int4_matmul.reference import pack
-from pallas_kernels.int4_matmul.widen import widen_matmul
+from pallas_kernels.int4_matmul.widen import widen_matmul, widen_rows
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _SHIFTS = np.arange(8, dtype=np.uint32) * 4
@@ -52,7 +52,8 @@ METHODS = ("awq", "gptq")
 
 
 def is_int4(w) -> bool:
-    return isinstance(w, dict) and "qw" in w
+    """A 4-bit weight: the words layout {"qw", "s", "z"} or the Mosaic-GPU kernel's {"wq", "zs"}."""
+    return isinstance(w, dict) and ("qw" in w or "wq" in w)
 
 
 # ---- unpacking checkpoint tensors (host, numpy) ---------------------------------------------
@@ -247,7 +248,10 @@ def linear(x, qw, *, kernel: Optional[bool] = None, widen: Optional[bool] = None
     takes, else XLA's widening; True / False force one (bit-equal results). On a mesh whose "model"
     axis splits the weight (tensor parallelism), split says how: "col" (output columns: q, k, v,
     gate+up) or "row" (inputs: o, down, whose partial products are summed over the axis); the
-    kernel or the widening pass then runs on each device's shard (shard_map)."""
+    kernel or the widening pass then runs on each device's shard (shard_map). A weight in the
+    Mosaic-GPU kernel's layout ({"wq", "zs"}: with_rows) goes to _linear_rows (one device)."""
+    if "wq" in qw:
+        return _linear_rows(x, qw, kernel=kernel, widen=widen, mesh=mesh)
     words, s, z = _flat(qw)
     k, n, groups = words.shape[0] * 8, words.shape[1], s.shape[0]
     tp = mesh.shape.get("model", 1) if mesh is not None else 1
@@ -255,10 +259,6 @@ def linear(x, qw, *, kernel: Optional[bool] = None, widen: Optional[bool] = None
         raise ValueError(f"a 4-bit product on a tensor-parallel mesh needs split='col' or 'row', got {split!r}")
     local = (k, n // tp, groups) if split == "col" else (k // tp, n, groups // tp) if tp > 1 else (k, n, groups)
     gpu = jax.default_backend() == "gpu"
-    # the experiment's Mosaic-GPU kernel (with_rows): decode-sized steps on one GPU
-    if gpu and "wq" in qw and tp == 1 and kernel is not False and x.shape[0] <= MAX_ROWS:
-        y = mgpu.int4_matmul_rows(x, qw["wq"], qw["zs"], **rows_config(qw["wq"].shape, qw["zs"].shape[1]))
-        return y.reshape((x.shape[0],) + qw["qw"].shape[1:])
     if kernel is None:
         kernel = gpu and x.shape[0] <= MAX_ROWS and kernel_supported(*local)
     if kernel and tp > 1:
@@ -294,14 +294,42 @@ def rows_config(wq_shape, groups: int) -> dict:
     return dict(tk=tk, stages=int(stages), wgs=wgs, splits=mgpu.default_splits(n, k, groups, sms, tk, fill, wgs))
 
 
+def _linear_rows(x, w, *, kernel: Optional[bool], widen: Optional[bool], mesh):
+    """linear() for a weight in mgpu.py's layout, wq [N..., K] int4 and zs [2, K/G, N...]: on a GPU
+    steps of at most MAX_ROWS rows run the Mosaic-GPU kernel, larger ones widen.widen_rows + one
+    dot; elsewhere (and when forced: kernel / widen False) XLA's widening (mgpu.reference)."""
+    if mesh is not None and mesh.shape.get("model", 1) > 1:
+        raise ValueError("a 4-bit weight in the Mosaic-GPU kernel's layout (JAXSERVE_INT4_ROWS) runs on one device; "
+                         "unset JAXSERVE_INT4_ROWS for tensor parallelism")
+    out = w["wq"].shape[:-1]
+    k = w["wq"].shape[-1]
+    wq, zs = w["wq"].reshape(-1, k), w["zs"].reshape(2, w["zs"].shape[1], -1)
+    n, groups = wq.shape[0], zs.shape[1]
+    gpu = jax.default_backend() == "gpu"
+    if gpu and kernel is not False and x.shape[0] <= MAX_ROWS and mgpu.supported(x.shape[0], k, n, groups):
+        y = mgpu.int4_matmul_rows(x, wq, zs, **rows_config(wq.shape, groups))
+    else:
+        wq, zs, x = jax.lax.optimization_barrier((wq, zs, x))  # widen one layer at a time (linear's note)
+        if widen is None:
+            widen = gpu and kernel_supported(k, n, groups)
+        if widen:
+            wd = widen_rows(wq, zs).reshape(k, n)
+            y = jnp.dot(x, wd.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        else:
+            y = mgpu.reference(x, wq, zs)
+    return y.reshape((x.shape[0],) + out)
+
+
 def with_rows(params):
-    """Experiment (JAXSERVE_INT4_ROWS set, one GPU): every 4-bit weight also in mgpu.py's layout
-    (wq [N, K] int4, zs), which `linear` then runs for steps of at most MAX_ROWS rows. Doubles the
-    4-bit weights' memory (the [K/8, N] words stay for larger steps): not a default."""
+    """Experiment (JAXSERVE_INT4_ROWS set, one GPU): every 4-bit weight moved to mgpu.py's layout,
+    wq [N..., K] int4 and zs [2, K/G, N...] (the words are dropped as each weight is converted: the
+    same memory), which `linear` runs through the Mosaic-GPU kernel for steps of at most MAX_ROWS
+    rows and through widen.widen_rows + a dot above."""
     def visit(t):
-        if is_int4(t):
+        if is_int4(t) and "qw" in t:
+            out = t["qw"].shape[1:]
             wq, zs = jax.jit(mgpu.to_rows)(t["qw"], t["s"], t["z"])
-            return dict(t, wq=wq, zs=zs)
+            return {"wq": wq.reshape(out + (wq.shape[1],)), "zs": zs.reshape((2, zs.shape[1]) + out)}
         if isinstance(t, dict):
             return {k: visit(v) for k, v in t.items()}
         if isinstance(t, (list, tuple)):

@@ -54,6 +54,14 @@ def to_rows(words, s, z):
     return wq, jnp.stack([z.astype(s.dtype) - 8, s])
 
 
+def reference(x, wq, zs):
+    """x [M, K] @ the weight in `to_rows`' layout in XLA ops -> [M, N] in x's dtype: the same widened
+    values as reference.dequantize of the words it came from, float32 accumulation."""
+    rep = lambda a: jnp.repeat(a.astype(x.dtype), wq.shape[1] // a.shape[0], axis=0).T  # noqa: E731 [N, K]
+    w = (wq.astype(x.dtype) - rep(zs[0])) * rep(zs[1])  # [N, K]
+    return lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def supported(m: int, k: int, n: int, groups: int, wgs: int = 2) -> bool:
     return 0 < m <= MAX_ROWS and n % (ROWS_PER_WG * wgs) == 0 and k % TK == 0 and k % groups == 0 and (k // groups) % TK == 0
 

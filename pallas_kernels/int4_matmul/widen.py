@@ -12,7 +12,8 @@ Layout: the output [K/8, 8, N] holds plane i (nibble i of every word: inputs 8r 
 the widened weight in its own row order (each plane stored with a stride of 8 rows, so x needs no
 permutation). Program (g, j): 16 words (128 inputs, inside one group) x BN columns.
 
-Used by int4.linear for GPU steps above the kernel's MAX_ROWS (unsplit weights). On an H200 a
+Used by int4.linear for GPU steps above the kernel's MAX_ROWS (unsplit weights); `widen_rows` does the
+same from mgpu.py's [N, K] layout (the JAXSERVE_INT4_ROWS experiment; not yet run on a GPU). On an H200 a
 32-layer stream of Llama-3-8B's projections took 12.3 / 29.9 ms at 256 / 1,024 rows against 14.7 /
 32.4 for XLA's widening + GEMM (bf16: 7.5 / 23.6), bit-equal results (docs/benchmarks.md,
 2026-12-01 twelfth session).
@@ -75,6 +76,51 @@ def widen(qw, s, z, *, dtype, bn: Optional[int] = None, warps: Optional[int] = N
         out_specs=pl.BlockSpec((ROWS, 8, bn), lambda g, j: (g, 0, j)),
         out_shape=jax.ShapeDtypeStruct((kw8, 8, n), dtype),
         interpret=interpret, **kw)(qw, s, z)
+
+
+def _widen_rows_kernel(q_ref, zs_ref, o_ref, *, asm: bool):
+    # q_ref [BN, 16] int32 (words of mgpu.to_rows' [N, K] int4: nibbles hold v - 8); zs_ref [2, 1, BN]
+    # (z - 8, s); o_ref [16, 8, BN]: the same output as _widen_kernel, from the transposed words
+    dtype = o_ref.dtype
+    convert = "offset" if jnp.dtype(dtype) in _PAIR_BITS else "magic"
+    base = _offset(dtype, convert)
+    w = jnp.bitwise_xor(q_ref[...], jnp.int32(-0x77777778)).T  # each nibble back to v; [16, BN]
+    s = zs_ref[1].astype(dtype)
+    zb = zs_ref[0].astype(dtype) + jnp.asarray(base + 8, dtype)  # exact: 2^m + z
+    for i in range(8):
+        o_ref[:, i, :] = ((_plane(w, i, dtype, convert, asm) - zb) * s).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("bn", "warps", "asm", "interpret"))
+def widen_rows(wq, zs, *, bn: Optional[int] = None, warps: Optional[int] = None, asm: Optional[bool] = None,
+               interpret: Optional[bool] = None):
+    """mgpu.to_rows' layout (wq [N, K] int4 holding v - 8, zs [2, K/G, N] = (z - 8, s)) -> [K/8, 8, N]
+    in zs' dtype, equal to widen() of the words it came from: large steps of weights kept only in
+    the Mosaic-GPU kernel's layout. Each program transposes its [BN, 16] word tile in registers."""
+    n, k = wq.shape
+    groups = zs.shape[1]
+    if not supported(k, n, groups):
+        raise ValueError(f"widen_rows: K={k}, N={n}, {groups} groups not supported (groups of a multiple of 128 "
+                         f"inputs, N a multiple of 32)")
+    words = jax.lax.bitcast_convert_type(wq.reshape(n, k // 8, 8), jnp.int32)  # [N, K/8], nibble i = input 8r + i
+    if interpret is None:
+        interpret = jax.devices()[0].platform != "gpu"
+    cfg = default_config(n)
+    bn, warps = bn or cfg["bn"], warps or cfg["warps"]
+    if n % bn:
+        raise ValueError(f"widen_rows: bn={bn} must divide N={n}")
+    dtype = zs.dtype
+    asm = (True if asm is None else asm) and asm_usable(dtype, interpret)
+    per = k // groups // (ROWS * 8)
+    kw = {} if interpret else {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=1)}
+    return pl.pallas_call(
+        functools.partial(_widen_rows_kernel, asm=asm),
+        grid=(k // 8 // ROWS, n // bn),
+        in_specs=[pl.BlockSpec((bn, ROWS), lambda g, j: (j, g)),
+                  pl.BlockSpec((2, 1, bn), lambda g, j: (0, g // per, j))],
+        out_specs=pl.BlockSpec((ROWS, 8, bn), lambda g, j: (g, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((k // 8, 8, n), dtype),
+        interpret=interpret, **kw)(words, zs)
 
 
 def widen_matmul(x, qw, s, z, **kw):

@@ -128,26 +128,36 @@ def test_linear_on_a_stacked_weight_both_paths():
                                   np.asarray(int4.linear(xb, qb, kernel=False, widen=False), np.float32))
 
 
-def test_rows_layout_experiment_adds_the_kernels_layout_and_options(monkeypatch):
-    """with_rows (JAXSERVE_INT4_ROWS, GPU only) keeps every 4-bit weight and adds mgpu.py's layout
-    of the same values; rows_config reads the options; off the GPU `linear` ignores the layout."""
+def test_rows_layout_experiment_moves_weights_to_the_kernels_layout(monkeypatch):
+    """with_rows (JAXSERVE_INT4_ROWS, GPU only) moves every 4-bit weight to mgpu.py's layout of the
+    same values; `linear` on it equals `linear` on the words (XLA's widening, and widen_rows' pass
+    against widen.py's, bit for bit); rows_config reads the kernel's options."""
+    import types
+
     from pallas_kernels.int4_matmul import mgpu
 
     rng = np.random.default_rng(6)
     w = jnp.asarray(rng.standard_normal((256, 2, 128)).astype(np.float32) * 0.05)
-    params = {"layers": [{"w_gate_up": int4.quantize(w, group=128), "norm": jnp.ones(4)}]}
+    qw = {k: v.astype(jnp.bfloat16) if k != "qw" else v for k, v in int4.quantize(w, group=128).items()}
+    params = {"layers": [{"w_gate_up": qw, "norm": jnp.ones(4)}]}
     out = int4.with_rows(params)
-    got, qw = out["layers"][0]["w_gate_up"], params["layers"][0]["w_gate_up"]
-    assert out["layers"][0]["norm"] is params["layers"][0]["norm"] and got["qw"] is qw["qw"]
-    for a, b in zip((got["wq"], got["zs"]), mgpu.to_rows(qw["qw"], qw["s"], qw["z"])):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    assert got["wq"].shape == (256, 256)  # [N, K], the fused outputs flattened
+    rows = out["layers"][0]["w_gate_up"]
+    assert out["layers"][0]["norm"] is params["layers"][0]["norm"] and int4.is_int4(rows)
+    assert set(rows) == {"wq", "zs"} and rows["wq"].shape == (2, 128, 256) and rows["zs"].shape == (2, 2, 2, 128)
+    wq, zs = mgpu.to_rows(qw["qw"], qw["s"], qw["z"])
+    np.testing.assert_array_equal(np.asarray(rows["wq"].reshape(256, 256), np.float32), np.asarray(wq, np.float32))
+    x = jnp.asarray(rng.standard_normal((3, 256))).astype(jnp.bfloat16)
+    got, want = int4.linear(x, rows, widen=False), int4.linear(x, qw, kernel=False, widen=False)
+    assert got.shape == want.shape == (3, 2, 128)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(int4.linear(x, rows, widen=True), np.float32),
+                                  np.asarray(int4.linear(x, qw, kernel=False, widen=True), np.float32))
+    with pytest.raises(ValueError, match="one device"):
+        int4.linear(x, rows, mesh=types.SimpleNamespace(shape={"model": 2}))
     monkeypatch.setenv(int4.ROWS_ENV, "512,3,cover,3")
     cfg = int4.rows_config((6144, 4096), 32)
     assert cfg["tk"] == 512 and cfg["stages"] == 3 and cfg["wgs"] == 3
     assert mgpu.valid_split(4096, 32, cfg["splits"], 512)
-    x = jnp.asarray(rng.standard_normal((2, 256)).astype(np.float32))
-    np.testing.assert_array_equal(np.asarray(int4.linear(x, got)), np.asarray(int4.linear(x, qw)))
 
 
 # ---- configs and errors ----------------------------------------------------------------------

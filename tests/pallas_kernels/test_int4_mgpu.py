@@ -1,7 +1,8 @@
 """pallas_kernels/int4_matmul/mgpu.py: the Mosaic-GPU 4-bit kernel compiles only for a Hopper GPU
 (wgmma with its A operand in registers, which Mosaic GPU's interpreter does not run). On the CPU:
 the layout conversion against the contract (exact), the K slicing rules, and the kernel traced and
-lowered for CUDA at the engine's shapes; on a Hopper GPU: the kernel against the XLA reference."""
+lowered for CUDA at the engine's shapes, and widen.widen_rows (large steps from this layout) bit for
+bit against widen.widen; on a Hopper GPU: the kernel against the XLA reference."""
 import functools
 
 import jax
@@ -11,6 +12,7 @@ import pytest
 
 from pallas_kernels.int4_matmul import reference as ref
 from pallas_kernels.int4_matmul.mgpu import MAX_ROWS, default_splits, int4_matmul_rows, to_rows, valid_split
+from pallas_kernels.int4_matmul.widen import widen, widen_rows
 
 HOPPER = jax.devices()[0].platform == "gpu" and str(getattr(jax.devices()[0], "compute_capability", "")) == "9.0"
 
@@ -101,3 +103,31 @@ def test_kernel_matches_the_reference_on_hopper(m, k, n, g, splits, tk, wgs):
     assert got.shape == (m, n)
     # same widened weights; float32 sums in another order, then one bf16 rounding each
     assert np.abs(got - want).max() <= 2 ** -7 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("k,n,g,dtype", [(256, 64, 128, jnp.bfloat16), (512, 96, 256, jnp.float16),
+                                          (256, 32, 128, jnp.float32)])
+def test_widen_rows_equals_widen_of_the_words(k, n, g, dtype):
+    """Large steps of weights kept in this layout: widen.widen_rows (interpret mode here) writes the
+    same [K/8, 8, N] bits as widen.widen of the words they came from, which are the reference's."""
+    _, words, s, z = _case(1, k, n, g, k + n, dtype)
+    want = widen(words, s, z, dtype=dtype, bn=32)
+    got = widen_rows(*to_rows(words, s, z), bn=32)
+    assert got.shape == want.shape and np.array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert np.array_equal(np.asarray(got.reshape(k, n), np.float32), np.asarray(ref.dequantize(words, s, z, dtype),
+                                                                                 np.float32))
+
+
+def test_widen_rows_lowers_for_cuda():
+    wq = jax.ShapeDtypeStruct((6144, 4096), jnp.int4)
+    zs = jax.ShapeDtypeStruct((2, 32, 6144), jnp.bfloat16)
+    f = functools.partial(widen_rows, interpret=False, asm=True)
+    assert "triton" in jax.jit(f).trace(wq, zs).lower(lowering_platforms=("cuda",)).as_text().lower()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="checked with the kernel's own GPU tests")
+def test_widen_rows_on_the_gpu_equals_widen():
+    _, words, s, z = _case(1, 4096, 6144, 128, 11)
+    got = widen_rows(*to_rows(words, s, z))
+    assert np.array_equal(np.asarray(got, np.float32), np.asarray(widen(words, s, z, dtype=s.dtype), np.float32))
