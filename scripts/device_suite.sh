@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the engine figures: ceilings, the engine suite (single-step vs multi-step
 # on one compiled engine) and the HF transformers baseline, all in the same run.
-# Usage (GPU machine, repo root): bash scripts/device_suite.sh [engine|table|probes|mesh|kernel|profile|steps]
+# Usage (GPU machine, repo root): bash scripts/device_suite.sh [engine|table|probes|mesh|kernel|int4|profile|steps]
 #   table: issue 6's whole table in one call (~6 minutes on an H200): the engine suite at K=1 and 16
 #          on b1, 128x128, 1024x128 and 1000x1000, serving (scripts/device_serve.sh: carry .whl), HF
 #   probes: the GEMM probes (~6 minutes): scripts/bench_fp8_gemv.py (weight-only float8 GEMV, Pallas
@@ -9,6 +9,8 @@
 #           program), scripts/bench_filter_radix.py (top-k / top-p without a sort),
 #           scripts/bench_fp8_gemm.py (both float8 paths at 16-256 rows: where weight-only should stop), scripts/bench_mlp_fusion.py at 1,024 and 8,192 rows
 #           (Triton off, row chunks), then the float8 engine on b1 / 128x128 / 1024x128
+#   int4: the Mosaic-GPU 4-bit kernel's GPU tests (2 warpgroups), then the engine in AWQ-shaped 4 bits with
+#         JAXSERVE_INT4_ROWS unset and =1 on b1, b32, 128x128, 1024x128 (one process each)
 #   kernel: the kernel's GPU tests, scripts/bench_attention.py (kernel vs its one-block loop vs JAX's
 #           paged attention vs XLA) and the tile sweep; profile: the engine suite under the profiler
 set -uo pipefail
@@ -45,6 +47,15 @@ elif [ "$MODE" = kernel ]; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/pallas_kernels > "$OUT/kernel_tests.txt" 2>&1
   tail -5 "$OUT/kernel_tests.txt"
   timeout 400 python3 scripts/bench_attention.py ${ATTN_ARGS:---sweep} 2>&1 | grep -v Warn | tee "$OUT/attention.jsonl" | grep '^{' >> "$OUT/results.jsonl"
+elif [ "$MODE" = int4 ]; then  # the 4-bit Mosaic-GPU layout (JAXSERVE_INT4_ROWS) against the default, one call
+  timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rf -m gpu tests/pallas_kernels/test_int4_mgpu.py \
+    -k "not -3]" > "$OUT/int4_tests.txt" 2>&1
+  tail -3 "$OUT/int4_tests.txt"
+  for rows in "" 1; do
+    JAXSERVE_INT4_ROWS=$rows timeout 170 python3 scripts/bench_engine_suite.py --quantization awq --steps 1 \
+      --workloads ${WORKLOADS:-b1 b32 128x128 1024x128} 2>&1 | tee -a "$OUT/log.txt" | grep '^{' \
+      | sed "s/^{/{\"int4_rows\": \"$rows\", /" | tee -a "$OUT/results.jsonl" | cut -c1-300
+  done
 elif [ "$MODE" = steps ]; then  # one engine step's GPU time: command buffers on (untraced) vs off (traced)
   python3 scripts/profile_engine.py --no-trace 2>&1 | tee -a "$OUT/log.txt" | grep '^{' | tee -a "$OUT/results.jsonl"
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 scripts/profile_engine.py --trace-dir "$OUT/trace" 2>&1 \
