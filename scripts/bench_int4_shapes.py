@@ -26,9 +26,10 @@ from pallas_kernels.int4_matmul import mgpu  # noqa: E402
 from pallas_kernels.int4_matmul.kernel import int4_matmul  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # K, N
-MGPU = [(256, 4, "one_wave", 2), (512, 3, "one_wave", 2), (256, 4, "one_wave", 3), (256, 4, "one_wave", 4),
-        (512, 3, "one_wave", 4), (128, 6, "one_wave", 4), (256, 4, "cover", 4)]
-# tk, stages, K-slice policy, consumer warpgroups
+MGPU = [(256, 4, "one_wave", 2, "wgmma"), (256, 4, "one_wave", 2, "upcast4x"), (512, 3, "one_wave", 2, "wgmma"),
+        (512, 3, "one_wave", 2, "upcast4x"), (256, 4, "one_wave", 3, "wgmma"), (256, 4, "one_wave", 3, "upcast4x")]
+# tk, stages, K-slice policy, consumer warpgroups, load (mgpu._widen); 2026-12-02's sweep also ran
+# tk 128, "cover" and 4 warpgroups (4 hung in the engine: refused now)
 
 
 def main():
@@ -52,9 +53,9 @@ def main():
             row = {"shape": name, "rows": m, "bf16_us": round(t_bf, 1), "triton_us": round(t_tri, 1),
                    "triton_tb_s": round(mb / t_tri, 2)}
             best = None
-            for tk, stages, fill, wgs in MGPU:
+            for tk, stages, fill, wgs, load in MGPU:
                 sp = mgpu.default_splits(n, k, k // 128, sms, tk, fill, wgs)
-                cfg = dict(splits=sp, stages=stages, tk=tk, wgs=wgs)
+                cfg = dict(splits=sp, stages=stages, tk=tk, wgs=wgs, load=load)
                 try:
                     got, t = us(jax.jit(functools.partial(mgpu.int4_matmul_rows, **cfg)), x, wq, zs)
                     _, t_k = us(jax.jit(functools.partial(mgpu.partials, **cfg)), x, wq, zs)
@@ -63,7 +64,7 @@ def main():
                     continue
                 err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))
                             / jnp.max(jnp.abs(ref.astype(jnp.float32))))
-                r = {"tk": tk, "stages": stages, "fill": fill, "wgs": wgs, "splits": sp, "us": round(t, 1),
+                r = {"tk": tk, "stages": stages, "fill": fill, "wgs": wgs, "load": load, "splits": sp, "us": round(t, 1),
                      "kernel_us": round(t_k, 1), "tb_s": round(mb / t, 2), "err_vs_triton": round(err, 4)}
                 print(json.dumps({"shape": name, "rows": m, **r}), flush=True)
                 if best is None or t < best["us"]:

@@ -280,18 +280,19 @@ def linear(x, qw, *, kernel: Optional[bool] = None, widen: Optional[bool] = None
     return y.reshape((x.shape[0],) + qw["qw"].shape[1:])
 
 
-ROWS_ENV = "JAXSERVE_INT4_ROWS"  # experiment: "1" or "tk,stages,fill,wgs" adds mgpu.py's layout (with_rows)
+ROWS_ENV = "JAXSERVE_INT4_ROWS"  # experiment: "1" or "tk,stages,fill,wgs[,load]" (with_rows, mgpu.py)
 ROWS_DEFAULT = "256,4,one_wave,2"  # the best of 2026-12-02's sweep (docs/benchmarks.md, thirteenth session)
 
 
 def rows_config(wq_shape, groups: int) -> dict:
     """mgpu.int4_matmul_rows' options for a weight [N, K] in `groups` groups, from ROWS_ENV."""
     spec = os.environ.get(ROWS_ENV, "1")
-    tk, stages, fill, wgs = (ROWS_DEFAULT if spec in ("", "1") else spec).split(",")
+    tk, stages, fill, wgs, *load = (ROWS_DEFAULT if spec in ("", "1") else spec).split(",")
     n, k = wq_shape
     tk, wgs = int(tk), int(wgs)
     sms = getattr(jax.devices()[0], "core_count", None) or 132  # an H100's / H200's off the GPU (tests)
-    return dict(tk=tk, stages=int(stages), wgs=wgs, splits=mgpu.default_splits(n, k, groups, sms, tk, fill, wgs))
+    return dict(tk=tk, stages=int(stages), wgs=wgs, load=load[0] if load else "wgmma",
+                splits=mgpu.default_splits(n, k, groups, sms, tk, fill, wgs))
 
 
 def _linear_rows(x, w, *, kernel: Optional[bool], widen: Optional[bool], mesh):

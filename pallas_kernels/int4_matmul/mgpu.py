@@ -84,33 +84,53 @@ def default_splits(n: int, k: int, groups: int, num_sms: int, tk: int = TK, fill
     return next((sp for sp in valid if tiles * sp >= num_sms), valid[-1])
 
 
+LOADS = ("wgmma", "upcast4x")
+
+
+def _widen(plgpu, ref, dtype, load: str):
+    """A warpgroup's [64, 128] int4 tile in shared memory -> dtype in wgmma's register layout.
+    "wgmma": loaded in that layout (Mosaic picks it: one byte per load, 32 loads a thread);
+    "upcast4x": loaded as 32-bit vectors of 8 values (WGMMA_UPCAST_4X: 8 loads a thread), moved
+    to wgmma's layout as int4 (16 warp shuffles + 16 byte permutes a thread), then widened. (Widening
+    in the 4X layout first, 8 values per 32-bit word, does not pass Mosaic's layout inference.)
+    Lowered IR per thread and 128-input step (tk 128, 16 rows): "wgmma" 32 shared loads of one byte,
+    "upcast4x" 8 of four bytes; both 32 two-value widenings. Which is faster is unmeasured."""
+    if load == "wgmma":
+        return plgpu.layout_cast(ref[...].astype(dtype), plgpu.Layout.WGMMA)
+    v = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+    return plgpu.layout_cast(plgpu.layout_cast(v, plgpu.Layout.WGMMA).astype(dtype), plgpu.Layout.WGMMA)
+
+
 def _t(plgpu, ref):
     """ref [a, b] viewed as [b, a] (newer jax: ref.transpose; older: plgpu.transpose_ref)."""
     return ref.transpose((1, 0)) if hasattr(ref, "transpose") else plgpu.transpose_ref(ref, (1, 0))
 
 
-@functools.partial(jax.jit, static_argnames=("splits", "stages", "tk", "wgs", "num_sms", "out_dtype"))
+@functools.partial(jax.jit, static_argnames=("splits", "stages", "tk", "wgs", "load", "num_sms", "out_dtype"))
 def int4_matmul_rows(x, wq, zs, *, splits: Optional[int] = None, stages: int = 4, tk: int = TK, wgs: int = 2,
-                     num_sms: Optional[int] = None, out_dtype=None):
+                     load: str = "wgmma", num_sms: Optional[int] = None, out_dtype=None):
     """x [M, K] @ the 4-bit weight in `to_rows`' layout -> [M, N] in out_dtype (default x's dtype;
     float32 sums). splits: K slices (default: default_splits); stages: pipeline depth (fewer when
     the rows' buffers would not fit shared memory); tk: inputs per pipeline step (a multiple of
-    128: one product per 128); wgs: consumer warpgroups (64 weight rows each); num_sms: the
+    128: one product per 128); wgs: consumer warpgroups (64 weight rows each); load: how a tile
+    reaches wgmma's register layout (_widen); num_sms: the
     persistent grid. Under jit so that a model's many
     call sites of one shape share one lowering (16 calls: 3.2 s -> 0.2 s on the CPU)."""
     m = x.shape[0]
-    return partials(x, wq, zs, splits=splits, stages=stages, tk=tk, wgs=wgs, num_sms=num_sms).sum(0).T[:m].astype(
+    return partials(x, wq, zs, splits=splits, stages=stages, tk=tk, wgs=wgs, load=load, num_sms=num_sms).sum(0).T[:m].astype(
         out_dtype or x.dtype)
 
 
 def partials(x, wq, zs, *, splits: Optional[int] = None, stages: int = 4, tk: int = TK, wgs: int = 2,
-             num_sms: Optional[int] = None):
+             load: str = "wgmma", num_sms: Optional[int] = None):
     """The kernel alone: float32 partial sums [splits, N, M padded to a multiple of 8] (transposed)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     m, k = x.shape
     n = wq.shape[0]
     groups = zs.shape[1]
+    if load not in LOADS:
+        raise ValueError(f"int4_matmul_rows: load={load!r}; one of {LOADS}")
     if wgs not in WARPGROUPS:
         raise ValueError(f"int4_matmul_rows: wgs={wgs} consumer warpgroups; supported: {WARPGROUPS} (4 hung on an "
                          f"H200 on 2026-12-02)")
@@ -177,7 +197,7 @@ def partials(x, wq, zs, *, splits: Optional[int] = None, stages: int = 4, tk: in
                         grp = j * TK // g if g < tk else 0
                         zero = plgpu.load(zs_s.at[0, grp, mine], (), layout=row)  # [64]: z - 8
                         scale = plgpu.load(zs_s.at[1, grp, mine], (), layout=row)
-                        a = plgpu.layout_cast(w_s.at[mine, cols][...].astype(dtype), plgpu.Layout.WGMMA)  # v - 8
+                        a = _widen(plgpu, w_s.at[mine, cols], dtype, load)  # [64, TK]: v - 8, exact
                         plgpu.wgmma(acc, (a - wide(zero)) * wide(scale), _t(plgpu, x_s.at[:, cols]))
                     plgpu.wgmma_wait(0)
                     return acc

@@ -76,29 +76,33 @@ def test_shapes_it_refuses_are_explained():
         int4_matmul_rows(x, *to_rows(words, s, z), wgs=4, num_sms=132)
 
 
-@pytest.mark.parametrize("m,k,n,splits,tk,wgs", [(1, 4096, 6144, None, 128, 2), (16, 4096, 4096, None, 256, 2),
-                                                 (64, 14336, 4096, None, 512, 2), (256, 4096, 28672, 1, 128, 2),
-                                                 (16, 4096, 6144, None, 256, 3)])
-def test_kernel_lowers_for_cuda(m, k, n, splits, tk, wgs):
+@pytest.mark.parametrize("m,k,n,splits,tk,wgs,load", [
+    (1, 4096, 6144, None, 128, 2, "wgmma"), (16, 4096, 4096, None, 256, 2, "wgmma"),
+    (64, 14336, 4096, None, 512, 2, "wgmma"), (256, 4096, 28672, 1, 128, 2, "wgmma"),
+    (16, 4096, 6144, None, 256, 3, "wgmma"), (16, 4096, 4096, None, 256, 2, "upcast4x")])
+def test_kernel_lowers_for_cuda(m, k, n, splits, tk, wgs, load):
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
     wq = jax.ShapeDtypeStruct((n, k), jnp.int4)
     zs = jax.ShapeDtypeStruct((2, k // 128, n), jnp.bfloat16)
-    f = functools.partial(int4_matmul_rows, splits=splits, tk=tk, wgs=wgs, num_sms=132)
+    f = functools.partial(int4_matmul_rows, splits=splits, tk=tk, wgs=wgs, load=load, num_sms=132)
     assert "mosaic_gpu" in jax.jit(f).trace(x, wq, zs).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="Mosaic GPU's wgmma needs a Hopper GPU")
-@pytest.mark.parametrize("m,k,n,g,splits,tk,wgs", [
-    (1, 4096, 6144, 128, None, 128, 2), (5, 512, 256, 128, 1, 128, 2), (16, 4096, 4096, 128, None, 128, 2),
-    (37, 1024, 384, 256, 2, 128, 2), (64, 14336, 4096, 128, None, 128, 2), (8, 2048, 128, 1024, 16, 128, 2),
-    (256, 512, 256, 128, 4, 128, 2), (1, 4096, 4096, 128, 4, 256, 2), (16, 14336, 4096, 128, 4, 256, 2),
-    (24, 2048, 256, 256, 2, 512, 2), (3, 2048, 384, 1024, 4, 256, 2), (16, 4096, 4096, 128, None, 256, 3),
-    (1, 4096, 6144, 128, 2, 256, 3)])
-def test_kernel_matches_the_reference_on_hopper(m, k, n, g, splits, tk, wgs):
+@pytest.mark.parametrize("m,k,n,g,splits,tk,wgs,load", [
+    (1, 4096, 6144, 128, None, 128, 2, "wgmma"), (5, 512, 256, 128, 1, 128, 2, "wgmma"),
+    (16, 4096, 4096, 128, None, 128, 2, "wgmma"), (37, 1024, 384, 256, 2, 128, 2, "wgmma"),
+    (64, 14336, 4096, 128, None, 128, 2, "wgmma"), (8, 2048, 128, 1024, 16, 128, 2, "wgmma"),
+    (256, 512, 256, 128, 4, 128, 2, "wgmma"), (1, 4096, 4096, 128, 4, 256, 2, "wgmma"),
+    (16, 14336, 4096, 128, 4, 256, 2, "wgmma"), (24, 2048, 256, 256, 2, 512, 2, "wgmma"),
+    (3, 2048, 384, 1024, 4, 256, 2, "wgmma"), (16, 4096, 4096, 128, None, 256, 3, "wgmma"),
+    (1, 4096, 6144, 128, 2, 256, 3, "wgmma"), (16, 4096, 4096, 128, None, 256, 2, "upcast4x"),
+    (37, 1024, 384, 256, 2, 512, 2, "upcast4x")])
+def test_kernel_matches_the_reference_on_hopper(m, k, n, g, splits, tk, wgs, load):
     x, words, s, z = _case(m, k, n, g, m * 7 + n)
     want = np.asarray(ref.int4_matmul_reference(x, words, s, z), np.float32)
-    f = jax.jit(functools.partial(int4_matmul_rows, splits=splits, tk=tk, wgs=wgs))
+    f = jax.jit(functools.partial(int4_matmul_rows, splits=splits, tk=tk, wgs=wgs, load=load))
     got = np.asarray(f(x, *to_rows(words, s, z)), np.float32)
     assert got.shape == (m, n)
     # same widened weights; float32 sums in another order, then one bf16 rounding each
