@@ -9,7 +9,8 @@
 #           program), scripts/bench_filter_radix.py (top-k / top-p without a sort),
 #           scripts/bench_fp8_gemm.py (both float8 paths at 16-256 rows: where weight-only should stop), scripts/bench_mlp_fusion.py at 1,024 and 8,192 rows
 #           (Triton off, row chunks), then the float8 engine on b1 / 128x128 / 1024x128
-#   int4: the Mosaic-GPU 4-bit kernel's GPU tests (2 warpgroups), then the engine in AWQ-shaped 4 bits with
+#   int4: the Mosaic-GPU 4-bit kernel's GPU tests (2 warpgroups), its per-projection sweep
+#         (scripts/bench_int4_shapes.py), then the engine in AWQ-shaped 4 bits with
 #         JAXSERVE_INT4_ROWS unset and =1 on b1, b32, 128x128, 1024x128 (one process each)
 #   kernel: the kernel's GPU tests, scripts/bench_attention.py (kernel vs its one-block loop vs JAX's
 #           paged attention vs XLA) and the tile sweep; profile: the engine suite under the profiler
@@ -51,6 +52,8 @@ elif [ "$MODE" = int4 ]; then  # the 4-bit Mosaic-GPU layout (JAXSERVE_INT4_ROWS
   timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rf -m gpu tests/pallas_kernels/test_int4_mgpu.py \
     -k "not -3]" > "$OUT/int4_tests.txt" 2>&1
   tail -3 "$OUT/int4_tests.txt"
+  timeout 200 python3 scripts/bench_int4_shapes.py --rows 1 16 --iters 10 2>&1 | grep '^{' > "$OUT/int4_shapes.jsonl"
+  grep best_over "$OUT/int4_shapes.jsonl" | cut -c1-300
   for rows in "" 1; do
     JAXSERVE_INT4_ROWS=$rows timeout 170 python3 scripts/bench_engine_suite.py --quantization awq --steps 1 \
       --workloads ${WORKLOADS:-b1 b32 128x128 1024x128} 2>&1 | tee -a "$OUT/log.txt" | grep '^{' \
