@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.swiglu_matmul.kernel import smem_transforms
+from pallas_kernels.swiglu_matmul.kernel import pipeline_scope, smem_transforms
 
 ROWS_PER_WG = 64  # weight rows (output features) per consumer warpgroup: wgmma's M
 TK = 128  # inputs per pipeline step: one group of 128, or part of a larger group
@@ -169,13 +169,8 @@ def partials(x, wq, zs, *, splits: Optional[int] = None, stages: int = 4, tk: in
             max_concurrent_steps=stages, compute_context=context)
 
     def kernel(w_gmem, x_gmem, zs_gmem, out_gmem):
-        unused = lambda *_, **__: None  # noqa: E731 (the allocations do not depend on the bodies)
-
-        @functools.partial(pl.run_scoped, allocs=pipeline(unused, unused).get_allocations(w_gmem, x_gmem, zs_gmem),
-                           collective_axes="wg")
-        def _scope(allocs):
-            wg = lax.axis_index("wg")
-
+        @pipeline_scope(pipeline, w_gmem, x_gmem, zs_gmem)
+        def _scope(allocs, wg):
             @plgpu.nd_loop((tiles * splits,), collective_axes="sm")
             def _item(info):
                 (lin,) = info.index

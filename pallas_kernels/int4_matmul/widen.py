@@ -49,24 +49,30 @@ def default_config(n: int) -> dict:
     return dict(bn=column_tile(n, 256), warps=4)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "bn", "warps", "asm", "interpret"))
-def widen(qw, s, z, *, dtype, bn: Optional[int] = None, warps: Optional[int] = None, asm: Optional[bool] = None,
-          interpret: Optional[bool] = None):
-    """qw [K/8, N] int32, s, z [K/G, N] -> [K/8, 8, N] in dtype ([K, N] reshaped; module docstring)."""
-    kw8, n = qw.shape
-    groups = s.shape[0]
-    if not supported(kw8 * 8, n, groups):
-        raise ValueError(f"widen: K={kw8 * 8}, N={n}, {groups} groups not supported (groups of a multiple of 128 "
+def _setup(name: str, k: int, n: int, groups: int, dtype, bn, warps, asm, interpret):
+    """Checks and launch options shared by widen and widen_rows -> (bn, asm, programs along K per
+    group, pallas_call keywords)."""
+    if not supported(k, n, groups):
+        raise ValueError(f"{name}: K={k}, N={n}, {groups} groups not supported (groups of a multiple of 128 "
                          f"inputs, N a multiple of 32)")
     if interpret is None:
         interpret = jax.devices()[0].platform != "gpu"
     cfg = default_config(n)
     bn, warps = bn or cfg["bn"], warps or cfg["warps"]
     if n % bn:
-        raise ValueError(f"widen: bn={bn} must divide N={n}")
+        raise ValueError(f"{name}: bn={bn} must divide N={n}")
     asm = (True if asm is None else asm) and asm_usable(dtype, interpret)
-    per = (kw8 * 8) // groups // (ROWS * 8)  # programs along K per group
-    kw = {} if interpret else {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=1)}
+    kw = {"interpret": True} if interpret else {
+        "compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=1)}
+    return bn, asm, k // groups // (ROWS * 8), kw
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "bn", "warps", "asm", "interpret"))
+def widen(qw, s, z, *, dtype, bn: Optional[int] = None, warps: Optional[int] = None, asm: Optional[bool] = None,
+          interpret: Optional[bool] = None):
+    """qw [K/8, N] int32, s, z [K/G, N] -> [K/8, 8, N] in dtype ([K, N] reshaped; module docstring)."""
+    kw8, n = qw.shape
+    bn, asm, per, kw = _setup("widen", kw8 * 8, n, s.shape[0], dtype, bn, warps, asm, interpret)
     return pl.pallas_call(
         functools.partial(_widen_kernel, asm=asm),
         grid=(kw8 // ROWS, n // bn),
@@ -74,8 +80,7 @@ def widen(qw, s, z, *, dtype, bn: Optional[int] = None, warps: Optional[int] = N
                   pl.BlockSpec((1, bn), lambda g, j: (g // per, j)),
                   pl.BlockSpec((1, bn), lambda g, j: (g // per, j))],
         out_specs=pl.BlockSpec((ROWS, 8, bn), lambda g, j: (g, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((kw8, 8, n), dtype),
-        interpret=interpret, **kw)(qw, s, z)
+        out_shape=jax.ShapeDtypeStruct((kw8, 8, n), dtype), **kw)(qw, s, z)
 
 
 def _widen_rows_kernel(q_ref, zs_ref, o_ref, *, asm: bool):
@@ -98,29 +103,15 @@ def widen_rows(wq, zs, *, bn: Optional[int] = None, warps: Optional[int] = None,
     in zs' dtype, equal to widen() of the words it came from: large steps of weights kept only in
     the Mosaic-GPU kernel's layout. Each program transposes its [BN, 16] word tile in registers."""
     n, k = wq.shape
-    groups = zs.shape[1]
-    if not supported(k, n, groups):
-        raise ValueError(f"widen_rows: K={k}, N={n}, {groups} groups not supported (groups of a multiple of 128 "
-                         f"inputs, N a multiple of 32)")
+    bn, asm, per, kw = _setup("widen_rows", k, n, zs.shape[1], zs.dtype, bn, warps, asm, interpret)
     words = jax.lax.bitcast_convert_type(wq.reshape(n, k // 8, 8), jnp.int32)  # [N, K/8], nibble i = input 8r + i
-    if interpret is None:
-        interpret = jax.devices()[0].platform != "gpu"
-    cfg = default_config(n)
-    bn, warps = bn or cfg["bn"], warps or cfg["warps"]
-    if n % bn:
-        raise ValueError(f"widen_rows: bn={bn} must divide N={n}")
-    dtype = zs.dtype
-    asm = (True if asm is None else asm) and asm_usable(dtype, interpret)
-    per = k // groups // (ROWS * 8)
-    kw = {} if interpret else {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=1)}
     return pl.pallas_call(
         functools.partial(_widen_rows_kernel, asm=asm),
         grid=(k // 8 // ROWS, n // bn),
         in_specs=[pl.BlockSpec((bn, ROWS), lambda g, j: (j, g)),
                   pl.BlockSpec((2, 1, bn), lambda g, j: (0, g // per, j))],
         out_specs=pl.BlockSpec((ROWS, 8, bn), lambda g, j: (g, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((k // 8, 8, n), dtype),
-        interpret=interpret, **kw)(words, zs)
+        out_shape=jax.ShapeDtypeStruct((k // 8, 8, n), zs.dtype), **kw)(words, zs)
 
 
 def widen_matmul(x, qw, s, z, **kw):

@@ -64,6 +64,21 @@ def smem_transforms(plgpu, cols: int, dtype):
     return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
+def pipeline_scope(pipeline, *gmem_refs):
+    """Decorator for a persistent warp-specialized kernel's body: runs body(allocs, wg) at once with
+    the pipeline's shared-memory buffers allocated once for all warpgroups (so the pipelines of
+    successive tiles reuse them) and this thread's warpgroup index. pipeline(body, context) builds
+    the pipeline; the allocations do not depend on its bodies."""
+    unused = lambda *_, **__: None  # noqa: E731
+
+    def scope(body):
+        @functools.partial(pl.run_scoped, allocs=pipeline(unused, unused).get_allocations(*gmem_refs),
+                           collective_axes="wg")
+        def _scope(allocs):
+            body(allocs, lax.axis_index("wg"))
+    return scope
+
+
 def swiglu_matmul(x, w, *, cfg: Config = Config(), num_sms: int | None = None, interpret=None):
     """x [T, E], w [E, 2, F] (0 = gate, 1 = up) -> silu(x @ w[:, 0]) * (x @ w[:, 1]) [T, F] in x's dtype.
     num_sms: the persistent grid's size (default: the device's SM count). interpret: None, or jax's
@@ -98,13 +113,8 @@ def swiglu_matmul(x, w, *, cfg: Config = Config(), num_sms: int | None = None, i
             wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.stages, compute_context=context)
 
     def kernel(x_gmem, w_gmem, out_gmem, out_smem):
-        unused = lambda *_, **__: None  # noqa: E731 (the allocations do not depend on the bodies)
-
-        @functools.partial(pl.run_scoped, allocs=pipeline(unused, unused).get_allocations(x_gmem, w_gmem, w_gmem),
-                           collective_axes="wg")
-        def _scope(allocs):
-            wg = lax.axis_index("wg")
-
+        @pipeline_scope(pipeline, x_gmem, w_gmem, w_gmem)
+        def _scope(allocs, wg):
             @plgpu.nd_loop((m_iters * f_iters,), collective_axes="sm")
             def _tile(info):
                 (lin,) = info.index
