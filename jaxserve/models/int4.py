@@ -321,6 +321,12 @@ def _linear_rows(x, w, *, kernel: Optional[bool], widen: Optional[bool], mesh):
     return y.reshape((x.shape[0],) + out)
 
 
+def rows_enabled() -> bool:
+    """The experiment is on: JAXSERVE_INT4_ROWS set, and one GPU (the kernel is for Hopper; the
+    layout has no tensor-parallel form)."""
+    return bool(os.environ.get(ROWS_ENV)) and jax.default_backend() == "gpu" and jax.device_count() == 1
+
+
 def with_rows(params):
     """Experiment (JAXSERVE_INT4_ROWS set, one GPU): every 4-bit weight moved to mgpu.py's layout,
     wq [N..., K] int4 and zs [2, K/G, N...] (the words are dropped as each weight is converted: the

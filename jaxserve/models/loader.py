@@ -414,7 +414,7 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
         eos = [tokenizer.eos_token_id]
         template = tok_mod.DummyTokenizer.chat_template
         name = f"dummy-{path}"
-    if os.environ.get(int4.ROWS_ENV) and jax.default_backend() == "gpu" and jax.device_count() == 1:
+    if int4.rows_enabled():
         params = int4.with_rows(params)  # experiment: the Mosaic-GPU 4-bit kernel's layout as well
     return LoadedModel(arch, params, tokenizer, tuple(eos), template, name, quantization)
 

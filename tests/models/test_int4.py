@@ -286,26 +286,49 @@ def test_only_a_mesh_that_splits_weights_counts_as_tensor_parallel():
         int4.linear(jnp.zeros((1, 128)), int4.quantize(jnp.ones((128, 32))), mesh=tp)
 
 
-def test_dummy_weights_in_four_bits_and_their_footprint():
-    """--load-format dummy --quantization awq (the GPU benchmarks' 4-bit model): every layer
-    projection is rounded to 4 bits as it is made, generation runs, and the footprint counts a
-    quarter of the bf16 bytes plus scales and zeros."""
+def _tiny_awq():
+    """The tiny dummy model in 4 bits (float32 activations) -> (its layer-0 params, 6 greedy tokens)."""
     from jaxserve import LLM, SamplingParams
-    from jaxserve.models import footprint, llama, loader
 
     llm = LLM(model="tiny", load_format="dummy", quantization="awq", dtype="float32", max_model_len=128,
               max_num_seqs=2, max_num_batched_tokens=64, warmup=False)
-    lp = llm.llm_engine.model.params["layers"][0]
-    assert all(int4.is_int4(lp[k]) for k in ("wq", "wk", "wv", "wo", "w_gate_up", "w_down"))
-    out = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
-                       use_tqdm=False)[0]
-    assert len(out.outputs[0].token_ids) == 4
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": [1, 2, 3]}, greedy, use_tqdm=False)[0]
+    return llm.llm_engine.model.params["layers"][0], out.outputs[0].token_ids
+
+
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate_up", "w_down")
+
+
+@pytest.fixture(scope="module")
+def tiny_awq():
+    return _tiny_awq()
+
+
+def test_dummy_weights_in_four_bits_and_their_footprint(tiny_awq):
+    """--load-format dummy --quantization awq (the GPU benchmarks' 4-bit model): every layer
+    projection is rounded to 4 bits as it is made, generation runs, and the footprint counts a
+    quarter of the bf16 bytes plus scales and zeros."""
+    from jaxserve.models import footprint, llama, loader
+
+    lp, tokens = tiny_awq
+    assert all(int4.is_int4(lp[k]) and "qw" in lp[k] for k in PROJECTIONS)
+    assert len(tokens) == 6
     arch = llama.LlamaConfig.from_hf_config(dict(loader.DUMMY_SHAPES["llama-3-8b"]))
     shapes = llama.param_shapes(arch)
     bf16, q4 = footprint.weight_bytes(shapes, jnp.bfloat16), footprint.weight_bytes(shapes, jnp.bfloat16, "awq")
-    proj = sum(np.prod(s) for name, s in shapes["layers"][0].items() if name in ("wq", "wk", "wv", "wo", "w_gate_up",
-                                                                                "w_down")) * arch.num_layers
+    proj = sum(np.prod(s) for name, s in shapes["layers"][0].items() if name in PROJECTIONS) * arch.num_layers
     assert bf16 - q4 == 2 * proj - (proj // 2 + 2 * 2 * proj // 128)
+
+
+def test_the_rows_layout_experiment_generates_what_the_words_do(monkeypatch, tiny_awq):
+    """The JAXSERVE_INT4_ROWS experiment's loader step on the whole model (forced on the CPU, where
+    `linear` takes its XLA path): every projection moved, the same greedy tokens."""
+    _, words = tiny_awq
+    monkeypatch.setattr(int4, "rows_enabled", lambda: True)
+    lp, rows = _tiny_awq()
+    assert all(set(lp[k]) == {"wq", "zs"} for k in PROJECTIONS)
+    assert rows == words
 
 
 def test_zero_biases_of_an_exporter_are_skipped_and_real_ones_refused():
