@@ -19,11 +19,28 @@ def _layouts(stdout: str) -> dict:
     return out
 
 
+def _run_together(*argvs, timeout: float) -> str:
+    """Runs the check scripts (argv lists) at once and returns their stdouts joined. Each is mostly
+    one thread of XLA compilation, so on CI's 2 cores two take about the time of one."""
+    procs = [subprocess.Popen([sys.executable, *a], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for a in argvs]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:  # (a timeout: stop the other too)
+                p.kill()
+    for a, p, (_, err) in zip(argvs, procs, outs):
+        assert p.returncode == 0, (a, err[-3000:])
+    return "\n".join(so for so, _ in outs)
+
+
 def test_tp_pp_dp_equal_one_device_and_bad_sizes_are_explained():
-    out = subprocess.run([sys.executable, os.path.join(HERE, "parallel_check.py")], capture_output=True, text=True,
-                         timeout=1200, env=ENV)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = _layouts(out.stdout)
+    # the float32 layouts (and the refused sizes) in one process, float8 weights, speculation and
+    # swap in another, side by side
+    script = os.path.join(HERE, "parallel_check.py")
+    stdout = _run_together([script, "layouts"], [script, "features"], timeout=1200)
+    res = _layouts(stdout)
     one = res[(1, 1, 1)]["tokens"]
     assert len(one) == 5 and all(len(t) == 8 for t in one)
     for layout in [(3, 1, 1), (1, 2, 1), (1, 1, 2), (3, 2, 1)]:
@@ -47,20 +64,20 @@ def test_tp_pp_dp_equal_one_device_and_bad_sizes_are_explained():
     # whole sums can move an activation across an e4m3 rounding boundary, a 1/16 step); wo
     # [K=576 sharded, E] is stored [E, K] with the shards on its last axis
     q = {tuple(int(x) for x in line.split(" ", 3)[1:3]): json.loads(line.split(" ", 3)[3])
-         for line in out.stdout.splitlines() if line.startswith("QLAYOUT ")}
+         for line in stdout.splitlines() if line.startswith("QLAYOUT ")}
     assert [t[0] for t in q[(3, 2)]["tokens"]] == [t[0] for t in q[(1, 1)]["tokens"]]
     # a row-parallel weight's per-channel scales reduce over all its shards: the same as one device's
     assert q[(3, 2)]["wo_scales"] == q[(1, 1)]["wo_scales"] and q[(3, 2)]["wo_q"] == q[(1, 1)]["wo_q"]
     assert q[(1, 1)]["wo"][0] == "float8_e4m3fn" and q[(3, 2)]["wo"][1] == [None, "model"]
     assert sum(a[0] == b[0] for a, b in zip(q[(1, 1)]["tokens"], one)) >= 3  # first tokens as unquantized
     # swap out 70 blocks and back into others under TP=3 x PP=2 (two chunks, both stages): exact
-    swap = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("SWAP "))[5:])
+    swap = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("SWAP "))[5:])
     assert swap["ok"] and swap["layers"] == 30 and any("model" in sp for sp in swap["specs"]), swap
     # n-gram speculation under TP=3 x PP=2: the tokens without it, proposals accepted
-    spec = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("SPEC "))[5:])
+    spec = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("SPEC "))[5:])
     assert spec["same"] and spec["accepted"] > 0, spec
-    errors = [line for line in out.stdout.splitlines() if line.startswith("ERROR ")]
-    assert len(errors) == 3, out.stdout
+    errors = [line for line in stdout.splitlines() if line.startswith("ERROR ")]
+    assert len(errors) == 3, stdout
     assert "tensor_parallel_size=2 does not divide the model's 9 attention heads; sizes that work: [1, 3, 9]" in errors[0]
     assert "pipeline_parallel_size=31 needs 31 devices, 6 visible" in errors[1]
     assert "needs 9 devices, 6 visible" in errors[2] and "xla_force_host_platform_device_count=9" in errors[2]
