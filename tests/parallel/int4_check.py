@@ -1,7 +1,11 @@
 """Run by test_parallel.py in a fresh process with 6 fake CPU devices: an AWQ checkpoint (argv[1])
 on one device and with TP=3 x PP=2 (stage 0's layers split 3 ways as under TP=3 alone). Prints
 one line per layout: its greedy tokens and how the first layer's row-parallel o projection (4-bit
-words and group scales) is split."""
+words and group scales) is split.
+
+argv[2] names the half to run (the test runs both at once, one per CI core): "one_device" (the
+one-device layout, then the 4-bit kernel per shard against one device's product) or "split"
+(TP=3 x PP=2)."""
 import json
 import os
 import sys
@@ -14,7 +18,8 @@ from prompts import PROMPTS, engine_kwargs  # noqa: E402
 from jaxserve import LLM, SamplingParams  # noqa: E402
 
 sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-for tp, pp in [(1, 1), (3, 2)]:
+HALF = sys.argv[2]
+for tp, pp in {"one_device": [(1, 1)], "split": [(3, 2)]}[HALF]:
     kw = dict(engine_kwargs("default"), model=sys.argv[1])
     llm = LLM(tensor_parallel_size=tp, pipeline_parallel_size=pp, **kw)
     toks = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
@@ -24,6 +29,8 @@ for tp, pp in [(1, 1), (3, 2)]:
                     for k, v in wo.items()})
     print(f"INT4 {tp} {pp} " + json.dumps(info), flush=True)
     del llm, wo
+if HALF != "one_device":
+    sys.exit(0)
 # the kernel and widen.py per shard (what a GPU runs under TP; interpret mode here): column and row
 # splits of a 4-bit weight on a 3-device "model" axis against the product on one device
 import jax  # noqa: E402

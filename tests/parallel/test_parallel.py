@@ -97,11 +97,11 @@ def test_awq_checkpoint_split_over_devices_equals_one_device(tmp_path, smollm2_h
     from tests.models.test_int4 import _write_quantized
 
     _write_quantized(smollm2_hf, smollm2_hf_tokenizer, str(tmp_path / "awq"), "awq")
-    out = subprocess.run([sys.executable, os.path.join(HERE, "int4_check.py"), str(tmp_path / "awq")],
-                         capture_output=True, text=True, timeout=1200, env=ENV)
-    assert out.returncode == 0, out.stderr[-3000:]
+    # the one-device layout (and the kernel per shard) and TP=3 x PP=2 in two processes, side by side
+    script, ckpt = os.path.join(HERE, "int4_check.py"), str(tmp_path / "awq")
+    stdout = _run_together([script, ckpt, "one_device"], [script, ckpt, "split"], timeout=1200)
     res = {}
-    for line in out.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("INT4 "):
             tp, pp, js = line.split(" ", 3)[1:]
             res[(int(tp), int(pp))] = json.loads(js)
@@ -113,7 +113,7 @@ def test_awq_checkpoint_split_over_devices_equals_one_device(tmp_path, smollm2_h
     assert res[(3, 2)]["wo"]["s"] == [["model", None], [[3, 576]]]
     assert res[(1, 1)]["wo"]["qw"][1] == [[72, 576]]
     # the kernel per shard (shard_map), column and row splits, equals the one-device product
-    errs = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("SHARDED "))[8:])
+    errs = json.loads(next(x for x in stdout.splitlines() if x.startswith("SHARDED "))[8:])
     assert errs["col"][1] == [5, 2, 96] and errs["row"][1] == [5, 96]
     assert errs["col"][0] < 1e-5 and errs["row"][0] < 1e-5
     assert errs["col_widen"][1] == [5, 2, 96] and errs["row_widen"][1] == [5, 96]
