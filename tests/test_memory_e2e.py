@@ -40,8 +40,10 @@ def test_preemption_gives_identical_outputs(reference, mode, caplog):
     _, ref = reference
     # 20 blocks x 16 = 304 usable tokens for 8 sequences of ~60-90 tokens: preemption is forced
     # (admission without headroom: every prompt that fits now is admitted).
+    # swap_space: a 0.25 GiB host pool (364 blocks) holds every preempted sequence; the default 4 GiB
+    # took 10 s to fault in (and needs 4 GiB of free host memory)
     llm = LLM(enable_prefix_caching=False, warmup=False, num_gpu_blocks_override=20, preemption_mode=mode,
-              admission_headroom_tokens=0, **COMMON)
+              admission_headroom_tokens=0, swap_space=0.25, **COMMON)
     with caplog.at_level(logging.WARNING, logger="jaxserve"):
         outs = llm.generate([SYSTEM + q for q in QUESTIONS], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == ref
