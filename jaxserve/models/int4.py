@@ -307,8 +307,9 @@ def _linear_rows(x, w, *, kernel: Optional[bool], widen: Optional[bool], mesh):
     wq, zs = w["wq"].reshape(-1, k), w["zs"].reshape(2, w["zs"].shape[1], -1)
     n, groups = wq.shape[0], zs.shape[1]
     gpu = jax.default_backend() == "gpu"
-    if gpu and kernel is not False and x.shape[0] <= MAX_ROWS and mgpu.supported(x.shape[0], k, n, groups):
-        y = mgpu.int4_matmul_rows(x, wq, zs, **rows_config(wq.shape, groups))
+    cfg = rows_config(wq.shape, groups)
+    if gpu and kernel is not False and x.shape[0] <= MAX_ROWS and mgpu.supported(x.shape[0], k, n, groups, cfg["wgs"]):
+        y = mgpu.int4_matmul_rows(x, wq, zs, **cfg)
     else:
         wq, zs, x = jax.lax.optimization_barrier((wq, zs, x))  # widen one layer at a time (linear's note)
         if widen is None:

@@ -415,7 +415,7 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
         template = tok_mod.DummyTokenizer.chat_template
         name = f"dummy-{path}"
     if int4.rows_enabled():
-        params = int4.with_rows(params)  # experiment: the Mosaic-GPU 4-bit kernel's layout as well
+        params = int4.with_rows(params)  # experiment: 4-bit weights in the Mosaic-GPU kernel's layout
     return LoadedModel(arch, params, tokenizer, tuple(eos), template, name, quantization)
 
 

@@ -113,12 +113,10 @@ def int4_matmul_rows(x, wq, zs, *, splits: Optional[int] = None, stages: int = 4
     float32 sums). splits: K slices (default: default_splits); stages: pipeline depth (fewer when
     the rows' buffers would not fit shared memory); tk: inputs per pipeline step (a multiple of
     128: one product per 128); wgs: consumer warpgroups (64 weight rows each); load: how a tile
-    reaches wgmma's register layout (_widen); num_sms: the
-    persistent grid. Under jit so that a model's many
-    call sites of one shape share one lowering (16 calls: 3.2 s -> 0.2 s on the CPU)."""
-    m = x.shape[0]
-    return partials(x, wq, zs, splits=splits, stages=stages, tk=tk, wgs=wgs, load=load, num_sms=num_sms).sum(0).T[:m].astype(
-        out_dtype or x.dtype)
+    reaches wgmma's register layout (_widen); num_sms: the persistent grid. Under jit so that a
+    model's many call sites of one shape share one lowering (16 calls: 3.2 s -> 0.2 s on the CPU)."""
+    part = partials(x, wq, zs, splits=splits, stages=stages, tk=tk, wgs=wgs, load=load, num_sms=num_sms)
+    return part.sum(0).T[:x.shape[0]].astype(out_dtype or x.dtype)  # [M, N]
 
 
 def partials(x, wq, zs, *, splits: Optional[int] = None, stages: int = 4, tk: int = TK, wgs: int = 2,
@@ -136,7 +134,7 @@ def partials(x, wq, zs, *, splits: Optional[int] = None, stages: int = 4, tk: in
                          f"H200 on 2026-12-02)")
     if wq.shape != (n, k) or wq.dtype != jnp.int4 or zs.shape != (2, groups, n) or not supported(m, k, n, groups, wgs):
         raise ValueError(f"int4_matmul_rows: x {x.shape}, wq {wq.shape} {wq.dtype}, zs {zs.shape} not supported "
-                         f"(wq int4 [N, K]; N % {64 * wgs}, K % {TK}, groups of a multiple of {TK} inputs, "
+                         f"(wq int4 [N, K]; N % {ROWS_PER_WG * wgs}, K % {TK}, groups of a multiple of {TK} inputs, "
                          f"1..{MAX_ROWS} rows)")
     if num_sms is None:
         num_sms = jax.devices()[0].core_count
