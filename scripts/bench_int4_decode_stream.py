@@ -89,8 +89,9 @@ def lin_mgpu(cfg):
 
     def lin(x, w, n):
         n_out, k = w["wq"].shape
-        sp = mgpu.default_splits(n_out, k, w["zs"].shape[1], jax.devices()[0].core_count, tk, fill)
-        return mgpu.int4_matmul_rows(x, w["wq"], w["zs"], splits=sp, stages=stages, tk=tk)
+        sms = getattr(jax.devices()[0], "core_count", 132)  # (the CPU's: tests lower it for CUDA)
+        sp = mgpu.default_splits(n_out, k, w["zs"].shape[1], sms, tk, fill)
+        return mgpu.int4_matmul_rows(x, w["wq"], w["zs"], splits=sp, stages=stages, tk=tk, num_sms=sms)
     return lin
 
 

@@ -54,6 +54,8 @@ def main():
                    "triton_tb_s": round(mb / t_tri, 2)}
             best = None
             for tk, stages, fill, wgs, load in MGPU:
+                if not mgpu.supported(m, k, n, k // 128, wgs):  # 3 warpgroups: N a multiple of 192
+                    continue
                 sp = mgpu.default_splits(n, k, k // 128, sms, tk, fill, wgs)
                 cfg = dict(splits=sp, stages=stages, tk=tk, wgs=wgs, load=load)
                 try:

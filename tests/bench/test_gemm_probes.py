@@ -68,3 +68,27 @@ def test_mosaic_int4_probe_lowers_for_cuda():
     for args in ((w, x), (w, x, sb)):
         text = jax.jit(probe.mixed).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text
+
+
+def test_mosaic_int4_bench_configs_are_valid_and_lower_for_cuda():
+    """scripts/bench_int4_decode_stream.py's and scripts/bench_int4_shapes.py's Mosaic-GPU kernel
+    configurations: every one cuts every projection's K validly and is one the kernel accepts; the
+    stream's product lowers for CUDA (the kernel itself: tests/pallas_kernels/test_int4_mgpu.py)."""
+    import bench_int4_decode_stream as s4
+    import bench_int4_shapes as shapes
+
+    from pallas_kernels.int4_matmul import mgpu
+
+    for tk, stages, fill, wgs, load in shapes.MGPU:
+        assert wgs in mgpu.WARPGROUPS and load in mgpu.LOADS and stages >= 2
+        for k, n in shapes.SHAPES.values():  # (the bench skips shapes a warpgroup count does not take)
+            sp = mgpu.default_splits(n, k, k // 128, 132, tk, fill, wgs)
+            assert mgpu.valid_split(k, k // 128, sp, tk)
+            assert mgpu.supported(16, k, n, k // 128, wgs) or n % (mgpu.ROWS_PER_WG * wgs)
+    assert all(mgpu.supported(16, k, n, k // 128, 2) for k, n in shapes.SHAPES.values())
+    w = {"wq": jax.ShapeDtypeStruct((4096, 4096), jnp.int4), "zs": jax.ShapeDtypeStruct((2, 32, 4096), jnp.bfloat16)}
+    x = jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16)
+    for cfg in s4.MGPU_CONFIGS:
+        lowered = jax.jit(lambda x, w, cfg=cfg: s4.lin_mgpu(cfg)(x, w, "wo")).trace(x, w).lower(
+            lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in lowered.as_text()
