@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench_swiglu import kernel_us  # noqa: E402 (scripts/ is on sys.path when a script in it runs)
-from pallas_kernels.swiglu_matmul.kernel import smem_transforms  # noqa: E402
+from pallas_kernels.mosaic_common import smem_transforms  # noqa: E402
 
 K, N, G = 4096, 28672, 128
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.swiglu_matmul.kernel import pipeline_scope, smem_transforms
+from pallas_kernels.mosaic_common import pipeline_scope, smem_transforms
 
 ROWS_PER_WG = 64  # weight rows (output features) per consumer warpgroup: wgmma's M
 TK = 128  # inputs per pipeline step: one group of 128, or part of a larger group

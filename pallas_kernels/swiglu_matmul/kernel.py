@@ -33,8 +33,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
+
+from pallas_kernels.mosaic_common import pipeline_scope, smem_transforms
 
 EPI = 64  # epilogue tile: [64, 64] bf16, one 128-byte swizzled TMA box row per row
 
@@ -54,29 +55,6 @@ def supported(t: int, e: int, f: int, dtype, cfg: Config = Config()) -> bool:
     return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and t % cfg.tile_m == 0 and f % cfg.tile_f == 0 and e % cfg.tile_k == 0
             and cfg.tile_f % (2 * EPI) == 0 and cfg.tile_m % EPI == 0)
-
-
-def smem_transforms(plgpu, cols: int, dtype):
-    """The tiling + swizzle of a shared-memory tile whose rows hold `cols` elements of dtype (4-bit
-    types included): the widest swizzle its row bytes allow, as TMA and wgmma read it."""
-    bits = 4 if jnp.dtype(dtype) in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)) else jnp.dtype(dtype).itemsize * 8
-    swizzle = plgpu.find_swizzle(cols * bits)
-    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
-
-
-def pipeline_scope(pipeline, *gmem_refs):
-    """Decorator for a persistent warp-specialized kernel's body: runs body(allocs, wg) at once with
-    the pipeline's shared-memory buffers allocated once for all warpgroups (so the pipelines of
-    successive tiles reuse them) and this thread's warpgroup index. pipeline(body, context) builds
-    the pipeline; the allocations do not depend on its bodies."""
-    unused = lambda *_, **__: None  # noqa: E731
-
-    def scope(body):
-        @functools.partial(pl.run_scoped, allocs=pipeline(unused, unused).get_allocations(*gmem_refs),
-                           collective_axes="wg")
-        def _scope(allocs):
-            body(allocs, lax.axis_index("wg"))
-    return scope
 
 
 def swiglu_matmul(x, w, *, cfg: Config = Config(), num_sms: int | None = None, interpret=None):
