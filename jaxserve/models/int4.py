@@ -287,11 +287,18 @@ ROWS_DEFAULT = "256,4,one_wave,2"  # the best of 2026-12-02's sweep (docs/benchm
 def rows_config(wq_shape, groups: int) -> dict:
     """mgpu.int4_matmul_rows' options for a weight [N, K] in `groups` groups, from ROWS_ENV."""
     spec = os.environ.get(ROWS_ENV, "1")
-    tk, stages, fill, wgs, *load = (ROWS_DEFAULT if spec in ("", "1") else spec).split(",")
+    parts = (ROWS_DEFAULT if spec in ("", "1") else spec).split(",")
+    try:
+        tk, stages, fill, wgs, *load = parts
+        tk, stages, wgs = int(tk), int(stages), int(wgs)
+        if fill not in ("cover", "one_wave") or len(load) > 1 or (load and load[0] not in mgpu.LOADS):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{ROWS_ENV}={spec!r}: want 1, or tk,stages,fill,wgs[,load] with fill cover | one_wave and "
+                         f"load one of {mgpu.LOADS} (e.g. {ROWS_DEFAULT})") from None
     n, k = wq_shape
-    tk, wgs = int(tk), int(wgs)
     sms = getattr(jax.devices()[0], "core_count", None) or 132  # an H100's / H200's off the GPU (tests)
-    return dict(tk=tk, stages=int(stages), wgs=wgs, load=load[0] if load else "wgmma",
+    return dict(tk=tk, stages=stages, wgs=wgs, load=load[0] if load else "wgmma",
                 splits=mgpu.default_splits(n, k, groups, sms, tk, fill, wgs))
 
 

@@ -158,6 +158,10 @@ def test_rows_layout_experiment_moves_weights_to_the_kernels_layout(monkeypatch)
     cfg = int4.rows_config((6144, 4096), 32)
     assert cfg["tk"] == 512 and cfg["stages"] == 3 and cfg["wgs"] == 3
     assert mgpu.valid_split(4096, 32, cfg["splits"], 512)
+    for bad in ("256,4", "256,4,sideways,2", "x,4,cover,2", "256,4,cover,2,nope"):
+        monkeypatch.setenv(int4.ROWS_ENV, bad)
+        with pytest.raises(ValueError, match="tk,stages,fill,wgs"):
+            int4.rows_config((6144, 4096), 32)
 
 
 # ---- configs and errors ----------------------------------------------------------------------
