@@ -284,10 +284,18 @@ class Warmup:
     def _run_every_bucket(self, parallel: bool, t0: float, may_shrink: bool = False) -> None:
         self._warmup_at = "the threaded precompile"
         if parallel and self.config.warmup_compile_threads > 1:
-            deficit = self._precompile()
-            logger.info("warm-up: %d step variants and the sampler compiled on %d threads in %.1f s",
-                        len(self._step_jobs()), self.config.warmup_compile_threads,
-                        time.perf_counter() - t0)
+            try:
+                deficit = self._precompile()
+            except Exception as e:  # noqa: BLE001 (only an optimization: the ordered pass below compiles)
+                # e.g. "Failed to launch ptxas" while 8 threads each spawn the assembler (seen once
+                # on an H200 with the 4-bit Mosaic-GPU layout): what did compile is in the cache
+                logger.warning("warm-up: compiling on %d threads failed (%s); compiling the rest in order",
+                               self.config.warmup_compile_threads, str(e).splitlines()[0] if str(e) else type(e))
+                deficit = 0
+            else:
+                logger.info("warm-up: %d step variants and the sampler compiled on %d threads in %.1f s",
+                            len(self._step_jobs()), self.config.warmup_compile_threads,
+                            time.perf_counter() - t0)
             if deficit and may_shrink and self.config.cache.num_gpu_blocks_override is None:
                 raise _StepWillNotFit(deficit)
         last = self.last

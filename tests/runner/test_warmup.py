@@ -75,3 +75,34 @@ def test_parallel_warmup_precompiles_steps_sampler_and_heads(tmp_path, monkeypat
         for lg, lv in zip(loggers, levels):
             lg.removeHandler(handler)
             lg.setLevel(lv)
+
+
+def test_a_failed_threaded_compile_falls_back_to_the_ordered_warmup(tmp_path, monkeypatch):
+    """The threaded precompile is only an optimization: when a compile on a thread fails (an H200
+    once failed to launch ptxas there), warm-up says so, compiles in order, and serves the same
+    tokens as an engine warmed up without threads."""
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8]}, {"prompt_token_ids": [9, 3]}]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    kw = dict(model="tiny", load_format="dummy", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32)
+    want = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, params, use_tqdm=False)]
+
+    def fail_on_a_thread(self):
+        raise jax.errors.JaxRuntimeError("INTERNAL: Failed to launch ptxas")
+
+    monkeypatch.setattr(ModelRunner, "_precompile", fail_on_a_thread)
+    said = []
+    report = logging.Handler(logging.WARNING)
+    report.emit = lambda r: said.append(r.getMessage())
+    jlog = logging.getLogger("jaxserve")
+    jlog.addHandler(report)
+    try:
+        llm = LLM(compilation_cache_dir=str(tmp_path), **kw)
+    finally:
+        jlog.removeHandler(report)
+        jax.config.update("jax_compilation_cache_dir", None)
+    assert any("Failed to launch ptxas" in m and "in order" in m for m in said), said
+    runner = llm.llm_engine.runner
+    c0 = runner.num_compilations()
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert runner.num_compilations() == c0
