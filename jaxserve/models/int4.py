@@ -280,14 +280,25 @@ def linear(x, qw, *, kernel: Optional[bool] = None, widen: Optional[bool] = None
     return y.reshape((x.shape[0],) + qw["qw"].shape[1:])
 
 
-ROWS_ENV = "JAXSERVE_INT4_ROWS"  # experiment: "1" or "tk,stages,fill,wgs[,load]" (with_rows, mgpu.py)
-ROWS_DEFAULT = "256,4,one_wave,2"  # the best of 2026-12-02's sweep (docs/benchmarks.md, thirteenth session)
+ROWS_ENV = "JAXSERVE_INT4_ROWS"  # experiment: "1" (per-shape defaults) or "tk,stages,fill,wgs[,load]" (all weights)
+ROWS_DEFAULT = "256,4,one_wave,2"  # the format's example; "1" picks per shape (_rows_defaults)
+
+
+def _rows_defaults(n: int, k: int, groups: int) -> str:
+    """The kernel's options for a weight [N, K] under JAXSERVE_INT4_ROWS=1, from 2026-12-02's sweep
+    (docs/benchmarks.md, fourteenth session, 1 and 16 rows on an H200): 3 consumer warpgroups where
+    N is a multiple of 192 (Llama-3-8B's qkv: 9.5 against 11.3 us), 512-input steps in 3 stages for
+    the large weights (gate+up 35.2 against 38.9 us; down 17.0 against 17.2), else 256 in 4."""
+    fits = [tk for tk in (512, 256) if mgpu.valid_split(k, groups, 1, tk)] + [mgpu.TK]  # fits any supported K
+    tk = fits[0] if n * k > 32 << 20 else ([t for t in fits if t <= 256] or fits)[0]
+    return f"{tk},{3 if tk == 512 else 4},one_wave,{3 if n % 192 == 0 else 2}"
 
 
 def rows_config(wq_shape, groups: int) -> dict:
     """mgpu.int4_matmul_rows' options for a weight [N, K] in `groups` groups, from ROWS_ENV."""
+    n, k = wq_shape
     spec = os.environ.get(ROWS_ENV, "1")
-    parts = (ROWS_DEFAULT if spec in ("", "1") else spec).split(",")
+    parts = (_rows_defaults(n, k, groups) if spec in ("", "1") else spec).split(",")
     try:
         tk, stages, fill, wgs, *load = parts
         tk, stages, wgs = int(tk), int(stages), int(wgs)
@@ -296,7 +307,6 @@ def rows_config(wq_shape, groups: int) -> dict:
     except ValueError:
         raise ValueError(f"{ROWS_ENV}={spec!r}: want 1, or tk,stages,fill,wgs[,load] with fill cover | one_wave and "
                          f"load one of {mgpu.LOADS} (e.g. {ROWS_DEFAULT})") from None
-    n, k = wq_shape
     sms = getattr(jax.devices()[0], "core_count", None) or 132  # an H100's / H200's off the GPU (tests)
     return dict(tk=tk, stages=stages, wgs=wgs, load=load[0] if load else "wgmma",
                 splits=mgpu.default_splits(n, k, groups, sms, tk, fill, wgs))

@@ -154,6 +154,12 @@ def test_rows_layout_experiment_moves_weights_to_the_kernels_layout(monkeypatch)
                                   np.asarray(int4.linear(x, qw, kernel=False, widen=True), np.float32))
     with pytest.raises(ValueError, match="one device"):
         int4.linear(x, rows, mesh=types.SimpleNamespace(shape={"model": 2}))
+    monkeypatch.setenv(int4.ROWS_ENV, "1")  # per shape: every Llama-3-8B projection valid for the kernel
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+        cfg = int4.rows_config((n, k), k // 128)
+        assert mgpu.supported(16, k, n, k // 128, cfg["wgs"]), (n, k, cfg)
+        assert mgpu.valid_split(k, k // 128, cfg["splits"], cfg["tk"]), (n, k, cfg)
+    assert int4.rows_config((6144, 4096), 32)["wgs"] == 3 and int4.rows_config((4096, 4096), 32)["wgs"] == 2
     monkeypatch.setenv(int4.ROWS_ENV, "512,3,cover,3")
     cfg = int4.rows_config((6144, 4096), 32)
     assert cfg["tk"] == 512 and cfg["stages"] == 3 and cfg["wgs"] == 3
