@@ -13,10 +13,11 @@ pass (the same inline-PTX widening) and run one dot: on an H200 a 32-layer strea
 rows took 0.84x / 0.92x the time of XLA's own widening + dot, and 4-bit 128 / 128 and 1024 / 128
 ran 1.047x / 1.035x faster (docs/benchmarks.md, 2026-12-01 twelfth session); on a tensor-parallel
 mesh both run per shard. The CPU and shapes neither pass takes widen in XLA ops (the reference).
-Experiment (`JAXSERVE_INT4_ROWS`, one GPU, off by default): `with_rows` moves every weight to
-mgpu.py's layout (wq [N..., K] int4, zs) and steps of up to MAX_ROWS rows run the Mosaic-GPU kernel
-(batch-1 decode 1.13x, batch 32 1.37x on an H200, measured while the words were kept as well),
-larger ones widen.widen_rows (bit-equal to widen.py on the CPU; not yet run on a GPU).
+On one Hopper GPU (rows_enabled; `JAXSERVE_INT4_ROWS=0` turns it off) `with_rows` moves every
+weight the Mosaic-GPU kernel takes to mgpu.py's layout (wq [N..., K] int4, zs): steps of up to
+MAX_ROWS rows run that kernel, larger ones widen.widen_rows + one dot. On an H200, against the words
+above in the same call: batch-1 decode 1.18x, batch 32 1.37x, 128 / 128 and 1024 / 128 0.994x /
+0.995x (docs/benchmarks.md, 2026-12-02 fourteenth session).
 
 The checkpoint formats are unpacked on the host, tensor by tensor, and packed into this layout:
   AWQ (AutoAWQ "gemm"): qweight int32 [K, N/8], eight 4-bit columns per word in the order
@@ -31,6 +32,7 @@ The checkpoint formats are unpacked on the host, tensor by tensor, and packed in
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -280,12 +282,12 @@ def linear(x, qw, *, kernel: Optional[bool] = None, widen: Optional[bool] = None
     return y.reshape((x.shape[0],) + qw["qw"].shape[1:])
 
 
-ROWS_ENV = "JAXSERVE_INT4_ROWS"  # experiment: "1" (per-shape defaults) or "tk,stages,fill,wgs[,load]" (all weights)
+ROWS_ENV = "JAXSERVE_INT4_ROWS"  # "0" off; unset / "1" per-shape options; "tk,stages,fill,wgs[,load]" for all weights
 ROWS_DEFAULT = "256,4,one_wave,2"  # the format's example; "1" picks per shape (_rows_defaults)
 
 
 def _rows_defaults(n: int, k: int, groups: int) -> str:
-    """The kernel's options for a weight [N, K] under JAXSERVE_INT4_ROWS=1, from 2026-12-02's sweep
+    """The kernel's options for a weight [N, K] (JAXSERVE_INT4_ROWS unset or 1), from 2026-12-02's sweep
     (docs/benchmarks.md, fourteenth session, 1 and 16 rows on an H200): 3 consumer warpgroups where
     N is a multiple of 192 (Llama-3-8B's qkv: 9.5 against 11.3 us), 512-input steps in 3 stages for
     the large weights (gate+up 35.2 against 38.9 us; down 17.0 against 17.2), else 256 in 4."""
@@ -339,19 +341,31 @@ def _linear_rows(x, w, *, kernel: Optional[bool], widen: Optional[bool], mesh):
     return y.reshape((x.shape[0],) + out)
 
 
-def rows_enabled() -> bool:
-    """The experiment is on: JAXSERVE_INT4_ROWS set, and one GPU (the kernel is for Hopper; the
-    layout has no tensor-parallel form)."""
-    return bool(os.environ.get(ROWS_ENV)) and jax.default_backend() == "gpu" and jax.device_count() == 1
+def _hopper() -> bool:
+    """The first device is an sm_90 GPU (the kernel's wgmma and TMA: H100, H200, GH200)."""
+    return str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0] == "9"
+
+
+def rows_enabled(sharded: bool = False) -> bool:
+    """4-bit weights go to mgpu.py's layout (with_rows): by default on an unsharded model on a Hopper
+    GPU (batch-1 decode 1.18x, batch 32 1.37x, prefill-heavy work within 0.6% on an H200:
+    docs/benchmarks.md, fourteenth session); JAXSERVE_INT4_ROWS=0 keeps the words (and the Triton
+    kernel), any other value forces the layout on an unsharded GPU model and picks the options."""
+    spec = os.environ.get(ROWS_ENV, "")
+    if spec == "0" or sharded or jax.default_backend() != "gpu":
+        return False
+    return bool(spec) or _hopper()
 
 
 def with_rows(params):
-    """Experiment (JAXSERVE_INT4_ROWS set, one GPU): every 4-bit weight moved to mgpu.py's layout,
-    wq [N..., K] int4 and zs [2, K/G, N...] (the words are dropped as each weight is converted: the
-    same memory), which `linear` runs through the Mosaic-GPU kernel for steps of at most MAX_ROWS
-    rows and through widen.widen_rows + a dot above."""
+    """Every 4-bit weight the Mosaic-GPU kernel takes (mgpu.supported: N a multiple of 128, groups
+    of a multiple of 128 inputs) moved to mgpu.py's layout, wq [N..., K] int4 and zs [2, K/G, N...]
+    (the words are dropped as each weight is converted: the same memory); `linear` runs it through
+    that kernel for steps of at most MAX_ROWS rows and through widen.widen_rows + a dot above.
+    Other weights keep the words (and the Triton kernel)."""
     def visit(t):
-        if is_int4(t) and "qw" in t:
+        if is_int4(t) and "qw" in t and mgpu.supported(1, t["qw"].shape[0] * 8, math.prod(t["qw"].shape[1:]),
+                                                       t["s"].shape[0]):
             out = t["qw"].shape[1:]
             wq, zs = jax.jit(mgpu.to_rows)(t["qw"], t["s"], t["z"])
             return {"wq": wq.reshape(out + (wq.shape[1],)), "zs": zs.reshape((2, zs.shape[1]) + out)}

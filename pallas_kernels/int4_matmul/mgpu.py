@@ -8,8 +8,9 @@ kernel choose. Mosaic GPU does: a probe with this structure ran gate+up at 16 / 
 0.80x / 0.63x / 0.56x kernel.py's time on an H200 (scripts/bench_int4_mgpu_probe.py,
 docs/benchmarks.md 2026-12-01 twelfth session). This kernel (thirteenth session, H200): gate+up
 0.81x / 0.59x kernel.py's time at 1 / 64 rows, down 0.76x / 0.60x, decode's 32-layer stream 0.83x;
-in the engine (an experiment: jaxserve/models/int4.py `with_rows`) batch-1 decode 1.13x, batch 32
-1.37x. Its own ceiling so far: ~1.8 TB/s of 4-bit bytes (bf16 weights stream at ~3-4 TB/s).
+in the engine (jaxserve/models/int4.py `with_rows`, the default on one Hopper GPU since the fourteenth
+session) batch-1 decode 1.18x, batch 32 1.37x. Its own ceiling so far: ~1.8 TB/s of 4-bit bytes
+(bf16 weights stream at ~3-4 TB/s).
 
 Layout (`to_rows`): wq [N, K] int4, K innermost, holding v - 8 (the unsigned nibble v made signed);
 zs [2, K/G, N] in the activations' dtype: the zero point minus 8, and the scale, so that
@@ -94,7 +95,8 @@ def _widen(plgpu, ref, dtype, load: str):
     to wgmma's layout as int4 (16 warp shuffles + 16 byte permutes a thread), then widened. (Widening
     in the 4X layout first, 8 values per 32-bit word, does not pass Mosaic's layout inference.)
     Lowered IR per thread and 128-input step (tk 128, 16 rows): "wgmma" 32 shared loads of one byte,
-    "upcast4x" 8 of four bytes; both 32 two-value widenings. Which is faster is unmeasured."""
+    "upcast4x" 8 of four bytes; both 32 two-value widenings. "upcast4x" was slower or equal at every
+    engine shape on an H200 (down 18.3 against 17.0 us: docs/benchmarks.md, fourteenth session)."""
     if load == "wgmma":
         return plgpu.layout_cast(ref[...].astype(dtype), plgpu.Layout.WGMMA)
     v = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)

@@ -128,8 +128,8 @@ def test_linear_on_a_stacked_weight_both_paths():
                                   np.asarray(int4.linear(xb, qb, kernel=False, widen=False), np.float32))
 
 
-def test_rows_layout_experiment_moves_weights_to_the_kernels_layout(monkeypatch):
-    """with_rows (JAXSERVE_INT4_ROWS, GPU only) moves every 4-bit weight to mgpu.py's layout of the
+def test_rows_layout_moves_weights_to_the_kernels_layout(monkeypatch):
+    """with_rows (one Hopper GPU, or JAXSERVE_INT4_ROWS) moves every 4-bit weight to mgpu.py's layout of the
     same values; `linear` on it equals `linear` on the words (XLA's widening, and widen_rows' pass
     against widen.py's, bit for bit); rows_config reads the kernel's options."""
     import types
@@ -154,6 +154,9 @@ def test_rows_layout_experiment_moves_weights_to_the_kernels_layout(monkeypatch)
                                   np.asarray(int4.linear(x, qw, kernel=False, widen=True), np.float32))
     with pytest.raises(ValueError, match="one device"):
         int4.linear(x, rows, mesh=types.SimpleNamespace(shape={"model": 2}))
+    odd = {k: v.astype(jnp.bfloat16) if k != "qw" else v for k, v in int4.quantize(w[:, :, :96], group=128).items()}
+    kept = int4.with_rows({"w": odd})["w"]  # N = 192 is not a multiple of 128: the words stay
+    assert set(kept) == {"qw", "s", "z"} and kept["qw"] is odd["qw"]
     monkeypatch.setenv(int4.ROWS_ENV, "1")  # per shape: every Llama-3-8B projection valid for the kernel
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
         cfg = int4.rows_config((n, k), k // 128)
@@ -168,6 +171,21 @@ def test_rows_layout_experiment_moves_weights_to_the_kernels_layout(monkeypatch)
         monkeypatch.setenv(int4.ROWS_ENV, bad)
         with pytest.raises(ValueError, match="tk,stages,fill,wgs"):
             int4.rows_config((6144, 4096), 32)
+
+
+def test_the_rows_layout_is_the_default_on_one_hopper_gpu_only(monkeypatch):
+    monkeypatch.delenv(int4.ROWS_ENV, raising=False)
+    assert not int4.rows_enabled()  # the CPU
+    monkeypatch.setattr(int4.jax, "default_backend", lambda: "gpu")
+    for hopper, env, sharded, want in ((True, None, False, True), (True, "0", False, False), (True, None, True, False),
+                                       (False, None, False, False), (False, "1", False, True),
+                                       (False, "256,4,one_wave,2", False, True), (True, "1", True, False)):
+        monkeypatch.setattr(int4, "_hopper", lambda h=hopper: h)
+        if env is None:
+            monkeypatch.delenv(int4.ROWS_ENV, raising=False)
+        else:
+            monkeypatch.setenv(int4.ROWS_ENV, env)
+        assert int4.rows_enabled(sharded=sharded) is want, (hopper, env, sharded)
 
 
 # ---- configs and errors ----------------------------------------------------------------------
@@ -333,11 +351,12 @@ def test_dummy_weights_in_four_bits_and_their_footprint(tiny_awq):
     assert bf16 - q4 == 2 * proj - (proj // 2 + 2 * 2 * proj // 128)
 
 
-def test_the_rows_layout_experiment_generates_what_the_words_do(monkeypatch, tiny_awq):
-    """The JAXSERVE_INT4_ROWS experiment's loader step on the whole model (forced on the CPU, where
-    `linear` takes its XLA path): every projection moved, the same greedy tokens."""
+def test_the_rows_layout_generates_what_the_words_do(monkeypatch, tiny_awq):
+    """The rows layout's loader step on the whole model (forced on the CPU, where `linear` takes its
+    XLA path): every projection moved, the same greedy tokens."""
     _, words = tiny_awq
-    monkeypatch.setattr(int4, "rows_enabled", lambda: True)
+    monkeypatch.setattr(int4, "rows_enabled", lambda sharded=False: not sharded)
+    monkeypatch.setattr(int4.mgpu, "supported", lambda *a, **k: True)  # the tiny model's 64 columns: convert all
     lp, rows = _tiny_awq()
     assert all(set(lp[k]) == {"wq", "zs"} for k in PROJECTIONS)
     assert rows == words
