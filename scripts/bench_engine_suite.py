@@ -71,6 +71,7 @@ def main():
     from jaxserve.bench.offline import run_latency, run_throughput
     from jaxserve.config import engine_config_from_kwargs
     from jaxserve.engine.llm_engine import LLMEngine
+    from jaxserve.models.int4 import layout as int4_layout
 
     if a.max_model_len is None:
         a.max_model_len = max([2048] + [WORKLOADS[w][1] + WORKLOADS[w][2] for w in a.workloads if w in WORKLOADS])
@@ -100,7 +101,8 @@ def main():
                           kv_cache_tokens=eng.runner.num_blocks * eng.scheduler.block_size,
                           compilations=eng.runner.num_compilations(), max_num_seqs=eng.scheduler.cfg.max_num_seqs,
                           max_num_batched_tokens=eng.scheduler.cfg.max_num_batched_tokens,
-                          xla_flags=os.environ.get("XLA_FLAGS", ""))), flush=True)
+                          int4_layout=int4_layout(eng.model.params), xla_flags=os.environ.get("XLA_FLAGS", ""))),
+          flush=True)
     base_cfg = eng.scheduler.cfg
     for name in a.workloads:
         kind, il, ol, n = WORKLOADS[name]

@@ -32,11 +32,28 @@ MGPU = [(256, 4, "one_wave", 2, "wgmma"), (256, 4, "one_wave", 2, "upcast4x"), (
 # tk 128, "cover" and 4 warpgroups (4 hung in the engine: refused now)
 
 
+def configs(specs, n: int, k: int):
+    """MGPU, or the --configs strings ("engine": int4.rows_config's choice for this shape)."""
+    if not specs:
+        return MGPU
+    out = []
+    for spec in specs:
+        if spec == "engine":
+            c = int4.rows_config((n, k), k // 128)
+            out.append((c["tk"], c["stages"], "engine", c["wgs"], c["load"]))
+        else:
+            tk, stages, fill, wgs, load = spec.split(",")
+            out.append((int(tk), int(stages), fill, int(wgs), load))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--configs", nargs="+", default=None, metavar="TK,STAGES,FILL,WGS,LOAD",
+                    help="mgpu options to time (default: MGPU); 'engine' = the engine's per-shape choice")
     a = ap.parse_args()
     us = functools.partial(kernel_us, iters=a.iters)
     sms = jax.devices()[0].core_count
@@ -53,10 +70,11 @@ def main():
             row = {"shape": name, "rows": m, "bf16_us": round(t_bf, 1), "triton_us": round(t_tri, 1),
                    "triton_tb_s": round(mb / t_tri, 2)}
             best = None
-            for tk, stages, fill, wgs, load in MGPU:
+            for tk, stages, fill, wgs, load in configs(a.configs, n, k):
                 if not mgpu.supported(m, k, n, k // 128, wgs):  # 3 warpgroups: N a multiple of 192
                     continue
-                sp = mgpu.default_splits(n, k, k // 128, sms, tk, fill, wgs)
+                sp = (int4.rows_config((n, k), k // 128)["splits"] if fill == "engine"
+                      else mgpu.default_splits(n, k, k // 128, sms, tk, fill, wgs))
                 cfg = dict(splits=sp, stages=stages, tk=tk, wgs=wgs, load=load)
                 try:
                     got, t = us(jax.jit(functools.partial(mgpu.int4_matmul_rows, **cfg)), x, wq, zs)

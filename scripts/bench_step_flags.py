@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens of the batches over 1")
     ap.add_argument("--profile", default=None, metavar="DIR", help="profile each step's first option set")
     ap.add_argument("--model", default="llama-3-8b", help="a named config for dummy weights; 'default': the embedded model")
+    ap.add_argument("--quantization", default=None, help="fp8 | awq | gptq: the dummy weights in that form")
     a = ap.parse_args()
 
     import functools
@@ -54,7 +55,7 @@ def main():
 
     default = a.model == "default"
     llm = LLM(model=None if default else a.model, load_format="auto" if default else "dummy",
-              max_model_len=max(2048, a.prompt_len + 64), warmup=False)
+              max_model_len=max(2048, a.prompt_len + 64), warmup=False, quantization=a.quantization)
     r = llm.llm_engine.runner
     captured = {}
     fwd = r._forward

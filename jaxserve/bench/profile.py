@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 CATEGORIES = (  # first match wins; lower-case substrings of kernel names
     ("attention", ("ragged_paged_attention", "paged_attention")),
+    ("int4 products", ("int4", "mosaic", "widen")),  # the 4-bit kernels (Triton, Mosaic GPU, the widening pass)
     ("matmul", ("gemm", "xmma", "cutlass", "cublas", "nvjet", "sm90_", "dot")),
     ("kv_write", ("scatter",)),
     ("copy/memset", ("memcpy", "memset", "copy")),

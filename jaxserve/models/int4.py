@@ -357,6 +357,12 @@ def rows_enabled(sharded: bool = False) -> bool:
     return bool(spec) or _hopper()
 
 
+def layout(params) -> Optional[str]:
+    """Which layout a model's 4-bit weights are in: "rows" (mgpu.py's, some or all), "words", or None."""
+    found = [("rows" if "wq" in t else "words") for t in jax.tree.leaves(params, is_leaf=is_int4) if is_int4(t)]
+    return None if not found else "rows" if "rows" in found else "words"
+
+
 def with_rows(params):
     """Every 4-bit weight the Mosaic-GPU kernel takes (mgpu.supported: N a multiple of 128, groups
     of a multiple of 128 inputs) moved to mgpu.py's layout, wq [N..., K] int4 and zs [2, K/G, N...]
