@@ -54,8 +54,9 @@ METHODS = ("awq", "gptq")
 
 
 def is_int4(w) -> bool:
-    """A 4-bit weight: the words layout {"qw", "s", "z"} or the Mosaic-GPU kernel's {"wq", "zs"}."""
-    return isinstance(w, dict) and ("qw" in w or "wq" in w)
+    """A 4-bit weight: the words layout {"qw", "s", "z"} or the Mosaic-GPU kernel's {"wq", "zs"} (not a
+    layer's dict, whose q projection is also named "wq")."""
+    return isinstance(w, dict) and (set(w) == {"qw", "s", "z"} or set(w) == {"wq", "zs"})
 
 
 # ---- unpacking checkpoint tensors (host, numpy) ---------------------------------------------

@@ -142,6 +142,8 @@ def test_rows_layout_moves_weights_to_the_kernels_layout(monkeypatch):
     params = {"layers": [{"w_gate_up": qw, "norm": jnp.ones(4)}]}
     out = int4.with_rows(params)
     assert int4.layout(params) == "words" and int4.layout(out) == "rows" and int4.layout({"w": w}) is None
+    layer = {"wq": qw, "wk": w}  # a layer's dict: its q projection is named "wq" too
+    assert not int4.is_int4(layer) and int4.layout({"layers": [layer]}) == "words"
     rows = out["layers"][0]["w_gate_up"]
     assert out["layers"][0]["norm"] is params["layers"][0]["norm"] and int4.is_int4(rows)
     assert set(rows) == {"wq", "zs"} and rows["wq"].shape == (2, 128, 256) and rows["zs"].shape == (2, 2, 2, 128)
