@@ -16,7 +16,7 @@ mesh both run per shard. The CPU and shapes neither pass takes widen in XLA ops 
 On one Hopper GPU (rows_enabled; `JAXSERVE_INT4_ROWS=0` turns it off) `with_rows` moves every
 weight the Mosaic-GPU kernel takes to mgpu.py's layout (wq [N..., K] int4, zs): steps of up to
 MAX_ROWS rows run that kernel, larger ones widen.widen_rows + one dot. On an H200, against the words
-above in the same call: batch-1 decode 1.18x, batch 32 1.37x, 128 / 128 and 1024 / 128 0.994x /
+above in the same call: batch-1 decode 1.13-1.18x, batch 32 1.37x, 128 / 128 and 1024 / 128 0.994x /
 0.995x (docs/benchmarks.md, 2026-12-02 fourteenth session).
 
 The checkpoint formats are unpacked on the host, tensor by tensor, and packed into this layout:
@@ -349,7 +349,7 @@ def _hopper() -> bool:
 
 def rows_enabled(sharded: bool = False) -> bool:
     """4-bit weights go to mgpu.py's layout (with_rows): by default on an unsharded model on a Hopper
-    GPU (batch-1 decode 1.18x, batch 32 1.37x, prefill-heavy work within 0.6% on an H200:
+    GPU (batch-1 decode 1.13-1.18x, batch 32 1.37x, prefill-heavy work within 0.6% on an H200:
     docs/benchmarks.md, fourteenth session); JAXSERVE_INT4_ROWS=0 keeps the words (and the Triton
     kernel), any other value forces the layout on an unsharded GPU model and picks the options."""
     spec = os.environ.get(ROWS_ENV, "")
