@@ -364,17 +364,21 @@ def layout(params) -> Optional[str]:
     return None if not found else "rows" if "rows" in found else "words"
 
 
-def with_rows(params):
+def with_rows(params, *, free: bool = False):
     """Every 4-bit weight the Mosaic-GPU kernel takes (mgpu.supported: N a multiple of 128, groups
-    of a multiple of 128 inputs) moved to mgpu.py's layout, wq [N..., K] int4 and zs [2, K/G, N...]
-    (the words are dropped as each weight is converted: the same memory); `linear` runs it through
-    that kernel for steps of at most MAX_ROWS rows and through widen.widen_rows + a dot above.
-    Other weights keep the words (and the Triton kernel)."""
+    of a multiple of 128 inputs) moved to mgpu.py's layout, wq [N..., K] int4 and zs [2, K/G, N...];
+    `linear` runs it through that kernel for steps of at most MAX_ROWS rows and through
+    widen.widen_rows + a dot above. Other weights keep the words (and the Triton kernel).
+    free: delete each weight's words once converted (the loader: the device then holds one layout
+    plus one weight's other, not both layouts: Llama-3-70B's 37 GB twice would not fit an H100)."""
     def visit(t):
         if is_int4(t) and "qw" in t and mgpu.supported(1, t["qw"].shape[0] * 8, math.prod(t["qw"].shape[1:]),
                                                        t["s"].shape[0]):
             out = t["qw"].shape[1:]
             wq, zs = jax.jit(mgpu.to_rows)(t["qw"], t["s"], t["z"])
+            if free:  # (the runtime keeps a buffer until the conversion that reads it is done)
+                for a in (t["qw"], t["s"], t["z"]):
+                    a.delete()
             return {"wq": wq.reshape(out + (wq.shape[1],)), "zs": zs.reshape((2, zs.shape[1]) + out)}
         if isinstance(t, dict):
             return {k: visit(v) for k, v in t.items()}

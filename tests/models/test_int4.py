@@ -160,6 +160,10 @@ def test_rows_layout_moves_weights_to_the_kernels_layout(monkeypatch):
     odd = {k: v.astype(jnp.bfloat16) if k != "qw" else v for k, v in int4.quantize(w[:, :, :96], group=128).items()}
     kept = int4.with_rows({"w": odd})["w"]  # N = 192 is not a multiple of 128: the words stay
     assert set(kept) == {"qw", "s", "z"} and kept["qw"] is odd["qw"]
+    mine = {k: jnp.array(v) for k, v in qw.items()}
+    freed = int4.with_rows({"w": mine}, free=True)["w"]  # the loader's form: the words are given back
+    assert all(mine[k].is_deleted() for k in mine)
+    np.testing.assert_array_equal(np.asarray(freed["wq"], np.float32), np.asarray(rows["wq"], np.float32))
     monkeypatch.setenv(int4.ROWS_ENV, "1")  # per shape: every Llama-3-8B projection valid for the kernel
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
         cfg = int4.rows_config((n, k), k // 128)
