@@ -93,7 +93,7 @@ class LLMEngine:
         import jax
         import jax.numpy as jnp
 
-        from jaxserve.models import registry
+        from jaxserve.models import int4, registry
         from jaxserve.models.loader import load_model
         from jaxserve.runner.model_runner import ModelRunner
         from jaxserve.runner.sampler import SPEC_VERIFY_ROWS
@@ -133,6 +133,8 @@ class LLMEngine:
         module = registry.model_module(self.model.arch)
         if hasattr(module, "fuse_qkv"):  # one attention-projection GEMM per layer (models/llama.py)
             self.model = dataclasses.replace(self.model, params=module.fuse_qkv(self.model.params, self.model.arch))
+        if int4.rows_enabled(sharded=self.plan is not None):  # one Hopper GPU: the Mosaic-GPU kernel's layout
+            self.model = dataclasses.replace(self.model, params=int4.with_rows(self.model.params, free=True))
         arch = self.model.arch
         limit = arch.context_limit
         if mc.max_model_len is not None and mc.max_model_len > limit:

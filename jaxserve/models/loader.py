@@ -414,8 +414,6 @@ def load_model(mc: ModelConfig, dtype, *, shardings_fn: Optional[Callable] = Non
         eos = [tokenizer.eos_token_id]
         template = tok_mod.DummyTokenizer.chat_template
         name = f"dummy-{path}"
-    if int4.rows_enabled(sharded=shardings_fn is not None):
-        params = int4.with_rows(params, free=True)  # 4-bit weights in the Mosaic-GPU kernel's layout (one Hopper GPU)
     return LoadedModel(arch, params, tokenizer, tuple(eos), template, name, quantization)
 
 

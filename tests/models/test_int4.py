@@ -169,7 +169,7 @@ def test_rows_layout_moves_weights_to_the_kernels_layout(monkeypatch):
         cfg = int4.rows_config((n, k), k // 128)
         assert mgpu.supported(16, k, n, k // 128, cfg["wgs"]), (n, k, cfg)
         assert mgpu.valid_split(k, k // 128, cfg["splits"], cfg["tk"]), (n, k, cfg)
-    assert int4.rows_config((6144, 4096), 32)["wgs"] == 3 and int4.rows_config((4096, 4096), 32)["wgs"] == 2
+    assert int4.rows_config((28672, 4096), 32)["tk"] == 512 and int4.rows_config((4096, 4096), 32)["tk"] == 256
     monkeypatch.setenv(int4.ROWS_ENV, "512,3,cover,3")
     cfg = int4.rows_config((6144, 4096), 32)
     assert cfg["tk"] == 512 and cfg["stages"] == 3 and cfg["wgs"] == 3
@@ -335,6 +335,7 @@ def _tiny_awq():
 
 
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate_up", "w_down")
+ENGINE_PROJECTIONS = ("w_qkv", "wo", "w_gate_up", "w_down")  # q, k, v fused on one device (llama.fuse_qkv)
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +350,7 @@ def test_dummy_weights_in_four_bits_and_their_footprint(tiny_awq):
     from jaxserve.models import footprint, llama, loader
 
     lp, tokens = tiny_awq
-    assert all(int4.is_int4(lp[k]) and "qw" in lp[k] for k in PROJECTIONS)
+    assert all(int4.is_int4(lp[k]) and "qw" in lp[k] for k in ENGINE_PROJECTIONS)
     assert len(tokens) == 6
     arch = llama.LlamaConfig.from_hf_config(dict(loader.DUMMY_SHAPES["llama-3-8b"]))
     shapes = llama.param_shapes(arch)
@@ -365,8 +366,38 @@ def test_the_rows_layout_generates_what_the_words_do(monkeypatch, tiny_awq):
     monkeypatch.setattr(int4, "rows_enabled", lambda sharded=False: not sharded)
     monkeypatch.setattr(int4.mgpu, "supported", lambda *a, **k: True)  # the tiny model's 64 columns: convert all
     lp, rows = _tiny_awq()
-    assert all(set(lp[k]) == {"wq", "zs"} for k in PROJECTIONS)
+    assert all(set(lp[k]) == {"wq", "zs"} for k in ENGINE_PROJECTIONS)
     assert rows == words
+
+
+def test_fused_4bit_qkv_is_the_three_projections_side_by_side(tiny_awq):
+    """llama.fuse_qkv on 4-bit weights (one device): w_qkv's product is q, k and v's products
+    in fuse_qkv's [Hkv, G+2, D] order, and the engine without the fusion emits the same tokens."""
+    from jaxserve.models import llama, loader
+
+    arch = llama.LlamaConfig.from_hf_config(dict(loader.DUMMY_SHAPES["tiny"]))
+    rng = np.random.default_rng(3)
+    E, D, hkv = arch.hidden_size, arch.head_dim, arch.num_kv_heads
+    g = arch.num_heads // hkv
+    members = {n: int4.quantize(jnp.asarray(rng.standard_normal((E, c)).astype(np.float32) * 0.05), group=32)
+               for n, c in (("wq", hkv * g * D), ("wk", hkv * D), ("wv", hkv * D))}
+    fused = llama.fuse_qkv({"layers": [dict(members, wo=None)]}, arch)["layers"][0]
+    assert "wq" not in fused and fused["w_qkv"]["qw"].shape == (E // 8, hkv, g + 2, D)
+    x = jnp.asarray(rng.standard_normal((3, E)).astype(np.float32))
+    got = np.asarray(int4.linear(x, fused["w_qkv"], kernel=False, widen=False))
+    q, k, v = (np.asarray(int4.linear(x, members[n], kernel=False, widen=False)) for n in ("wq", "wk", "wv"))
+    np.testing.assert_allclose(got[:, :, :g].reshape(3, -1), q, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[:, :, g].reshape(3, -1), k, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[:, :, g + 1].reshape(3, -1), v, rtol=1e-5, atol=1e-6)
+
+    _, tokens = tiny_awq
+    original = llama.fuse_qkv
+    llama.fuse_qkv = lambda params, cfg: params
+    try:
+        lp, unfused = _tiny_awq()
+    finally:
+        llama.fuse_qkv = original
+    assert "wq" in lp and unfused == tokens
 
 
 def test_zero_biases_of_an_exporter_are_skipped_and_real_ones_refused():
