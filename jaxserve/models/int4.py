@@ -300,7 +300,9 @@ def _rows_defaults(n: int, k: int, groups: int) -> str:
 
 
 def rows_config(wq_shape, groups: int) -> dict:
-    """mgpu.int4_matmul_rows' options for a weight [N, K] in `groups` groups, from ROWS_ENV."""
+    """mgpu.int4_matmul_rows' options for a weight [N, K] in `groups` groups, from ROWS_ENV. One
+    setting for all weights ("tk,stages,fill,wgs[,load]") is fitted to each: 2 warpgroups where N is
+    not a multiple of 64 x wgs, the largest valid step of at most tk inputs."""
     n, k = wq_shape
     spec = os.environ.get(ROWS_ENV, "1")
     parts = (_rows_defaults(n, k, groups) if spec in ("", "1") else spec).split(",")
@@ -312,6 +314,9 @@ def rows_config(wq_shape, groups: int) -> dict:
     except ValueError:
         raise ValueError(f"{ROWS_ENV}={spec!r}: want 1, or tk,stages,fill,wgs[,load] with fill cover | one_wave and "
                          f"load one of {mgpu.LOADS} (e.g. {ROWS_DEFAULT})") from None
+    if n % (mgpu.ROWS_PER_WG * wgs):
+        wgs = 2
+    tk = next((t for t in (tk, 512, 256) if t <= tk and mgpu.valid_split(k, groups, 1, t)), mgpu.TK)
     sms = getattr(jax.devices()[0], "core_count", None) or 132  # an H100's / H200's off the GPU (tests)
     return dict(tk=tk, stages=stages, wgs=wgs, load=load[0] if load else "wgmma",
                 splits=mgpu.default_splits(n, k, groups, sms, tk, fill, wgs))

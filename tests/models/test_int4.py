@@ -173,6 +173,8 @@ def test_rows_layout_moves_weights_to_the_kernels_layout(monkeypatch):
     monkeypatch.setenv(int4.ROWS_ENV, "512,3,cover,3")
     cfg = int4.rows_config((6144, 4096), 32)
     assert cfg["tk"] == 512 and cfg["stages"] == 3 and cfg["wgs"] == 3
+    fitted = int4.rows_config((4096, 1280), 10)  # one setting fitted: N % 192 -> 2 warpgroups; K 1280 -> 256
+    assert fitted["wgs"] == 2 and fitted["tk"] == 256 and mgpu.supported(16, 1280, 4096, 10, fitted["wgs"])
     assert mgpu.valid_split(4096, 32, cfg["splits"], 512)
     for bad in ("256,4", "256,4,sideways,2", "x,4,cover,2", "256,4,cover,2,nope"):
         monkeypatch.setenv(int4.ROWS_ENV, bad)
