@@ -376,8 +376,9 @@ def with_rows(params, *, free: bool = False):
     of a multiple of 128 inputs) moved to mgpu.py's layout, wq [N..., K] int4 and zs [2, K/G, N...];
     `linear` runs it through that kernel for steps of at most MAX_ROWS rows and through
     widen.widen_rows + a dot above. Other weights keep the words (and the Triton kernel).
-    free: delete each weight's words once converted (the loader: the device then holds one layout
-    plus one weight's other, not both layouts: Llama-3-70B's 37 GB twice would not fit an H100)."""
+    free: delete each weight's words once converted (the engine, after llama.fuse_qkv: the device
+    then holds one layout plus one weight's other, not both: Llama-3-70B's 37 GB twice would not fit
+    an H100)."""
     def visit(t):
         if is_int4(t) and "qw" in t and mgpu.supported(1, t["qw"].shape[0] * 8, math.prod(t["qw"].shape[1:]),
                                                        t["s"].shape[0]):
