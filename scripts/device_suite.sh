@@ -9,7 +9,7 @@
 #           program), scripts/bench_filter_radix.py (top-k / top-p without a sort),
 #           scripts/bench_fp8_gemm.py (both float8 paths at 16-256 rows: where weight-only should stop), scripts/bench_mlp_fusion.py at 1,024 and 8,192 rows
 #           (Triton off, row chunks), then the float8 engine on b1 / 128x128 / 1024x128
-#   int4: the Mosaic-GPU 4-bit kernel's GPU tests, its per-projection sweep
+#   int4: the Mosaic-GPU 4-bit kernel's GPU tests (and the engine's layouts against each other), its per-projection sweep
 #         (scripts/bench_int4_shapes.py), then the engine in AWQ-shaped 4 bits with
 #         JAXSERVE_INT4_ROWS=0 (the words), unset (the Mosaic-GPU layout on Hopper) and
 #         256,4,one_wave,3 on b1, b32, 128x128, 1024x128 (one process each)
@@ -51,7 +51,7 @@ elif [ "$MODE" = kernel ]; then
   timeout 400 python3 scripts/bench_attention.py ${ATTN_ARGS:---sweep} 2>&1 | grep -v Warn | tee "$OUT/attention.jsonl" | grep '^{' >> "$OUT/results.jsonl"
 elif [ "$MODE" = int4 ]; then  # the 4-bit Mosaic-GPU layout (the Hopper default) against the words, one call
   timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rf -m gpu tests/pallas_kernels/test_int4_mgpu.py \
-    > "$OUT/int4_tests.txt" 2>&1
+    tests/models/test_int4.py > "$OUT/int4_tests.txt" 2>&1
   tail -3 "$OUT/int4_tests.txt"
   timeout 200 python3 scripts/bench_int4_shapes.py --rows 1 16 --iters 10 --configs engine 256,4,one_wave,3 2>&1 \
     | grep '^{' > "$OUT/int4_shapes.jsonl"

@@ -423,3 +423,40 @@ def test_zero_biases_of_an_exporter_are_skipped_and_real_ones_refused():
     with pytest.raises(ValueError, match="non-zero bias"):
         build_params(arch, iter(tensors + [("model.layers.0.self_attn.q_proj.bias", np.ones(16, np.float32))]),
                      jnp.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (int4.jax.default_backend() == "gpu" and int4._hopper()),
+                    reason="the Mosaic-GPU layout is the default on Hopper GPUs only")
+def test_the_hopper_layout_scores_prompts_as_the_words_do_on_the_gpu(tmp_path, monkeypatch):
+    """The whole engine on a Hopper GPU, 4-bit Llama of kernel-sized shapes (dummy weights): the
+    default layout (the Mosaic-GPU kernel for a 40-token prompt, widen_rows + dot for 300 tokens,
+    fused q/k/v) gives each prompt token the log-probability the words layout (Triton kernel,
+    widen.py) gives it, within bf16 rounding; a wrong layout would be off by the spread (~0.6)."""
+    import gc
+
+    from jaxserve import LLM, SamplingParams
+
+    cfg = dict(architectures=["LlamaForCausalLM"], vocab_size=2048, hidden_size=1024, intermediate_size=2048,
+               num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+               rope_theta=10000.0, rms_norm_eps=1e-5)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, cfg["vocab_size"], n).tolist() for n in (40, 300)]
+    scores, layouts = {}, {}
+    for arm in ("0", ""):
+        monkeypatch.setenv(int4.ROWS_ENV, arm)
+        llm = LLM(model=str(tmp_path), load_format="dummy", quantization="awq", dtype="bfloat16", max_model_len=512,
+                  max_num_seqs=4, max_num_batched_tokens=512, gpu_memory_utilization=0.3, warmup=False)
+        layouts[arm] = int4.layout(llm.llm_engine.model.params)
+        scores[arm] = []
+        for p in prompts:  # one prompt per step: 40 rows (kernel), then 512 (widening)
+            out = llm.generate({"prompt_token_ids": p}, SamplingParams(max_tokens=1, prompt_logprobs=0),
+                               use_tqdm=False)[0]
+            scores[arm].append(np.array([next(iter(lp.values())).logprob for lp in out.prompt_logprobs[1:]]))
+        del llm
+        gc.collect()
+    assert layouts == {"0": "words", "": "rows"}
+    for words, rows in zip(scores["0"], scores[""]):
+        assert words.std() > 0.3  # the comparison can fail
+        assert np.abs(words - rows).max() < 0.1, np.abs(words - rows).max()
