@@ -132,7 +132,8 @@ class LLMEngine:
                                 before_load=functools.partial(self._check_weights_fit, devices), **load_kw)
         module = registry.model_module(self.model.arch)
         if hasattr(module, "fuse_qkv"):  # one attention-projection GEMM per layer (models/llama.py)
-            self.model = dataclasses.replace(self.model, params=module.fuse_qkv(self.model.params, self.model.arch))
+            fused = module.fuse_qkv(self.model.params, self.model.arch, free=True)
+            self.model = dataclasses.replace(self.model, params=fused)
         if int4.rows_enabled(sharded=self.plan is not None):  # one Hopper GPU: the Mosaic-GPU kernel's layout
             self.model = dataclasses.replace(self.model, params=int4.with_rows(self.model.params, free=True))
         arch = self.model.arch

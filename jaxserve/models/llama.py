@@ -292,7 +292,7 @@ def _dummy_generator(shape, dtype, ones, sharding):
     return jax.jit(gen, out_shardings=sharding)
 
 
-def fuse_qkv(params: dict, cfg: LlamaConfig) -> dict:
+def fuse_qkv(params: dict, cfg: LlamaConfig, free: bool = False) -> dict:
     """params with each layer's wq [E, Hq*D], wk, wv [E, Hkv*D] (and bq, bk, bv) replaced by
     w_qkv [E, Hkv, G+2, D] (and b_qkv [Hkv, G+2, D]), layer by layer so the device holds one
     layer's projections twice at most. Each fused array keeps its layer's placement: a
@@ -303,7 +303,10 @@ def fuse_qkv(params: dict, cfg: LlamaConfig) -> dict:
     -> [rows, Hkv, G+2, D]): one product of N = (Hq + 2 Hkv) * D instead of three narrow ones
     (Llama-3-8B: a 6,144-column product took 9.5-11.3 us on an H200 where the 4,096-column q alone
     took 7.7, fourteenth session); on a mesh they stay separate (int4's per-shard product splits the
-    last output axis, not Hkv)."""
+    last output axis, not Hkv). free (the engine): each layer's separate arrays are deleted once
+    fused, so the device holds one layer's projections twice at most and the next layer's fused
+    array can take the place they leave (else all of them stay until the caller drops the old tree,
+    and leave holes between the resident arrays)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jaxserve.models import int4
@@ -322,8 +325,12 @@ def fuse_qkv(params: dict, cfg: LlamaConfig) -> dict:
             lp = dict(lp)
             q, k, v = lp.pop("wq"), lp.pop("wk"), lp.pop("wv")
             lp["w_qkv"] = {m: fuse_w(q[m], k[m], v[m]) for m in ("qw", "s", "z")}
+            used = [t[m] for t in (q, k, v) for m in ("qw", "s", "z")]
             if "bq" in lp:
-                lp["b_qkv"] = fuse_b(lp.pop("bq"), lp.pop("bk"), lp.pop("bv"))
+                bias = lp.pop("bq"), lp.pop("bk"), lp.pop("bv")
+                lp["b_qkv"] = fuse_b(*bias)
+                used += bias
+            _delete(used, free)
             layers.append(lp)
             continue
         if "wq" not in lp or is_quantized(lp["wq"]):
@@ -334,14 +341,24 @@ def fuse_qkv(params: dict, cfg: LlamaConfig) -> dict:
         out = None
         if isinstance(sh, NamedSharding) and len(sh.spec) == 2:  # [E, heads] -> [E, Hkv, G+2, D]
             out = NamedSharding(sh.mesh, P(sh.spec[0], sh.spec[1], None, None))
-        w = fuse_w(lp.pop("wq"), lp.pop("wk"), lp.pop("wv"))
+        used = [lp.pop("wq"), lp.pop("wk"), lp.pop("wv")]
+        w = fuse_w(*used)
         lp["w_qkv"] = jax.device_put(w, out) if out is not None else w
         if "bq" in lp:
-            b = fuse_b(lp.pop("bq"), lp.pop("bk"), lp.pop("bv"))
+            bias = lp.pop("bq"), lp.pop("bk"), lp.pop("bv")
+            b = fuse_b(*bias)
             lp["b_qkv"] = (jax.device_put(b, NamedSharding(sh.mesh, P(sh.spec[1], None, None)))
                            if out is not None else b)
+            used += bias
+        _delete(used, free)
         layers.append(lp)
     return dict(params, layers=layers)
+
+
+def _delete(arrays, free: bool) -> None:
+    """fuse_qkv's inputs once fused (free): the runtime keeps each until the fusion reading it is done."""
+    for a in arrays if free else ():
+        a.delete()
 
 
 def init_dummy_params(cfg: LlamaConfig, dtype, seed: int = 0, shardings=None, on_placed=None) -> dict:

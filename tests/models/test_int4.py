@@ -384,6 +384,10 @@ def test_fused_4bit_qkv_is_the_three_projections_side_by_side(tiny_awq):
     members = {n: int4.quantize(jnp.asarray(rng.standard_normal((E, c)).astype(np.float32) * 0.05), group=32)
                for n, c in (("wq", hkv * g * D), ("wk", hkv * D), ("wv", hkv * D))}
     fused = llama.fuse_qkv({"layers": [dict(members, wo=None)]}, arch)["layers"][0]
+    given = {n: {m: jnp.array(a) for m, a in w.items()} for n, w in members.items()}
+    freed = llama.fuse_qkv({"layers": [dict(given, wo=None)]}, arch, free=True)["layers"][0]  # the engine's form
+    assert all(a.is_deleted() for w in given.values() for a in w.values())
+    np.testing.assert_array_equal(np.asarray(freed["w_qkv"]["qw"]), np.asarray(fused["w_qkv"]["qw"]))
     assert "wq" not in fused and fused["w_qkv"]["qw"].shape == (E // 8, hkv, g + 2, D)
     x = jnp.asarray(rng.standard_normal((3, E)).astype(np.float32))
     got = np.asarray(int4.linear(x, fused["w_qkv"], kernel=False, widen=False))
@@ -394,7 +398,7 @@ def test_fused_4bit_qkv_is_the_three_projections_side_by_side(tiny_awq):
 
     _, tokens = tiny_awq
     original = llama.fuse_qkv
-    llama.fuse_qkv = lambda params, cfg: params
+    llama.fuse_qkv = lambda params, cfg, free=False: params
     try:
         lp, unfused = _tiny_awq()
     finally:
