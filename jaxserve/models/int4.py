@@ -294,9 +294,13 @@ def _rows_defaults(n: int, k: int, groups: int) -> str:
     consumer warpgroups. 3 ran the fused qkv (N = 6,144) in 9.5 against 11.3 us and pass the GPU
     tests at that shape, but have not run inside an engine yet (4 hung there): opt in with
     JAXSERVE_INT4_ROWS=256,4,one_wave,3 until an engine run has shown them."""
-    fits = [tk for tk in (512, 256) if mgpu.valid_split(k, groups, 1, tk)] + [mgpu.TK]  # fits any supported K
-    tk = fits[0] if n * k > 32 << 20 else ([t for t in fits if t <= 256] or fits)[0]
+    tk = _fit_tk(k, groups, 512 if n * k > 32 << 20 else 256)
     return f"{tk},{3 if tk == 512 else 4},one_wave,2"
+
+
+def _fit_tk(k: int, groups: int, tk: int) -> int:
+    """The largest valid pipeline step (mgpu.valid_split over all of K) of at most tk inputs."""
+    return next((t for t in (tk, 512, 256) if t <= tk and mgpu.valid_split(k, groups, 1, t)), mgpu.TK)
 
 
 def rows_config(wq_shape, groups: int) -> dict:
@@ -316,7 +320,7 @@ def rows_config(wq_shape, groups: int) -> dict:
                          f"load one of {mgpu.LOADS} (e.g. {ROWS_DEFAULT})") from None
     if n % (mgpu.ROWS_PER_WG * wgs):
         wgs = 2
-    tk = next((t for t in (tk, 512, 256) if t <= tk and mgpu.valid_split(k, groups, 1, t)), mgpu.TK)
+    tk = _fit_tk(k, groups, tk)
     sms = getattr(jax.devices()[0], "core_count", None) or 132  # an H100's / H200's off the GPU (tests)
     return dict(tk=tk, stages=stages, wgs=wgs, load=load[0] if load else "wgmma",
                 splits=mgpu.default_splits(n, k, groups, sms, tk, fill, wgs))
