@@ -42,8 +42,8 @@ def configs(specs, n: int, k: int):
             c = int4.rows_config((n, k), k // 128)
             out.append((c["tk"], c["stages"], "engine", c["wgs"], c["load"]))
         else:
-            tk, stages, fill, wgs, load = spec.split(",")
-            out.append((int(tk), int(stages), fill, int(wgs), load))
+            tk, stages, fill, wgs, *load = spec.split(",")  # the load is optional, as in JAXSERVE_INT4_ROWS
+            out.append((int(tk), int(stages), fill, int(wgs), load[0] if load else "wgmma"))
     return out
 
 
@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--configs", nargs="+", default=None, metavar="TK,STAGES,FILL,WGS,LOAD",
+    ap.add_argument("--configs", nargs="+", default=None, metavar="TK,STAGES,FILL,WGS[,LOAD]",
                     help="mgpu options to time (default: MGPU); 'engine' = the engine's per-shape choice")
     a = ap.parse_args()
     us = functools.partial(kernel_us, iters=a.iters)

@@ -288,14 +288,13 @@ ROWS_DEFAULT = "256,4,one_wave,2"  # the format's example; "1" picks per shape (
 
 
 def _rows_defaults(n: int, k: int, groups: int) -> str:
-    """The kernel's options for a weight [N, K] (JAXSERVE_INT4_ROWS unset or 1), from 2026-12-02's sweep
+    """The kernel's options for a weight [N, K] (JAXSERVE_INT4_ROWS unset or 1), from 2026-12-02's sweeps
     (docs/benchmarks.md, fourteenth session, 1 and 16 rows on an H200): 512-input steps in 3 stages
-    for the large weights (gate+up 35.2 against 38.9 us; down 17.0 against 17.2), else 256 in 4; 2
-    consumer warpgroups. 3 ran the fused qkv (N = 6,144) in 9.5 against 11.3 us and pass the GPU
-    tests at that shape, but have not run inside an engine yet (4 hung there): opt in with
-    JAXSERVE_INT4_ROWS=256,4,one_wave,3 until an engine run has shown them."""
+    for the large weights (gate+up 35.2 against 38.9 us; down 17.0 against 17.2), else 256 in 4; 3
+    consumer warpgroups where N is a multiple of 192 (Llama-3-8B's fused qkv: 9.5 against 11.3 us;
+    first run inside an engine in the fifteenth session: batch 1 and 32 no slower), else 2."""
     tk = _fit_tk(k, groups, 512 if n * k > 32 << 20 else 256)
-    return f"{tk},{3 if tk == 512 else 4},one_wave,2"
+    return f"{tk},{3 if tk == 512 else 4},one_wave,{3 if n % (3 * mgpu.ROWS_PER_WG) == 0 else 2}"
 
 
 def _fit_tk(k: int, groups: int, tk: int) -> int:

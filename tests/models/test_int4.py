@@ -170,6 +170,7 @@ def test_rows_layout_moves_weights_to_the_kernels_layout(monkeypatch):
         assert mgpu.supported(16, k, n, k // 128, cfg["wgs"]), (n, k, cfg)
         assert mgpu.valid_split(k, k // 128, cfg["splits"], cfg["tk"]), (n, k, cfg)
     assert int4.rows_config((28672, 4096), 32)["tk"] == 512 and int4.rows_config((4096, 4096), 32)["tk"] == 256
+    assert int4.rows_config((6144, 4096), 32)["wgs"] == 3 and int4.rows_config((4096, 4096), 32)["wgs"] == 2
     monkeypatch.setenv(int4.ROWS_ENV, "512,3,cover,3")
     cfg = int4.rows_config((6144, 4096), 32)
     assert cfg["tk"] == 512 and cfg["stages"] == 3 and cfg["wgs"] == 3
