@@ -38,9 +38,9 @@ def configs(specs, n: int, k: int):
         return MGPU
     out = []
     for spec in specs:
-        if spec == "engine":
+        if spec.split(":")[0] == "engine":  # "engine:LOAD": the engine's choice with that load
             c = int4.rows_config((n, k), k // 128)
-            out.append((c["tk"], c["stages"], "engine", c["wgs"], c["load"]))
+            out.append((c["tk"], c["stages"], "engine", c["wgs"], spec.split(":")[1] if ":" in spec else c["load"]))
         else:
             tk, stages, fill, wgs, *load = spec.split(",")  # the load is optional, as in JAXSERVE_INT4_ROWS
             out.append((int(tk), int(stages), fill, int(wgs), load[0] if load else "wgmma"))
@@ -53,7 +53,8 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--configs", nargs="+", default=None, metavar="TK,STAGES,FILL,WGS[,LOAD]",
-                    help="mgpu options to time (default: MGPU); 'engine' = the engine's per-shape choice")
+                    help="mgpu options to time (default: MGPU); 'engine' = the engine's per-shape choice, "
+                         "'engine:LOAD' the same with that load (mgpu.LOADS)")
     a = ap.parse_args()
     us = functools.partial(kernel_us, iters=a.iters)
     sms = jax.devices()[0].core_count
@@ -61,7 +62,8 @@ def main():
         k, n = SHAPES[name]
         w = (jax.random.normal(jax.random.key(1), (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
         q = jax.jit(int4.quantize)(w)
-        wq, zs = jax.jit(mgpu.to_rows)(q["qw"], q["s"], q["z"])
+        stored = {o: jax.jit(mgpu.to_rows, static_argnames="order")(q["qw"], q["s"], q["z"], order=o)
+                  for o in mgpu.ORDERS}  # (wq, zs) in each storage order
         mb = (k * n / 2 + 4 * k * n / 128) / 1e6
         for m in a.rows:
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
@@ -76,6 +78,7 @@ def main():
                 sp = (int4.rows_config((n, k), k // 128)["splits"] if fill == "engine"
                       else mgpu.default_splits(n, k, k // 128, sms, tk, fill, wgs))
                 cfg = dict(splits=sp, stages=stages, tk=tk, wgs=wgs, load=load)
+                wq, zs = stored[mgpu.load_order(load)]
                 try:
                     got, t = us(jax.jit(functools.partial(mgpu.int4_matmul_rows, **cfg)), x, wq, zs)
                     _, t_k = us(jax.jit(functools.partial(mgpu.partials, **cfg)), x, wq, zs)

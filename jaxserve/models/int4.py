@@ -283,7 +283,8 @@ def linear(x, qw, *, kernel: Optional[bool] = None, widen: Optional[bool] = None
     return y.reshape((x.shape[0],) + qw["qw"].shape[1:])
 
 
-ROWS_ENV = "JAXSERVE_INT4_ROWS"  # "0" off; unset / "1" per-shape options; "tk,stages,fill,wgs[,load]" for all weights
+ROWS_ENV = "JAXSERVE_INT4_ROWS"  # "0" off; unset / "1" per-shape options (a load name: with that load);
+# "tk,stages,fill,wgs[,load]" for all weights
 ROWS_DEFAULT = "256,4,one_wave,2"  # the format's example; "1" picks per shape (_rows_defaults)
 
 
@@ -305,18 +306,22 @@ def _fit_tk(k: int, groups: int, tk: int) -> int:
 def rows_config(wq_shape, groups: int) -> dict:
     """mgpu.int4_matmul_rows' options for a weight [N, K] in `groups` groups, from ROWS_ENV. One
     setting for all weights ("tk,stages,fill,wgs[,load]") is fitted to each: 2 warpgroups where N is
-    not a multiple of 64 x wgs, the largest valid step of at most tk inputs."""
+    not a multiple of 64 x wgs, the largest valid step of at most tk inputs. A load name alone
+    (mgpu.LOADS) takes the per-shape options with that load."""
     n, k = wq_shape
     spec = os.environ.get(ROWS_ENV, "1")
-    parts = (_rows_defaults(n, k, groups) if spec in ("", "1") else spec).split(",")
+    if spec in ("", "1") or spec in mgpu.LOADS:
+        parts = _rows_defaults(n, k, groups).split(",") + ([spec] if spec in mgpu.LOADS else [])
+    else:
+        parts = spec.split(",")
     try:
         tk, stages, fill, wgs, *load = parts
         tk, stages, wgs = int(tk), int(stages), int(wgs)
         if fill not in ("cover", "one_wave") or len(load) > 1 or (load and load[0] not in mgpu.LOADS):
             raise ValueError
     except ValueError:
-        raise ValueError(f"{ROWS_ENV}={spec!r}: want 1, or tk,stages,fill,wgs[,load] with fill cover | one_wave and "
-                         f"load one of {mgpu.LOADS} (e.g. {ROWS_DEFAULT})") from None
+        raise ValueError(f"{ROWS_ENV}={spec!r}: want 1, a load, or tk,stages,fill,wgs[,load] with fill cover | one_wave "
+                         f"and load one of {mgpu.LOADS} (e.g. {ROWS_DEFAULT})") from None
     if n % (mgpu.ROWS_PER_WG * wgs):
         wgs = 2
     tk = _fit_tk(k, groups, tk)
@@ -338,6 +343,7 @@ def _linear_rows(x, w, *, kernel: Optional[bool], widen: Optional[bool], mesh):
     n, groups = wq.shape[0], zs.shape[1]
     gpu = jax.default_backend() == "gpu"
     cfg = rows_config(wq.shape, groups)
+    order = mgpu.load_order(cfg["load"])  # how with_rows stored wq (the same setting picks both)
     if gpu and kernel is not False and x.shape[0] <= MAX_ROWS and mgpu.supported(x.shape[0], k, n, groups, cfg["wgs"]):
         y = mgpu.int4_matmul_rows(x, wq, zs, **cfg)
     else:
@@ -345,10 +351,10 @@ def _linear_rows(x, w, *, kernel: Optional[bool], widen: Optional[bool], mesh):
         if widen is None:
             widen = gpu and kernel_supported(k, n, groups)
         if widen:
-            wd = widen_rows(wq, zs).reshape(k, n)
+            wd = widen_rows(wq, zs, order=order).reshape(k, n)
             y = jnp.dot(x, wd.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
         else:
-            y = mgpu.reference(x, wq, zs)
+            y = mgpu.reference(x, wq, zs, order=order)
     return y.reshape((x.shape[0],) + out)
 
 
@@ -386,7 +392,8 @@ def with_rows(params, *, free: bool = False):
         if is_int4(t) and "qw" in t and mgpu.supported(1, t["qw"].shape[0] * 8, math.prod(t["qw"].shape[1:]),
                                                        t["s"].shape[0]):
             out = t["qw"].shape[1:]
-            wq, zs = jax.jit(mgpu.to_rows)(t["qw"], t["s"], t["z"])
+            order = mgpu.load_order(rows_config((math.prod(out), t["qw"].shape[0] * 8), t["s"].shape[0])["load"])
+            wq, zs = jax.jit(mgpu.to_rows, static_argnames="order")(t["qw"], t["s"], t["z"], order=order)
             if free:  # (the runtime keeps a buffer until the conversion that reads it is done)
                 for a in (t["qw"], t["s"], t["z"]):
                     a.delete()

@@ -32,6 +32,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -44,20 +45,46 @@ WARPGROUPS = (2, 3)  # consumer warpgroups a CTA may have (4 lowered but hung in
 SMEM_BUDGET = 200 * 1024  # of the 227 KiB a Hopper CTA may use: the rest for barriers and the epilogue
 
 
-def to_rows(words, s, z):
+ORDERS = ("rows", "quads")  # wq's storage along K: plain, or quads() (what the "quads" loads read)
+
+
+def to_rows(words, s, z, order: str = "rows"):
     """The engine's layout (words [K/8, N...] int32, nibble i of word r = input 8r + i; s, z [K/G, N...])
-    -> (wq [N, K] int4 holding v - 8, zs [2, K/G, N] = (z - 8, s) in s's dtype); N... flattened."""
+    -> (wq [N, K] int4 holding v - 8, zs [2, K/G, N] = (z - 8, s) in s's dtype); N... flattened.
+    order "quads": wq's K axis stored as quads() gives it (the "quads" loads' layout)."""
+    if order not in ORDERS:
+        raise ValueError(f"to_rows: order={order!r}; one of {ORDERS}")
     kw8 = words.shape[0]
     words, s, z = words.reshape(kw8, -1), s.reshape(s.shape[0], -1), z.reshape(z.shape[0], -1)
     n = words.shape[1]
     flipped = jnp.bitwise_xor(words.T, jnp.int32(-0x77777778))  # 0x88888888: each nibble v -> v - 8 (signed)
     wq = lax.bitcast_convert_type(flipped, jnp.int4).reshape(n, kw8 * 8)  # nibble i of a word is element i
-    return wq, jnp.stack([z.astype(s.dtype) - 8, s])
+    return (quads(wq) if order == "quads" else wq), jnp.stack([z.astype(s.dtype) - 8, s])
 
 
-def reference(x, wq, zs):
+def quads(wq):
+    """wq [N, K] int4 -> the same values with each row's runs of 32 inputs (four 32-bit words) stored
+    as a 4 x 4 byte transpose: word l, byte k <- word k, byte l. Its own inverse. Why: wgmma's
+    register layout gives thread (lane % 4 = l) of a row the input pairs 8c + 2l, 8c + 2l + 1 of
+    every 8-input column block c; after this transpose those of blocks 4q..4q+3 are one 32-bit word
+    (word l of run q), which Mosaic GPU's WGMMA_UPCAST_4X layout loads whole: one load and one
+    shift give four input pairs, with no shuffle between threads (_widen_quads)."""
+    n, k = wq.shape
+    if k % 32:
+        raise ValueError(f"quads: K={k} must be a multiple of 32")
+    u = lax.bitcast_convert_type(lax.bitcast_convert_type(wq.reshape(n, k // 8, 8), jnp.int32), jnp.uint32)
+    u = u.reshape(n, k // 32, 4, 1)  # [N, runs, word k, 1]
+    sh = jnp.arange(4, dtype=jnp.uint32) * 8
+    b = (u >> sh) & 0xFF  # [N, runs, word k, byte l]
+    t = (jnp.swapaxes(b, -1, -2) << sh).sum(-1, dtype=jnp.uint32)  # word l = sum_k (byte l of word k) << 8k
+    t = lax.bitcast_convert_type(t.reshape(n, k // 8), jnp.int32)
+    return lax.bitcast_convert_type(t, jnp.int4).reshape(n, k)
+
+
+def reference(x, wq, zs, order: str = "rows"):
     """x [M, K] @ the weight in `to_rows`' layout in XLA ops -> [M, N] in x's dtype: the same widened
     values as reference.dequantize of the words it came from, float32 accumulation."""
+    wq = quads(wq) if order == "quads" else wq
     rep = lambda a: jnp.repeat(a.astype(x.dtype), wq.shape[1] // a.shape[0], axis=0).T  # noqa: E731 [N, K]
     w = (wq.astype(x.dtype) - rep(zs[0])) * rep(zs[1])  # [N, K]
     return lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
@@ -85,7 +112,12 @@ def default_splits(n: int, k: int, groups: int, num_sms: int, tk: int = TK, fill
     return next((sp for sp in valid if tiles * sp >= num_sms), valid[-1])
 
 
-LOADS = ("wgmma", "upcast4x")
+LOADS = ("wgmma", "upcast4x", "quads", "quads_zs")
+
+
+def load_order(load: str) -> str:
+    """The storage order (to_rows' order) a load reads."""
+    return "quads" if load.startswith("quads") else "rows"
 
 
 def _widen(plgpu, ref, dtype, load: str):
@@ -101,6 +133,68 @@ def _widen(plgpu, ref, dtype, load: str):
         return plgpu.layout_cast(ref[...].astype(dtype), plgpu.Layout.WGMMA)
     v = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
     return plgpu.layout_cast(plgpu.layout_cast(v, plgpu.Layout.WGMMA).astype(dtype), plgpu.Layout.WGMMA)
+
+
+# per 16-bit float: the bits of 2^m + 8 (m: its mantissa bits, so 2^m's ulp is 1), that value, the PTX pair type
+_ASM_PAIR = {"bfloat16": (0x4308, 136.0, "bf16x2"), "float16": (0x6408, 1032.0, "f16x2")}
+
+
+def _widen_quads(plgpu, ref, dtype, zero=None, scale=None):
+    """A warpgroup's [64, 128] int4 tile stored in quads() order -> dtype in wgmma's register layout,
+    without shuffles: the tile is loaded in the WGMMA_UPCAST_4X layout (a thread's register (q, h):
+    word l of run q of its row h, 8 values), and each word gives wgmma's registers (4q + k, h),
+    k = 0..3, through one shift and, per pair, a prmt, a lop3 (the nibble into a 16-bit float's
+    mantissa at 2^m: 2^m + 8 + (v - 8)) and a subtraction of 2^m + 8 (CUTLASS's widening, four
+    pairs per word). With zero and scale ([64] row vectors, "quads_zs"): the subtraction takes
+    2^m + 8 + (z - 8) instead and a multiplication by s follows in the same asm, so the pair comes
+    out as (v - z) * s (bit-equal to the separate ops: an exact difference, one rounding).
+    Per thread and 128 inputs: 8 loads of 4 bytes, 8 shifts, 32 x (prmt, lop3, sub[, mul])."""
+    import jax.experimental.mosaic.gpu as mg
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm
+
+    name = jnp.dtype(dtype).name
+    if name not in _ASM_PAIR:
+        raise ValueError(f"int4_matmul_rows: the quads loads take bfloat16 or float16 activations, not {name}")
+    magic, base, op = _ASM_PAIR[name]
+    fold = zero is not None
+    words = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+    row = plgpu.Layout.WGMMA.reduce(1)
+    args = (words,) + ((zero + jnp.asarray(base, dtype), scale) if fold else ())  # exact: 2^m + z
+    types = (plgpu.Layout.WGMMA_UPCAST_4X,) + ((row, row) if fold else ())
+
+    @plgpu.inline_mgpu(arg_types=types,
+                       return_type=plgpu.ShapeDtypeStruct((ROWS_PER_WG, TK), dtype, layout=plgpu.Layout.WGMMA))
+    def widen(_ctx, w, *zs):
+        i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+        pair = ir.VectorType.get((2,), mu.dtype_to_ir_type(dtype))
+        src = w.registers
+        out = np.empty(mg.WGMMA_LAYOUT.registers_shape((ROWS_PER_WG, TK)), dtype=object)
+        if src.shape != (1, 4, 1, 1, 2, 1, 1, 1, 1) or out.shape != (1, 16, 1, 1, 2, 1, 1, 1, 1):
+            raise NotImplementedError(f"_widen_quads: Mosaic GPU's register shapes changed ({src.shape}, {out.shape})")
+
+        def dup(reg):  # vector<1 x 16-bit float> -> both halves of an i32
+            v = arith.extui(i32, mu.bitcast(reg, i16))
+            return arith.ori(v, arith.shli(v, arith.constant(i32, 16)))
+        per_h = [[dup(r) for r in a.registers.flat] for a in zs]  # [zero + 2^m + 8, scale] x row half h
+        # every input is read before any output is written (outputs may share an input's register)
+        tail = "sub.{op} t{p}, t{p}, $5;\n mul.{op} t{p}, t{p}, $6;" if fold else "sub.{op} t{p}, t{p}, mg;"
+        pairs = f"0x{magic:04X}{magic:04X}"
+        body = "".join(f"prmt.b32 t{p}, $4, hi, 0xF{p + 4}F{p};\n lop3.b32 t{p}, t{p}, 0x000F000F, {pairs}, 0x6a;\n "
+                       + tail.format(op=op, p=p) + "\n " for p in range(4))
+        asm = ("{\n .reg .b32 hi, mg, t0, t1, t2, t3;\n shr.u32 hi, $4, 4;\n"
+               f" mov.b32 mg, {pairs};\n {body}" + "".join(f"mov.b32 ${p}, t{p};\n " for p in range(4)) + "}")
+        for q in range(4):
+            for h in range(2):
+                word = mu.bitcast(src[0, q, 0, 0, h, 0, 0, 0, 0], i32)
+                res = llvm.inline_asm(llvm.StructType.get_literal([i32] * 4), [word] + [a[h] for a in per_h], asm,
+                                      "=r,=r,=r,=r,r" + (",r,r" if fold else ""))
+                for k in range(4):
+                    out[0, 4 * q + k, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(llvm.extractvalue(i32, res, (k,)), pair)
+        return mg.FragmentedArray(_registers=out, _layout=mg.WGMMA_LAYOUT, _is_signed=None)
+
+    return widen(*args)
 
 
 def _t(plgpu, ref):
@@ -192,8 +286,13 @@ def partials(x, wq, zs, *, splits: Optional[int] = None, stages: int = 4, tk: in
                         grp = j * TK // g if g < tk else 0
                         zero = plgpu.load(zs_s.at[0, grp, mine], (), layout=row)  # [64]: z - 8
                         scale = plgpu.load(zs_s.at[1, grp, mine], (), layout=row)
-                        a = _widen(plgpu, w_s.at[mine, cols], dtype, load)  # [64, TK]: v - 8, exact
-                        plgpu.wgmma(acc, (a - wide(zero)) * wide(scale), _t(plgpu, x_s.at[:, cols]))
+                        if load == "quads_zs":  # (v - z) * s from the widening itself
+                            a = _widen_quads(plgpu, w_s.at[mine, cols], dtype, zero, scale)
+                        else:
+                            a = (_widen_quads(plgpu, w_s.at[mine, cols], dtype) if load == "quads"
+                                 else _widen(plgpu, w_s.at[mine, cols], dtype, load))  # [64, TK]: v - 8, exact
+                            a = (a - wide(zero)) * wide(scale)
+                        plgpu.wgmma(acc, a, _t(plgpu, x_s.at[:, cols]))
                     plgpu.wgmma_wait(0)
                     return acc
 

@@ -84,30 +84,43 @@ def widen(qw, s, z, *, dtype, bn: Optional[int] = None, warps: Optional[int] = N
         out_shape=jax.ShapeDtypeStruct((kw8, 8, n), dtype), **kw)(qw, s, z)
 
 
-def _widen_rows_kernel(q_ref, zs_ref, o_ref, *, asm: bool):
+def _widen_rows_kernel(q_ref, zs_ref, o_ref, *, asm: bool, quads: bool):
     # q_ref [BN, 16] int32 (words of mgpu.to_rows' [N, K] int4: nibbles hold v - 8); zs_ref [2, 1, BN]
-    # (z - 8, s); o_ref [16, 8, BN]: the same output as _widen_kernel, from the transposed words
+    # (z - 8, s); o_ref [16, 8, BN]: the same output as _widen_kernel, from the transposed words.
+    # quads: the words are stored in mgpu.quads' order (runs of four words byte-transposed): each
+    # run's words are read with a stride of 4 and transposed back here, word k of every run at once
     dtype = o_ref.dtype
     convert = "offset" if jnp.dtype(dtype) in _PAIR_BITS else "magic"
     base = _offset(dtype, convert)
-    w = jnp.bitwise_xor(q_ref[...], jnp.int32(-0x77777778)).T  # each nibble back to v; [16, BN]
     s = zs_ref[1].astype(dtype)
     zb = zs_ref[0].astype(dtype) + jnp.asarray(base + 8, dtype)  # exact: 2^m + z
-    for i in range(8):
-        o_ref[:, i, :] = ((_plane(w, i, dtype, convert, asm) - zb) * s).astype(dtype)
+    flip = jnp.int32(-0x77777778)  # each nibble back to v
+    if not quads:
+        w = jnp.bitwise_xor(q_ref[...], flip).T  # [16, BN]
+        for i in range(8):
+            o_ref[:, i, :] = ((_plane(w, i, dtype, convert, asm) - zb) * s).astype(dtype)
+        return
+    stored = [q_ref[:, pl.ds(l, 4, stride=4)] for l in range(4)]  # word l of each run: [BN, 4 runs]
+    for k in range(4):  # word k of each run = sum over l of (byte k of stored word l) << 8 l
+        wk = sum(((st >> (8 * k)) & 0xFF) << (8 * l) for l, st in enumerate(stored))
+        wk = jnp.bitwise_xor(wk, flip).T  # [4 runs, BN]: words k, k + 4, k + 8, k + 12 of the 16
+        for i in range(8):
+            o_ref[pl.ds(k, 4, stride=4), pl.ds(i, 1), :] = ((_plane(wk, i, dtype, convert, asm) - zb) * s).astype(
+                dtype)[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("bn", "warps", "asm", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bn", "warps", "asm", "interpret", "order"))
 def widen_rows(wq, zs, *, bn: Optional[int] = None, warps: Optional[int] = None, asm: Optional[bool] = None,
-               interpret: Optional[bool] = None):
+               interpret: Optional[bool] = None, order: str = "rows"):
     """mgpu.to_rows' layout (wq [N, K] int4 holding v - 8, zs [2, K/G, N] = (z - 8, s)) -> [K/8, 8, N]
     in zs' dtype, equal to widen() of the words it came from: large steps of weights kept only in
-    the Mosaic-GPU kernel's layout. Each program transposes its [BN, 16] word tile in registers."""
+    the Mosaic-GPU kernel's layout. Each program transposes its [BN, 16] word tile in registers.
+    order: to_rows' ("quads": the runs of four words are transposed back in the program)."""
     n, k = wq.shape
     bn, asm, per, kw = _setup("widen_rows", k, n, zs.shape[1], zs.dtype, bn, warps, asm, interpret)
     words = jax.lax.bitcast_convert_type(wq.reshape(n, k // 8, 8), jnp.int32)  # [N, K/8], nibble i = input 8r + i
     return pl.pallas_call(
-        functools.partial(_widen_rows_kernel, asm=asm),
+        functools.partial(_widen_rows_kernel, asm=asm, quads=order == "quads"),
         grid=(k // 8 // ROWS, n // bn),
         in_specs=[pl.BlockSpec((bn, ROWS), lambda g, j: (j, g)),
                   pl.BlockSpec((2, 1, bn), lambda g, j: (0, g // per, j))],

@@ -170,7 +170,10 @@ def test_rows_layout_moves_weights_to_the_kernels_layout(monkeypatch):
         assert mgpu.supported(16, k, n, k // 128, cfg["wgs"]), (n, k, cfg)
         assert mgpu.valid_split(k, k // 128, cfg["splits"], cfg["tk"]), (n, k, cfg)
     assert int4.rows_config((28672, 4096), 32)["tk"] == 512 and int4.rows_config((4096, 4096), 32)["tk"] == 256
+    cfg_gate_up = int4.rows_config((28672, 4096), 32)
     assert int4.rows_config((6144, 4096), 32)["wgs"] == 3 and int4.rows_config((4096, 4096), 32)["wgs"] == 2
+    monkeypatch.setenv(int4.ROWS_ENV, "quads_zs")  # a load alone: the per-shape options with it
+    assert int4.rows_config((28672, 4096), 32) == {**cfg_gate_up, "load": "quads_zs"}
     monkeypatch.setenv(int4.ROWS_ENV, "512,3,cover,3")
     cfg = int4.rows_config((6144, 4096), 32)
     assert cfg["tk"] == 512 and cfg["stages"] == 3 and cfg["wgs"] == 3
@@ -362,10 +365,12 @@ def test_dummy_weights_in_four_bits_and_their_footprint(tiny_awq):
     assert bf16 - q4 == 2 * proj - (proj // 2 + 2 * 2 * proj // 128)
 
 
-def test_the_rows_layout_generates_what_the_words_do(monkeypatch, tiny_awq):
+@pytest.mark.parametrize("spec", ["1", "quads_zs"])
+def test_the_rows_layout_generates_what_the_words_do(monkeypatch, tiny_awq, spec):
     """The rows layout's loader step on the whole model (forced on the CPU, where `linear` takes its
-    XLA path): every projection moved, the same greedy tokens."""
+    XLA path): every projection moved, the same greedy tokens; in either storage order."""
     _, words = tiny_awq
+    monkeypatch.setenv(int4.ROWS_ENV, spec)
     monkeypatch.setattr(int4, "rows_enabled", lambda sharded=False: not sharded)
     monkeypatch.setattr(int4.mgpu, "supported", lambda *a, **k: True)  # the tiny model's 64 columns: convert all
     lp, rows = _tiny_awq()
@@ -449,7 +454,7 @@ def test_the_hopper_layout_scores_prompts_as_the_words_do_on_the_gpu(tmp_path, m
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg["vocab_size"], n).tolist() for n in (40, 300)]
     scores, layouts = {}, {}
-    for arm in ("0", ""):
+    for arm in ("0", "", "quads_zs"):
         monkeypatch.setenv(int4.ROWS_ENV, arm)
         llm = LLM(model=str(tmp_path), load_format="dummy", quantization="awq", dtype="bfloat16", max_model_len=512,
                   max_num_seqs=4, max_num_batched_tokens=512, gpu_memory_utilization=0.3, warmup=False)
@@ -461,7 +466,8 @@ def test_the_hopper_layout_scores_prompts_as_the_words_do_on_the_gpu(tmp_path, m
             scores[arm].append(np.array([next(iter(lp.values())).logprob for lp in out.prompt_logprobs[1:]]))
         del llm
         gc.collect()
-    assert layouts == {"0": "words", "": "rows"}
-    for words, rows in zip(scores["0"], scores[""]):
-        assert words.std() > 0.3  # the comparison can fail
-        assert np.abs(words - rows).max() < 0.1, np.abs(words - rows).max()
+    assert layouts == {"0": "words", "": "rows", "quads_zs": "rows"}
+    for arm in ("", "quads_zs"):
+        for words, rows in zip(scores["0"], scores[arm]):
+            assert words.std() > 0.3  # the comparison can fail
+            assert np.abs(words - rows).max() < 0.1, (arm, np.abs(words - rows).max())
