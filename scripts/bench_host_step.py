@@ -6,7 +6,7 @@ exceeds the device's step time, the device idles between steps: that is what asy
 at K=1 must avoid. Prints one JSON line per (workload, K).
 
     python3 scripts/bench_host_step.py [--model llama-3-8b] [--steps 1 16] [--batch 1] [--output-len 128]
-        [--max-num-batched-tokens N]
+        [--max-num-batched-tokens N] [--quantization awq]
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def main():
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--quantization", default=None, help="fp8 | awq | gptq: the dummy weights in that form")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="default: the engine's (fewer token buckets to warm up when smaller)")
     a = ap.parse_args()
@@ -35,7 +36,7 @@ def main():
 
     default = a.model == "default"
     llm = LLM(model=None if default else a.model, load_format="auto" if default else "dummy",
-              max_model_len=2048, num_scheduler_steps=max(a.steps),
+              max_model_len=2048, num_scheduler_steps=max(a.steps), quantization=a.quantization,
               **({"max_num_batched_tokens": a.max_num_batched_tokens} if a.max_num_batched_tokens else {}))
     eng = llm.llm_engine
     runner, sched = eng.runner, eng.scheduler

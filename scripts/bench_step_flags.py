@@ -31,6 +31,12 @@ OPTION_SETS = {
     "pdl": {"xla_gpu_enable_pdl": True},
     # independent kernels of a command buffer (CUDA graph) as parallel branches of the graph
     "concurrent_region": {"xla_gpu_graph_enable_concurrent_region": True},
+    # the host's side of a step: no command buffers; custom calls (the Pallas / Mosaic kernels)
+    # recorded into them where their handlers allow; graphs of any size (a step's segments between
+    # custom calls are short)
+    "cmd_off": {"xla_gpu_enable_command_buffer": ""},
+    "cmd_custom_call": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"},
+    "graph_min_1": {"xla_gpu_graph_min_graph_size": 1},
 }
 
 
