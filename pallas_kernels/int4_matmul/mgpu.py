@@ -15,7 +15,10 @@ session) batch-1 decode 1.18x, batch 32 1.37x. Its own ceiling so far: ~1.8 TB/s
 Layout (`to_rows`): wq [N, K] int4, K innermost, holding v - 8 (the unsigned nibble v made signed);
 zs [2, K/G, N] in the activations' dtype: the zero point minus 8, and the scale, so that
 (wq - (z - 8)) * s = (v - z) * s exactly as the reference computes it (the difference of two small
-integers is exact in 16-bit floats; one rounding at the product).
+integers is exact in 16-bit floats; one rounding at the product). `to_rows(order="quads")` stores wq's
+runs of four words byte-transposed (`quads`) for the "quads" loads, which widen four pairs per
+32-bit word without shuffles (opt-in: 0.84x the products' time in a decode step on an H200, but
+the engine's 4-bit decode is bound by the host's dispatch of a step; docs/kernels.md).
 
 Work: out^T [N, M] = W [N, K] @ x^T [K, M]. A CTA's consumer warpgroups (2, or 3) own 64 rows of N each
 (wgmma's M); x's rows are wgmma's N (M padded to a multiple of 8, at most 256), so small steps
@@ -209,7 +212,8 @@ def int4_matmul_rows(x, wq, zs, *, splits: Optional[int] = None, stages: int = 4
     float32 sums). splits: K slices (default: default_splits); stages: pipeline depth (fewer when
     the rows' buffers would not fit shared memory); tk: inputs per pipeline step (a multiple of
     128: one product per 128); wgs: consumer warpgroups (64 weight rows each); load: how a tile
-    reaches wgmma's register layout (_widen); num_sms: the persistent grid. Under jit so that a
+    reaches wgmma's register layout (_widen; "quads" / "quads_zs": _widen_quads, wq
+    stored by to_rows(order=load_order(load))); num_sms: the persistent grid. Under jit so that a
     model's many call sites of one shape share one lowering (16 calls: 3.2 s -> 0.2 s on the CPU)."""
     part = partials(x, wq, zs, splits=splits, stages=stages, tk=tk, wgs=wgs, load=load, num_sms=num_sms)
     return part.sum(0).T[:x.shape[0]].astype(out_dtype or x.dtype)  # [M, N]
