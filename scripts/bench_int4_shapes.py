@@ -63,7 +63,7 @@ def main():
         w = (jax.random.normal(jax.random.key(1), (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
         q = jax.jit(int4.quantize)(w)
         stored = {o: jax.jit(mgpu.to_rows, static_argnames="order")(q["qw"], q["s"], q["z"], order=o)
-                  for o in mgpu.ORDERS}  # (wq, zs) in each storage order
+                  for o in {mgpu.load_order(c[4]) for c in configs(a.configs, n, k)}}  # (wq, zs) per order used
         mb = (k * n / 2 + 4 * k * n / 128) / 1e6
         for m in a.rows:
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)

@@ -380,6 +380,9 @@ def layout(params) -> Optional[str]:
     return None if not found else "rows" if "rows" in found else "words"
 
 
+_to_rows = jax.jit(mgpu.to_rows, static_argnames="order")  # one compile per weight shape and order
+
+
 def with_rows(params, *, free: bool = False):
     """Every 4-bit weight the Mosaic-GPU kernel takes (mgpu.supported: N a multiple of 128, groups
     of a multiple of 128 inputs) moved to mgpu.py's layout, wq [N..., K] int4 and zs [2, K/G, N...];
@@ -393,7 +396,7 @@ def with_rows(params, *, free: bool = False):
                                                        t["s"].shape[0]):
             out = t["qw"].shape[1:]
             order = mgpu.load_order(rows_config((math.prod(out), t["qw"].shape[0] * 8), t["s"].shape[0])["load"])
-            wq, zs = jax.jit(mgpu.to_rows, static_argnames="order")(t["qw"], t["s"], t["z"], order=order)
+            wq, zs = _to_rows(t["qw"], t["s"], t["z"], order=order)
             if free:  # (the runtime keeps a buffer until the conversion that reads it is done)
                 for a in (t["qw"], t["s"], t["z"]):
                     a.delete()
