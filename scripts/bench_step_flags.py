@@ -36,6 +36,9 @@ OPTION_SETS = {
     # custom calls are short)
     "cmd_off": {"xla_gpu_enable_command_buffer": ""},
     "cmd_custom_call": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"},
+    # custom calls outside the graphs: launched directly instead of traced (stream capture, cached
+    # by their buffers' addresses) into them
+    "cmd_no_custom_call": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN"},
     "graph_min_1": {"xla_gpu_graph_min_graph_size": 1},
 }
 
