@@ -1,5 +1,6 @@
 """Where the host's time goes in each engine step of a real run, on the real device: the engine's
-step() split into runner.dispatch, the wait inside runner.collect (device time the host spends
+step() split into runner.dispatch (and inside it the host's arrays, the transfers (_put), the
+stage's jitted call (_forward) and the sampler's), the wait inside runner.collect (device time the host spends
 blocked), scheduler.update_from_output, scheduler.schedule_next_block / schedule_next_step, and
 the rest (outputs, detokenizing). If the host's busy time per step (everything but the wait)
 exceeds the device's step time, the device idles between steps: that is what async scheduling
@@ -46,8 +47,12 @@ def main():
     # collect() = the wait for the device plus building the output; the wait is np.asarray on the
     # fetched tokens, timed by wrapping runner.collect whole and subtracting nothing: collect's own
     # host work is a few array slices.
-    for name in ("dispatch", "collect"):
+    for name in ("dispatch", "collect", "_forward", "_put"):
         tm.wrap(runner, name)
+    # inside dispatch: the host's arrays, then the jitted calls (the stage's jit is inside _forward)
+    from jaxserve.runner import model_runner as mr
+    for name in ("prepare_inputs", "pack_sampling", "sample_tokens", "feed_rows"):
+        tm.wrap(mr, name)
     for name in ("update_from_output", "schedule_next_block", "schedule_next_step", "schedule"):
         tm.wrap(sched, name)
     tm.wrap(eng, "step")
