@@ -141,7 +141,17 @@ class ModelRunner(Warmup):
         return [self.plan.kv_sharding(s) for s, r in enumerate(self.stages) for _ in r]
 
     def _put(self, tree, stage: int):
-        """Host inputs -> stage `stage`'s devices (replicated); one batched transfer."""
+        """Host inputs (numpy) for a jitted call on stage `stage`'s devices. On one device they go
+        to the call as they are: its C++ dispatch transfers them in ~5 us an array, where
+        jax.device_put's Python path took ~140 us (a quarter of a batch-1 4-bit step's host time,
+        docs/benchmarks.md sixteenth session). On a mesh: put replicated, one batched transfer."""
+        if self.plan is None:
+            return tree
+        return put(tree, self.plan.replicated(stage))
+
+    def _on_device(self, tree, stage: int):
+        """Host arrays put on stage `stage`'s devices as a step's outputs are: warm-up's stand-ins
+        for samples still on the device (a numpy argument is another jit cache entry)."""
         return put(tree, self.plan.replicated(stage) if self.plan is not None else None)
 
     def _kv(self, s: int) -> list:

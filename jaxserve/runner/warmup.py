@@ -330,13 +330,13 @@ class Warmup:
             jax.block_until_ready((out, toks, out2))
         self._warmup_at = "the token feeds and block copies"
         if sc.async_scheduling:  # a block's first tokens from the previous (same or larger) block
-            jax.block_until_ready([feed_rows(self._put(np.zeros(self.seq_bucket(Tp), np.int32), last),
+            jax.block_until_ready([feed_rows(self._on_device(np.zeros(self.seq_bucket(Tp), np.int32), last),
                                               self._put(np.zeros(T, np.int32), last))
                                    for Tp, T in self._feed_pairs()])
             # a step's pending tokens from the prefill / mixed step before it (_pending_tokens)
             s_max = self.seq_bucket(self.token_buckets[-1])
             for S in sorted({self.seq_bucket(T) for T in self.token_buckets}):
-                samples = feed(self._put(np.zeros(S, np.int32), last), s_max)
+                samples = feed(self._on_device(np.zeros(S, np.int32), last), s_max)
             jax.block_until_ready([fill_tokens(self._put(np.zeros(T, np.int32), last), samples)
                                    for T in self.token_buckets])
         for k in kvc.PAIR_BUCKETS:
