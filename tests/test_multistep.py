@@ -26,7 +26,9 @@ def _params():
 @pytest.fixture(scope="module")
 def llm():
     # One engine (compiled with both features on), its scheduler switched between configurations.
-    return LLM(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+    # 16 sequence rows: the smallest token bucket's (16) decode steps have one row per token, as
+    # the engine's default geometry does (a block's samples are then the next block's token ids).
+    return LLM(dtype="float32", max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64,
                num_scheduler_steps=4, async_scheduling=True, cpu_kv_cache_gib=0.1)
 
 
@@ -132,3 +134,44 @@ def test_trace_summary_accounts_for_every_token(llm, results, config):
     assert steps == sum(r["num_steps"] for r in trace)
     assert abs(summ["wall_s"] - (trace[-1]["time"] - t0)) < 1e-6
     assert summ["preemptions"] == 0
+
+
+def test_steady_decode_skips_the_feed_and_the_sampling_transfer(llm, results, monkeypatch):
+    """Async blocks over a batch that does not change: each block takes the previous block's samples
+    as its token ids (no feed program) and the sampling array already on the device (only the
+    counters go over); the tokens are the synchronous single steps'."""
+    from jaxserve.runner import model_runner as mr
+
+    eng = llm.llm_engine
+    runner, base = eng.runner, eng.scheduler.cfg
+    prompts = PROMPTS[1:3]
+    params = [SamplingParams(temperature=0.8, seed=7 + i, max_tokens=12, ignore_eos=True) for i in range(2)]
+    outs = {}
+    try:
+        for k, asyn in ((1, False), (1, True)):
+            eng.scheduler.cfg = dataclasses.replace(base, num_scheduler_steps=k, async_scheduling=asyn)
+            assert eng.reset_prefix_cache()
+            calls = {"feed_rows": 0, "sampling_puts": 0}
+            feed_rows, on_device = mr.feed_rows, runner._on_device
+
+            def counted_feed(*a):
+                calls["feed_rows"] += 1
+                return feed_rows(*a)
+
+            def counted_put(*a):
+                calls["sampling_puts"] += 1
+                return on_device(*a)
+            monkeypatch.setattr(mr, "feed_rows", counted_feed)
+            monkeypatch.setattr(runner, "_on_device", counted_put)
+            blocks0 = eng.scheduler.num_async_blocks
+            outs[asyn] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            outs[asyn, "blocks"] = eng.scheduler.num_async_blocks - blocks0
+            outs[asyn, "calls"] = dict(calls)
+            monkeypatch.undo()
+    finally:
+        eng.scheduler.cfg = base
+    assert outs[True] == outs[False] and all(len(t) == 12 for t in outs[True])
+    assert outs[True, "blocks"] >= 8
+    assert outs[True, "calls"]["feed_rows"] == 0
+    # the prefill step's sampling array, then the decode blocks' one (same values every block)
+    assert outs[True, "calls"]["sampling_puts"] <= 2 < outs[True, "blocks"]

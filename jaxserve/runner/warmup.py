@@ -171,7 +171,7 @@ class Warmup:
         temporaries in bytes (0 if unknown), S)."""
         S, out, (penalties, mode, lp) = item
         logits = self._abstract_output(out)
-        st = self._put(self._dummy_sampling(S, penalties).packed(), self.last)
+        st = self._sampling_args(self._dummy_sampling(S, penalties), reuse=False)
         if lp:
             c = sample.lower(logits, *st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode).compile()
         else:
@@ -309,7 +309,7 @@ class Warmup:
             if self.dense_bucket(T):  # the variant for steps with long prompts that start in them
                 self._forward(self._dummy_inputs(T), dense=True)
             for penalties, mode, lp in SAMPLER_VARIANTS:
-                st = self._put(self._dummy_sampling(S, penalties).packed(), last)
+                st = self._sampling_args(self._dummy_sampling(S, penalties))
                 if lp:
                     out = sample(logits, *st, penalties=penalties, num_logprobs=self.max_logprobs, mode=mode)
                 else:
@@ -323,7 +323,7 @@ class Warmup:
                 for R in SPEC_VERIFY_ROWS:
                     lg = self._logits(self.head_params, hidden, self._put(np.zeros(R, np.int32), last))
                     if T == self.token_buckets[0]:
-                        st = self._put(self._dummy_sampling(R, False).packed(), last)
+                        st = self._sampling_args(self._dummy_sampling(R, False))
                         for penalties, mode, lp in SAMPLER_VARIANTS:
                             if not penalties and not lp:
                                 sample_tokens(lg, *st, penalties=False, mode=mode)
