@@ -7,7 +7,7 @@ exceeds the device's step time, the device idles between steps: that is what asy
 at K=1 must avoid. Prints one JSON line per (workload, K).
 
     python3 scripts/bench_host_step.py [--model llama-3-8b] [--steps 1 16] [--batch 1] [--output-len 128]
-        [--max-num-batched-tokens N] [--quantization awq]
+        [--max-num-batched-tokens N] [--quantization awq] [--trace DIR]
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def main():
     ap.add_argument("--quantization", default=None, help="fp8 | awq | gptq: the dummy weights in that form")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="default: the engine's (fewer token buckets to warm up when smaller)")
+    ap.add_argument("--trace", default=None, metavar="DIR",
+                    help="also trace one run per workload and print the host's events per engine step")
     a = ap.parse_args()
 
     import dataclasses
@@ -78,6 +80,17 @@ def main():
                                   wall_s=wall, engine_steps=steps, tokens_per_s=b * a.output_len * a.iters / wall,
                                   ms_per_engine_step=per, host_busy_ms_per_step=1e3 * host_busy / max(1, steps),
                                   wall_ms_per_step=1e3 * wall / max(1, steps))), flush=True)
+            if a.trace:  # the same run once more under the profiler: the host's events per step
+                import jax
+
+                from jaxserve.bench.profile import host_summary
+                d = f"{a.trace}/b{b}_k{k}"
+                tm.reset()
+                llm.reset_prefix_cache()
+                with jax.profiler.trace(d):
+                    llm.generate(prompts, sp, use_tqdm=False)
+                print(json.dumps(dict(kind="host_trace", batch=b, num_scheduler_steps=k, trace_dir=d,
+                                      **host_summary(d, per=max(1, tm.n["step"])))), flush=True)
 
 
 if __name__ == "__main__":

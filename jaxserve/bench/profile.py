@@ -86,6 +86,50 @@ def summarize(trace_dir: str, wall_s: float, top: int = 20) -> dict:
     )
 
 
+def host_summary(trace_dir: str, per: int = 1, top: int = 30, thread: Optional[str] = None) -> dict:
+    """Where the host's threads spent the traced time: total and self time (less the events nested
+    directly inside, on the same thread) per event name on the host plane, in ms divided by `per`
+    (the number of engine steps traced), and calls per `per`; and each thread's time in top-level
+    events. thread: only lines (threads) whose name contains it. The nested names (a jitted call's
+    dispatch, PjRt's execute, XLA's thunks) show how a step's host time splits below Python."""
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        return dict(error=f"no .xplane.pb under {trace_dir}")
+    total: dict = collections.Counter()
+    own: dict = collections.Counter()
+    count: dict = collections.Counter()
+    threads: dict = collections.Counter()
+    for plane in ProfileData.from_file(files[-1]).planes:
+        if not plane.name.startswith("/host:"):
+            continue
+        for line in plane.lines:
+            if thread and thread not in line.name:
+                continue
+            stack: list = []  # (end, name) of the events open at this point
+            for a, b, name in sorted(((ev.start_ns, ev.end_ns, ev.name) for ev in line.events),
+                                     key=lambda e: (e[0], -e[1])):
+                while stack and stack[-1][0] <= a:
+                    stack.pop()
+                total[name] += b - a
+                own[name] += b - a
+                count[name] += 1
+                if stack:
+                    own[stack[-1][1]] -= b - a
+                else:
+                    threads[line.name] += b - a
+                stack.append((b, name))
+    ms = lambda ns: round(ns / 1e6 / per, 4)  # noqa: E731
+    return dict(
+        per=per,
+        top_total=[dict(name=n[:100], ms=ms(t), self_ms=ms(own[n]), calls=round(count[n] / per, 2))
+                   for n, t in total.most_common(top)],
+        top_self=[dict(name=n[:100], self_ms=ms(t), calls=round(count[n] / per, 2)) for n, t in own.most_common(top)],
+        threads={n[:60]: ms(t) for n, t in threads.most_common(8)},
+    )
+
+
 def profile(fn: Callable[[], object], trace_dir: str, top: int = 20) -> tuple[object, dict]:
     """Run fn() under jax.profiler.trace; return (fn's result, summarize(...))."""
     import jax
