@@ -112,9 +112,10 @@ def host_summary(trace_dir: str, per: int = 1, top: int = 30, thread: Optional[s
                                      key=lambda e: (e[0], -e[1])):
                 while stack and stack[-1][0] <= a:
                     stack.pop()
-                total[name] += b - a
+                if not any(n == name for _, n in stack):  # (an event inside one of its own name is the same call)
+                    total[name] += b - a
+                    count[name] += 1
                 own[name] += b - a
-                count[name] += 1
                 if stack:
                     own[stack[-1][1]] -= b - a
                 else:

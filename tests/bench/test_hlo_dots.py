@@ -59,3 +59,27 @@ def test_dot_rates_joins_profiled_time_per_instruction():
     assert sorted(r["shape"] for r in rows) == sorted(x.label for x in names.values())
     for r in rows:
         assert r["per_run"] == 1 and r["us_each"] > 0 and r["tflop_per_s"] > 0
+
+
+def test_host_summary_counts_calls_and_splits_self_time():
+    from jaxserve.bench.profile import host_summary
+
+    def outer():  # a traced Python function around 4 jitted calls
+        for _ in range(4):
+            jax.block_until_ready(f(x))
+    f = jax.jit(lambda v: jnp.tanh(v) @ v)
+    x = jnp.ones((64, 64), jnp.float32)
+    jax.block_until_ready(f(x))
+    d = tempfile.mkdtemp()
+    with jax.profiler.trace(d):
+        for _ in range(2):
+            outer()
+    s = host_summary(d, per=2, top=500)
+    rows = {r["name"]: r for r in s["top_total"]}
+    call = next(r for n, r in rows.items() if n.startswith("PjitFunction("))
+    assert call["calls"] == 4  # 8 calls over per=2
+    py = next(r for n, r in rows.items() if n.endswith(" outer"))
+    assert py["calls"] == 1
+    # outer's self time excludes what ran nested inside it on the same thread
+    assert 0 <= py["self_ms"] < py["ms"] and call["ms"] <= py["ms"]
+    assert all(r["self_ms"] <= r["ms"] + 1e-6 for r in s["top_total"])
