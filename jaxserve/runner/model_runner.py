@@ -143,9 +143,10 @@ class ModelRunner(Warmup):
 
     def _put(self, tree, stage: int):
         """Host inputs (numpy) for a jitted call on stage `stage`'s devices. On one device they go
-        to the call as they are: its C++ dispatch transfers them in ~5 us an array, where
-        jax.device_put's Python path took ~140 us (a quarter of a batch-1 4-bit step's host time,
-        docs/benchmarks.md sixteenth session). On a mesh: put replicated, one batched transfer."""
+        to the call as they are and its C++ dispatch transfers them: 0.48-0.67x the host time of
+        jax.device_put's Python path on an H200's host, where the puts had taken 0.57-0.94 ms of a
+        4-bit decode step (docs/benchmarks.md, sixteenth session). On a mesh: put replicated, one
+        batched transfer."""
         if self.plan is None:
             return tree
         return put(tree, self.plan.replicated(stage))
