@@ -316,11 +316,10 @@ class Warmup:
                     toks = sample_tokens(logits, *st, penalties=penalties, mode=mode)
             if T in decode and blocks:  # decode blocks: token ids fed on the device
                 jax.block_until_ready(self._forward(self._dummy_inputs(T), feed(toks, T)))
-            elif sc.async_scheduling:  # a step with pending tokens: its ids on the device (fill_tokens)
-                jax.block_until_ready(self._forward(self._dummy_inputs(T), self._on_device(np.zeros(T, np.int32), last)))
-            if sc.async_scheduling and self.dense_bucket(T):  # ... and a long prompt beside them
-                jax.block_until_ready(self._forward(self._dummy_inputs(T), self._on_device(np.zeros(T, np.int32), last),
-                                                    dense=True))
+            if sc.async_scheduling:  # a step with pending tokens: its ids on the device (fill_tokens)
+                ids = self._on_device(np.zeros(T, np.int32), last)  # (host ids go in as numpy: another entry)
+                for dense in (False, True)[:1 + self.dense_bucket(T)]:  # and beside a long prompt
+                    jax.block_until_ready(self._forward(self._dummy_inputs(T), ids, dense=dense))
             z = np.zeros(PROMPT_LOGPROB_ROWS, np.int32)
             lg = self._logits(self.head_params, hidden, self._put(z, last))
             out2 = token_logprobs(lg, self._put(z, last), num_logprobs=self.max_logprobs)
