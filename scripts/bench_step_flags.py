@@ -108,10 +108,10 @@ def main():
             t0 = time.perf_counter()
             for _ in range(a.iters):
                 out, kv = exe(params, kv, tok, meta)
-            host = (time.perf_counter() - t0) / a.iters  # the host's time to hand over a step (async dispatch)
+            host = (time.perf_counter() - t0) / a.iters  # held to the device's pace past the in-flight limit: see host_same_ms
             jax.block_until_ready(out)
             t = (time.perf_counter() - t0) / a.iters
-            # The host's own time per call, under the runtime's in-flight limit (~30 executions:
+            # The host's own time per call, under the runtime's in-flight limit (~28 executions:
             # over 100 calls the host is held back to the device's pace): the same input buffers
             # every call, then fresh ones every call as the engine's steps have (a command buffer
             # whose buffers moved is updated on the host before it launches).

@@ -86,12 +86,12 @@ def summarize(trace_dir: str, wall_s: float, top: int = 20) -> dict:
     )
 
 
-def host_summary(trace_dir: str, per: int = 1, top: int = 30, thread: Optional[str] = None) -> dict:
+def host_summary(trace_dir: str, per: int = 1, top: int = 30) -> dict:
     """Where the host's threads spent the traced time: total and self time (less the events nested
     directly inside, on the same thread) per event name on the host plane, in ms divided by `per`
     (the number of engine steps traced), and calls per `per`; and each thread's time in top-level
-    events. thread: only lines (threads) whose name contains it. The nested names (a jitted call's
-    dispatch, PjRt's execute, XLA's thunks) show how a step's host time splits below Python."""
+    events. The nested names (a jitted call's dispatch, PjRt's execute, XLA's thunks) show how a
+    step's host time splits below Python."""
     from jax.profiler import ProfileData
 
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
@@ -105,8 +105,6 @@ def host_summary(trace_dir: str, per: int = 1, top: int = 30, thread: Optional[s
         if not plane.name.startswith("/host:"):
             continue
         for line in plane.lines:
-            if thread and thread not in line.name:
-                continue
             stack: list = []  # (end, name) of the events open at this point
             for a, b, name in sorted(((ev.start_ns, ev.end_ns, ev.name) for ev in line.events),
                                      key=lambda e: (e[0], -e[1])):
