@@ -40,6 +40,11 @@ OPTION_SETS = {
     # by their buffers' addresses) into them
     "cmd_no_custom_call": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN"},
     "graph_min_1": {"xla_gpu_graph_min_graph_size": 1},
+    # a command buffer's kernels as one chain (the default, LHS, makes a DAG of the scheduler's
+    # concurrent regions): a straight-line CUDA graph may launch in less host time
+    "serialize": {"xla_gpu_command_buffer_scheduling_mode": "SERIALIZE"},
+    # moved buffers reached by remapping virtual addresses instead of updating the graph's nodes
+    "va_remap": {"xla_gpu_enable_command_buffer_va_remapping": True},
 }
 
 
