@@ -147,7 +147,7 @@ def test_rows_layout_moves_weights_to_the_kernels_layout(monkeypatch):
     rows = out["layers"][0]["w_gate_up"]
     assert out["layers"][0]["norm"] is params["layers"][0]["norm"] and int4.is_int4(rows)
     assert set(rows) == {"wq", "zs"} and rows["wq"].shape == (2, 128, 256) and rows["zs"].shape == (2, 2, 2, 128)
-    wq, zs = mgpu.to_rows(qw["qw"], qw["s"], qw["z"])
+    wq, zs = mgpu.to_rows(qw["qw"], qw["s"], qw["z"], order=mgpu.load_order(int4.DEFAULT_LOAD))
     np.testing.assert_array_equal(np.asarray(rows["wq"].reshape(256, 256), np.float32), np.asarray(wq, np.float32))
     x = jnp.asarray(rng.standard_normal((3, 256))).astype(jnp.bfloat16)
     got, want = int4.linear(x, rows, widen=False), int4.linear(x, qw, kernel=False, widen=False)
@@ -172,11 +172,12 @@ def test_rows_layout_moves_weights_to_the_kernels_layout(monkeypatch):
     assert int4.rows_config((28672, 4096), 32)["tk"] == 512 and int4.rows_config((4096, 4096), 32)["tk"] == 256
     cfg_gate_up = int4.rows_config((28672, 4096), 32)
     assert int4.rows_config((6144, 4096), 32)["wgs"] == 3 and int4.rows_config((4096, 4096), 32)["wgs"] == 2
-    monkeypatch.setenv(int4.ROWS_ENV, "quads_zs")  # a load alone: the per-shape options with it
-    assert int4.rows_config((28672, 4096), 32) == {**cfg_gate_up, "load": "quads_zs"}
+    assert cfg_gate_up["load"] == int4.DEFAULT_LOAD
+    monkeypatch.setenv(int4.ROWS_ENV, "wgmma")  # a load alone: the per-shape options with it
+    assert int4.rows_config((28672, 4096), 32) == {**cfg_gate_up, "load": "wgmma"}
     monkeypatch.setenv(int4.ROWS_ENV, "512,3,cover,3")
     cfg = int4.rows_config((6144, 4096), 32)
-    assert cfg["tk"] == 512 and cfg["stages"] == 3 and cfg["wgs"] == 3
+    assert cfg["tk"] == 512 and cfg["stages"] == 3 and cfg["wgs"] == 3 and cfg["load"] == int4.DEFAULT_LOAD
     fitted = int4.rows_config((4096, 1280), 10)  # one setting fitted: N % 192 -> 2 warpgroups; K 1280 -> 256
     assert fitted["wgs"] == 2 and fitted["tk"] == 256 and mgpu.supported(16, 1280, 4096, 10, fitted["wgs"])
     assert mgpu.valid_split(4096, 32, cfg["splits"], 512)
@@ -365,7 +366,7 @@ def test_dummy_weights_in_four_bits_and_their_footprint(tiny_awq):
     assert bf16 - q4 == 2 * proj - (proj // 2 + 2 * 2 * proj // 128)
 
 
-@pytest.mark.parametrize("spec", ["1", "quads_zs"])
+@pytest.mark.parametrize("spec", ["1", "wgmma"])
 def test_the_rows_layout_generates_what_the_words_do(monkeypatch, tiny_awq, spec):
     """The rows layout's loader step on the whole model (forced on the CPU, where `linear` takes its
     XLA path): every projection moved, the same greedy tokens; in either storage order."""
@@ -454,7 +455,7 @@ def test_the_hopper_layout_scores_prompts_as_the_words_do_on_the_gpu(tmp_path, m
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg["vocab_size"], n).tolist() for n in (40, 300)]
     scores, layouts = {}, {}
-    for arm in ("0", "", "quads_zs"):
+    for arm in ("0", "", "wgmma"):
         monkeypatch.setenv(int4.ROWS_ENV, arm)
         llm = LLM(model=str(tmp_path), load_format="dummy", quantization="awq", dtype="bfloat16", max_model_len=512,
                   max_num_seqs=4, max_num_batched_tokens=512, gpu_memory_utilization=0.3, warmup=False)
@@ -466,8 +467,8 @@ def test_the_hopper_layout_scores_prompts_as_the_words_do_on_the_gpu(tmp_path, m
             scores[arm].append(np.array([next(iter(lp.values())).logprob for lp in out.prompt_logprobs[1:]]))
         del llm
         gc.collect()
-    assert layouts == {"0": "words", "": "rows", "quads_zs": "rows"}
-    for arm in ("", "quads_zs"):
+    assert layouts == {"0": "words", "": "rows", "wgmma": "rows"}
+    for arm in ("", "wgmma"):
         for words, rows in zip(scores["0"], scores[arm]):
             assert words.std() > 0.3  # the comparison can fail
             assert np.abs(words - rows).max() < 0.1, (arm, np.abs(words - rows).max())
