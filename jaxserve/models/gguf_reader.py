@@ -10,6 +10,8 @@ from typing import Iterator
 
 import numpy as np
 
+from jaxserve.models.gguf_file import GGUFFile, dequantize
+
 _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
          "qwen3": "Qwen3ForCausalLM"}
 
@@ -28,29 +30,23 @@ _READERS: dict = {}  # (path, size, mtime) -> parsed reader, the few most recent
 _KEEP = 4
 
 
-def open_gguf(path: str):
-    """The parsed file (gguf.GGUFReader: read-only views of the memory-mapped file), shared within the
-    process: parsing the metadata is most of a small model's load (~4.5 s of the embedded model's
-    ~6.5 s, its 49k-token vocabulary), and a notebook or a test suite that builds several engines
-    from one file parses it once. A file whose size or modification time changed is parsed again."""
-    import gguf
-
+def open_gguf(path: str) -> GGUFFile:
+    """The parsed file (gguf_file.GGUFFile: read-only views of the memory-mapped file), shared within
+    the process, so that a notebook or a test suite that builds several engines from one file reads
+    its header once. A file whose size or modification time changed is parsed again."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     reader = _READERS.pop(key, None)
     if reader is None:
-        reader = gguf.GGUFReader(path)
+        reader = GGUFFile(path)
     _READERS[key] = reader  # most recent last
     while len(_READERS) > _KEEP:
         _READERS.pop(next(iter(_READERS)))
     return reader
 
 
-def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+def _field(reader: GGUFFile, key, default=None):
+    return reader.metadata.get(key, default)
 
 
 def hf_config(reader) -> dict:
@@ -60,10 +56,12 @@ def hf_config(reader) -> dict:
     a = arch_name
     heads = int(_field(reader, f"{a}.attention.head_count"))
     hidden = int(_field(reader, f"{a}.embedding_length"))
-    tensor_names = {t.name for t in reader.tensors}
+    tensor_names = reader.tensor_names
     vocab = _field(reader, f"{a}.vocab_size")
     if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        vocab = len(_field(reader, "tokenizer.ggml.tokens", ()))
+        if not vocab:
+            raise ValueError(f"{reader.path} has neither {a}.vocab_size nor a tokenizer.ggml.tokens list")
     cfg = {
         "architectures": [_ARCH[a]],
         "vocab_size": int(vocab),
@@ -96,8 +94,6 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def iter_tensors(reader, cfg: dict) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (HF tensor name, float32 array in HF layout [out, in]) one tensor at a time."""
-    import gguf
-
     permute = cfg["architectures"][0] in ("LlamaForCausalLM", "MistralForCausalLM")
     for t in reader.tensors:
         name = t.name
@@ -114,9 +110,7 @@ def iter_tensors(reader, cfg: dict) -> Iterator[tuple[str, np.ndarray]]:
             hf = f"model.layers.{i}.{_LAYER_NAMES[rest]}"
         else:
             continue
-        arr = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        arr = arr.reshape(shape)
+        arr = dequantize(t)
         if permute and rest_is(name, "attn_q.weight", "attn_q.bias"):
             arr = unpermute_qk(arr, cfg["num_attention_heads"])
         elif permute and rest_is(name, "attn_k.weight", "attn_k.bias"):
