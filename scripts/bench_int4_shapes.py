@@ -43,7 +43,7 @@ def configs(specs, n: int, k: int):
             out.append((c["tk"], c["stages"], "engine", c["wgs"], spec.split(":")[1] if ":" in spec else c["load"]))
         else:
             tk, stages, fill, wgs, *load = spec.split(",")  # the load is optional, as in JAXSERVE_INT4_ROWS
-            out.append((int(tk), int(stages), fill, int(wgs), load[0] if load else "wgmma"))
+            out.append((int(tk), int(stages), fill, int(wgs), load[0] if load else int4.DEFAULT_LOAD))
     return out
 
 

@@ -11,8 +11,8 @@
 #           (Triton off, row chunks), then the float8 engine on b1 / 128x128 / 1024x128
 #   int4: the Mosaic-GPU 4-bit kernel's GPU tests (and the engine's layouts against each other), its per-projection sweep
 #         (scripts/bench_int4_shapes.py), then the engine in AWQ-shaped 4 bits with
-#         JAXSERVE_INT4_ROWS=0 (the words), unset (the Mosaic-GPU layout on Hopper) and
-#         quads_zs on b1, b32, 128x128, 1024x128 (one process each)
+#         JAXSERVE_INT4_ROWS=0 (the words), unset (the Mosaic-GPU layout on Hopper, quads_zs load) and
+#         wgmma (the plain load) on b1, b32, 128x128, 1024x128 (one process each)
 #   kernel: the kernel's GPU tests, scripts/bench_attention.py (kernel vs its one-block loop vs JAX's
 #           paged attention vs XLA) and the tile sweep; profile: the engine suite under the profiler
 set -uo pipefail
@@ -53,12 +53,12 @@ elif [ "$MODE" = int4 ]; then  # the 4-bit Mosaic-GPU layout (the Hopper default
   timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rf -m gpu tests/pallas_kernels/test_int4_mgpu.py \
     tests/models/test_int4.py > "$OUT/int4_tests.txt" 2>&1
   tail -3 "$OUT/int4_tests.txt"
-  timeout 200 python3 scripts/bench_int4_shapes.py --rows 1 16 --iters 10 --configs engine engine:quads_zs 2>&1 \
+  timeout 200 python3 scripts/bench_int4_shapes.py --rows 1 16 --iters 10 --configs engine engine:wgmma 2>&1 \
     | grep '^{' > "$OUT/int4_shapes.jsonl"
   grep best_over "$OUT/int4_shapes.jsonl" | cut -c1-300
-  # the words (Triton kernel), the default (the Mosaic-GPU layout on Hopper), and the quads_zs load
-  # (opt-in: faster products, the engine bound by the host's dispatch; fifteenth session)
-  for rows in 0 "" quads_zs; do
+  # the words (Triton kernel), the default (the Mosaic-GPU layout on Hopper, its quads_zs load), and
+  # the plain wgmma load (the default until the seventeenth session)
+  for rows in 0 "" wgmma; do
     JAXSERVE_INT4_ROWS=$rows timeout 170 python3 scripts/bench_engine_suite.py --quantization awq --steps 1 \
       --workloads ${WORKLOADS:-b1 b32 128x128 1024x128} 2>&1 | tee -a "$OUT/log.txt" | grep '^{' \
       | sed "s/^{/{\"int4_rows\": \"$rows\", /" | tee -a "$OUT/results.jsonl" | cut -c1-300
