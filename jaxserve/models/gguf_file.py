@@ -11,6 +11,7 @@ uint64 offset), padding to `general.alignment` (32 by default), the tensor data.
 """
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ class GGUFFile:
 
     def __init__(self, path: str):
         self.path = path
+        if os.path.getsize(path) < len(MAGIC):
+            raise ValueError(f"{path} is not a GGUF file (it has fewer than 4 bytes)")
         buf = np.memmap(path, mode="r", dtype=np.uint8)
         self._pos = len(MAGIC)
         self._buf = buf
@@ -88,21 +91,21 @@ class GGUFFile:
         if vtype == _STRING:
             return self._string()
         if vtype in _SCALARS:
-            self._check_end("the header", self._pos + np.dtype(_SCALARS[vtype]).itemsize)
-            v = np.frombuffer(self._buf, _SCALARS[vtype], 1, self._pos)[0].item()
-            self._pos += np.dtype(_SCALARS[vtype]).itemsize
-            return v
+            return self._numbers(_SCALARS[vtype], 1)[0].item()
         if vtype == _ARRAY:
             itype, count = self._unpack("<I"), self._unpack("<Q")
             if itype in _SCALARS:
-                self._check_end("the header", self._pos + count * np.dtype(_SCALARS[itype]).itemsize)
-                arr = np.frombuffer(self._buf, _SCALARS[itype], count, self._pos)
-                self._pos += arr.nbytes
-                return arr
+                return self._numbers(_SCALARS[itype], count)
             if itype == _STRING:
                 return self._strings(count)
             return [self._value(itype) for _ in range(count)]  # nested arrays
         raise ValueError(f"{self.path}: unknown GGUF value type {vtype} at byte {self._pos}")
+
+    def _numbers(self, dtype: str, count: int) -> np.ndarray:
+        self._check_end("the header", self._pos + count * np.dtype(dtype).itemsize)
+        arr = np.frombuffer(self._buf, dtype, count, self._pos)
+        self._pos += arr.nbytes
+        return arr
 
     def _strings(self, count: int) -> list:
         """count strings in a row (a vocabulary: the one loop of the header that is long)."""

@@ -288,7 +288,7 @@ ROWS_ENV = "JAXSERVE_INT4_ROWS"  # "0" off; unset / "1" per-shape options (a loa
 ROWS_DEFAULT = "256,4,one_wave,2"  # the format's example; "1" picks per shape (_rows_defaults)
 # The load the per-shape options use: quads_zs (zero point and scale folded into the widening) once
 # the engine's host no longer hid the faster products (docs/benchmarks.md, seventeenth session: 4-bit
-# batch 1 1.12x, batch 32 1.07-1.13x over "wgmma" in two calls); `JAXSERVE_INT4_ROWS=wgmma` keeps the old.
+# batch 1 1.12-1.13x, batch 32 1.07-1.13x over "wgmma" in three calls); `JAXSERVE_INT4_ROWS=wgmma` keeps the old.
 DEFAULT_LOAD = "quads_zs"
 
 

@@ -100,9 +100,10 @@ def test_every_value_type_and_bad_files_are_explained(tmp_path):
     np.testing.assert_array_equal(gguf_file.dequantize(plain), x)
     assert q8.shape == (3, 64) and q8.data.shape == (3, 2 * 34)  # two Q8_0 blocks of 34 bytes a row
     np.testing.assert_allclose(gguf_file.dequantize(q8), x, atol=np.abs(x).max() / 100)
-    (tmp_path / "not.gguf").write_bytes(b"PK\x03\x04" + bytes(60))
-    with pytest.raises(ValueError, match="not a GGUF file"):
-        gguf_file.GGUFFile(str(tmp_path / "not.gguf"))
+    for head in (b"PK\x03\x04" + bytes(60), b""):  # another format; an empty file
+        (tmp_path / "not.gguf").write_bytes(head)
+        with pytest.raises(ValueError, match="not a GGUF file"):
+            gguf_file.GGUFFile(str(tmp_path / "not.gguf"))
     data = path.read_bytes()
     for cut in (len(data) - 100, 40):  # in the tensors' data, in the header
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
